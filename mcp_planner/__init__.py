@@ -1,0 +1,51 @@
+"""mcp-planner: planning as MCP tools, and the same engine as a library.
+
+    from mcp_planner import ExecutionPlan, Executor, PlanStore
+"""
+
+from .errors import (
+    PlannerError,
+    PlanNotFoundError,
+    PlanStateError,
+    PlanValidationError,
+    Problem,
+    StepError,
+)
+from .model import (
+    ExecutionOptions,
+    ExecutionPlan,
+    PlanSpec,
+    PlanStatus,
+    PlanSummary,
+    Step,
+    StepResult,
+    StepSpec,
+    StepStatus,
+)
+from .storage import Event, MemoryStore
+from .tools import LocalTools, ToolInfo, ToolProvider
+
+__all__ = [
+    "Event",
+    "ExecutionOptions",
+    "ExecutionPlan",
+    "LocalTools",
+    "MemoryStore",
+    "PlanNotFoundError",
+    "PlanSpec",
+    "PlanStateError",
+    "PlanStatus",
+    "PlanSummary",
+    "PlanValidationError",
+    "PlannerError",
+    "Problem",
+    "Step",
+    "StepError",
+    "StepResult",
+    "StepSpec",
+    "StepStatus",
+    "ToolInfo",
+    "ToolProvider",
+]
+
+# Executor, PlanStore, Generator and PlanRequest are added here as their modules land.

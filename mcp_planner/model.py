@@ -1,0 +1,428 @@
+"""The plan model: plans, steps, options, statuses, results and summaries. No I/O.
+
+Names mirror the seed's Go `executionplan` package in Python form. Everything here is a pydantic model so a
+plan round-trips through JSON (the store, the MCP tools, plan files) without loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+from .errors import PlanStateError, Problem
+from .templating import referenced_steps
+
+#: Results larger than this are kept whole in the store but shown as a preview plus a resource URI.
+RESULT_PREVIEW_LIMIT = 64 * 1024
+#: The sane cap on `max_parallel_steps` (SPEC section 3).
+MAX_PARALLEL_CAP = 64
+DEFAULT_PARALLEL = 3
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class PlanStatus(StrEnum):
+    DRAFT = "draft"
+    PENDING_APPROVAL = "pending_approval"
+    APPROVED = "approved"
+    EXECUTING = "executing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    PARTIAL = "partial"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (PlanStatus.COMPLETED, PlanStatus.FAILED, PlanStatus.PARTIAL, PlanStatus.CANCELLED)
+
+
+class StepStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class ExecutionOptions(BaseModel):
+    """How a plan is approved and run. Numbers are not constrained here: validation reports bad ones."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    require_approval: bool = True
+    auto_approve: bool = False
+    approval_timeout_ms: int = 0
+    stop_on_error: bool = True
+    continue_on_error: bool = False
+    allow_parallel: bool = False
+    max_parallel_steps: int = DEFAULT_PARALLEL
+    step_timeout_ms: int = 0
+    total_timeout_ms: int = 0
+    retry_backoff: float = 1.0
+
+    @property
+    def needs_approval(self) -> bool:
+        return self.require_approval and not self.auto_approve
+
+    @property
+    def slots(self) -> int:
+        """How many steps may run at once."""
+        if not self.allow_parallel:
+            return 1
+        return self.max_parallel_steps if self.max_parallel_steps > 0 else DEFAULT_PARALLEL
+
+
+class StepResult(BaseModel):
+    """What a downstream tool returned: its text, its structured content and every content block.
+
+    `content` keeps the MCP content blocks as JSON objects (text, image, audio, resource links, embedded
+    resources), so nothing non-textual is lost.
+    """
+
+    text: str = ""
+    structured: Any = None
+    content: list[dict[str, Any]] = Field(default_factory=list)
+
+    @property
+    def value(self) -> Any:
+        """`steps.<id>.result` in templates: the structured content when there is one, else the text."""
+        return self.structured if self.structured is not None else self.text
+
+    def size(self) -> int:
+        return len(self.model_dump_json())
+
+    def is_large(self) -> bool:
+        return self.size() > RESULT_PREVIEW_LIMIT
+
+    @classmethod
+    def from_value(cls, value: Any) -> StepResult:
+        """The result of an in-process tool: a string becomes text, anything else structured content."""
+        if isinstance(value, StepResult):
+            return value
+        if isinstance(value, str):
+            return cls(text=value, content=[{"type": "text", "text": value}])
+        text = json.dumps(value, default=str)
+        return cls(text=text, structured=value, content=[{"type": "text", "text": text}])
+
+
+class Step(BaseModel):
+    model_config = ConfigDict(validate_assignment=True)
+
+    id: str
+    index: int = 0
+    tool_name: str
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    status: StepStatus = StepStatus.PENDING
+    result: StepResult | None = None
+    error: str | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    duration_ms: int | None = None
+    depends_on: list[str] = Field(default_factory=list)
+    retry_count: int = 0
+    max_retries: int = 0
+    retry_delay_ms: int = 1000
+    timeout_ms: int | None = None
+
+    def reset(self) -> None:
+        """Back to `pending`, as resume does for a step that did not complete."""
+        self.status = StepStatus.PENDING
+        self.result = None
+        self.error = None
+        self.started_at = None
+        self.completed_at = None
+        self.duration_ms = None
+        self.retry_count = 0
+
+    def hash_material(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "tool_name": self.tool_name,
+            "parameters": self.parameters,
+            "depends_on": sorted(self.depends_on),
+            "max_retries": self.max_retries,
+            "retry_delay_ms": self.retry_delay_ms,
+            "timeout_ms": self.timeout_ms,
+        }
+
+
+class StepSpec(BaseModel):
+    """A step as a caller writes it (create_plan, plan files, generated plans)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    id: str | None = None
+    tool_name: str = Field(validation_alias=AliasChoices("tool_name", "tool"))
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    depends_on: list[str] = Field(default_factory=list)
+    max_retries: int = 0
+    retry_delay_ms: int = 1000
+    timeout_ms: int | None = None
+
+
+class PlanSpec(BaseModel):
+    """A plan as a caller writes it: what `create_plan` takes and what a plan file holds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: str
+    steps: list[StepSpec] = Field(default_factory=list)
+    options: ExecutionOptions = Field(default_factory=ExecutionOptions)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class StepSummary(BaseModel):
+    id: str
+    tool_name: str
+    status: StepStatus
+    duration_ms: int | None = None
+    error: str | None = None
+    retry_count: int = 0
+
+
+class PlanSummary(BaseModel):
+    plan_id: str
+    description: str
+    status: PlanStatus
+    total_steps: int
+    completed: int
+    failed: int
+    skipped: int
+    pending: int
+    running: int
+    progress: float = Field(description="percent of steps completed; 0 for an empty plan")
+    duration_ms: int | None = None
+    error: str | None = None
+    steps: list[StepSummary] = Field(default_factory=list)
+
+
+class ExecutionPlan(BaseModel):
+    model_config = ConfigDict(validate_assignment=True)
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+    description: str
+    steps: list[Step] = Field(default_factory=list)
+    status: PlanStatus = PlanStatus.DRAFT
+    options: ExecutionOptions = Field(default_factory=ExecutionOptions)
+    user_approved: bool = False
+    approved_by: str | None = None
+    approved_at: datetime | None = None
+    rejection_note: str | None = None
+    current_step: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    pending_since: datetime | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    total_duration_ms: int | None = None
+    error: str | None = None
+    plan_hash: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    # -- construction -----------------------------------------------------------------------------------
+
+    @classmethod
+    def new(cls, description: str) -> ExecutionPlan:
+        return cls(description=description)
+
+    @classmethod
+    def from_spec(cls, spec: PlanSpec) -> ExecutionPlan:
+        """Build a draft plan from what a caller wrote; validation is separate (`validate`)."""
+        plan = cls(description=spec.description, options=spec.options.model_copy(), metadata=spec.metadata)
+        for s in spec.steps:
+            step = plan.add_step(s.tool_name, s.description, s.parameters, step_id=s.id)
+            step.depends_on = _merge(s.depends_on, step.depends_on)
+            step.max_retries = s.max_retries
+            step.retry_delay_ms = s.retry_delay_ms
+            step.timeout_ms = s.timeout_ms
+        return plan
+
+    def add_step(
+        self,
+        tool_name: str,
+        description: str,
+        parameters: dict[str, Any] | None = None,
+        step_id: str | None = None,
+    ) -> Step:
+        """Append a step and return it; later edits of the returned object stick.
+
+        Steps named in parameter templates (`{{ steps.<id>... }}`) become dependencies.
+        """
+        parameters = dict(parameters or {})
+        if step_id is None:
+            taken = {s.id for s in self.steps}
+            n = len(self.steps) + 1
+            while f"step-{n}" in taken:
+                n += 1
+            step_id = f"step-{n}"
+        step = Step(
+            id=step_id,
+            index=len(self.steps),
+            tool_name=tool_name,
+            description=description,
+            parameters=parameters,
+            depends_on=sorted(referenced_steps(parameters)),
+        )
+        self.steps.append(step)
+        self.touch()
+        return step
+
+    def step(self, step_id: str) -> Step:
+        for s in self.steps:
+            if s.id == step_id:
+                return s
+        raise KeyError(step_id)
+
+    def touch(self) -> None:
+        self.updated_at = utcnow()
+
+    # -- approval ---------------------------------------------------------------------------------------
+
+    def compute_hash(self) -> str:
+        """sha256 of the canonical JSON of everything an approval vouches for."""
+        material = {
+            "description": self.description,
+            "options": self.options.model_dump(mode="json"),
+            "steps": [s.hash_material() for s in self.steps],
+        }
+        canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def submit(self) -> None:
+        """Decide a new plan's first status from its options: `pending_approval` or auto-`approved`."""
+        if self.status not in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL, PlanStatus.APPROVED):
+            raise PlanStateError(f"plan {self.id!r} is {self.status.value}: it can no longer be submitted")
+        self.clear_approval()
+        if self.options.needs_approval:
+            self.status = PlanStatus.PENDING_APPROVAL
+            self.pending_since = utcnow()
+        else:
+            self._set_approved("auto", method="auto")
+
+    def approve(self, by: str = "user", *, method: str = "agent") -> None:
+        """Approve the plan as it is now; its hash is pinned so later edits void the approval.
+
+        Raises:
+            PlanStateError: the plan is not `draft` or `pending_approval`, or its approval timed out.
+        """
+        if self.expire_approval():
+            raise PlanStateError(f"plan {self.id!r} can no longer be approved: approval timed out")
+        if self.status not in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL):
+            raise PlanStateError(
+                f"plan {self.id!r} is {self.status.value}: only a draft or pending_approval plan can be approved"
+            )
+        self._set_approved(by, method=method)
+
+    def _set_approved(self, by: str, *, method: str) -> None:
+        self.user_approved = True
+        self.approved_by = by
+        self.approved_at = utcnow()
+        self.plan_hash = self.compute_hash()
+        self.metadata = {**self.metadata, "approval_method": method}
+        self.status = PlanStatus.APPROVED
+        self.pending_since = None
+        self.touch()
+
+    def reject(self, note: str) -> None:
+        """Reject the plan: it becomes `cancelled` and can never run.
+
+        Raises:
+            PlanStateError: the plan is not `draft`, `pending_approval` or `approved`.
+        """
+        if self.status not in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL, PlanStatus.APPROVED):
+            raise PlanStateError(
+                f"plan {self.id!r} is {self.status.value}: only a draft, pending_approval or approved plan "
+                "can be rejected" + ("; call cancel_plan to stop it" if self.status == PlanStatus.EXECUTING else "")
+            )
+        self.user_approved = False
+        self.rejection_note = note
+        self.status = PlanStatus.CANCELLED
+        self.pending_since = None
+        self.touch()
+
+    def clear_approval(self) -> None:
+        self.user_approved = False
+        self.approved_by = None
+        self.approved_at = None
+        self.plan_hash = None
+        if self.status == PlanStatus.APPROVED:
+            self.status = PlanStatus.PENDING_APPROVAL if self.options.needs_approval else PlanStatus.DRAFT
+            self.pending_since = utcnow() if self.options.needs_approval else None
+
+    def expire_approval(self, now: datetime | None = None) -> bool:
+        """Cancel a plan that has waited for approval longer than `approval_timeout_ms`; True if it did."""
+        timeout = self.options.approval_timeout_ms
+        if timeout <= 0 or self.status not in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL):
+            return False
+        since = self.pending_since or self.created_at
+        if ((now or utcnow()) - since).total_seconds() * 1000 < timeout:
+            return False
+        self.status = PlanStatus.CANCELLED
+        self.error = "approval timed out"
+        self.pending_since = None
+        self.touch()
+        return True
+
+    def is_approved(self) -> bool:
+        """Approved, and not edited since: the pinned hash still matches."""
+        return self.user_approved and self.plan_hash is not None and self.plan_hash == self.compute_hash()
+
+    def is_completed(self) -> bool:
+        return self.status == PlanStatus.COMPLETED
+
+    # -- reporting --------------------------------------------------------------------------------------
+
+    def summary(self) -> PlanSummary:
+        counts = dict.fromkeys(StepStatus, 0)
+        for s in self.steps:
+            counts[s.status] += 1
+        total = len(self.steps)
+        return PlanSummary(
+            plan_id=self.id,
+            description=self.description,
+            status=self.status,
+            total_steps=total,
+            completed=counts[StepStatus.COMPLETED],
+            failed=counts[StepStatus.FAILED],
+            skipped=counts[StepStatus.SKIPPED],
+            pending=counts[StepStatus.PENDING],
+            running=counts[StepStatus.RUNNING],
+            progress=round(100.0 * counts[StepStatus.COMPLETED] / total, 1) if total else 0.0,
+            duration_ms=self.total_duration_ms,
+            error=self.error,
+            steps=[
+                StepSummary(
+                    id=s.id,
+                    tool_name=s.tool_name,
+                    status=s.status,
+                    duration_ms=s.duration_ms,
+                    error=s.error,
+                    retry_count=s.retry_count,
+                )
+                for s in self.steps
+            ],
+        )
+
+    def validate(self, catalog: Mapping[str, dict[str, Any] | None] | None = None) -> list[Problem]:  # type: ignore[override]
+        """Every problem with this plan against `catalog` (tool name -> input schema, or None if unknown).
+
+        `catalog=None` skips the tool checks (unknown tool, parameter schemas).
+        """
+        from .validation import validate_plan  # validation imports this module
+
+        return validate_plan(self, catalog)
+
+
+def _merge(first: list[str], second: list[str]) -> list[str]:
+    return list(dict.fromkeys([*first, *second]))
