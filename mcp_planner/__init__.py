@@ -1,6 +1,6 @@
 """mcp-planner: planning as MCP tools, and the same engine as a library.
 
-    from mcp_planner import ExecutionPlan, Executor, PlanStore
+from mcp_planner import ExecutionPlan, Executor, PlanStore
 """
 
 from .errors import (

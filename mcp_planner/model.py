@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
-from collections.abc import Mapping
 from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
@@ -320,7 +320,8 @@ class ExecutionPlan(BaseModel):
             raise PlanStateError(f"plan {self.id!r} can no longer be approved: approval timed out")
         if self.status not in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL):
             raise PlanStateError(
-                f"plan {self.id!r} is {self.status.value}: only a draft or pending_approval plan can be approved"
+                f"plan {self.id!r} is {self.status.value}: "
+                "only a draft or pending_approval plan can be approved"
             )
         self._set_approved(by, method=method)
 
@@ -343,7 +344,8 @@ class ExecutionPlan(BaseModel):
         if self.status not in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL, PlanStatus.APPROVED):
             raise PlanStateError(
                 f"plan {self.id!r} is {self.status.value}: only a draft, pending_approval or approved plan "
-                "can be rejected" + ("; call cancel_plan to stop it" if self.status == PlanStatus.EXECUTING else "")
+                "can be rejected"
+                + ("; call cancel_plan to stop it" if self.status == PlanStatus.EXECUTING else "")
             )
         self.user_approved = False
         self.rejection_note = note
@@ -421,7 +423,8 @@ class ExecutionPlan(BaseModel):
         """
         from .validation import validate_plan  # validation imports this module
 
-        return validate_plan(self, catalog)
+        problems: list[Problem] = validate_plan(self, catalog)
+        return problems
 
 
 def _merge(first: list[str], second: list[str]) -> list[str]:

@@ -85,7 +85,9 @@ class Store(Protocol):
         """Raises: PlanNotFoundError."""
         ...
 
-    async def list_plans(self, status: PlanStatus | str | None = None, limit: int = 20) -> list[ExecutionPlan]:
+    async def list_plans(
+        self, status: PlanStatus | str | None = None, limit: int = 20
+    ) -> list[ExecutionPlan]:
         """Newest first."""
         ...
 
@@ -162,84 +164,10 @@ class MemoryStore:
             raise PlanNotFoundError(plan_id)
         return self._load(plan_id)
 
-    async def list_plans(self, status: PlanStatus | str | None = None, limit: int = 20) -> list[ExecutionPlan]:
+    async def list_plans(
+        self, status: PlanStatus | str | None = None, limit: int = 20
+    ) -> list[ExecutionPlan]:
         plans = [self._load(pid) for pid in self._heads]
-        if status is not None:
-            plans = [p for p in plans if p.status == PlanStatus(status)]
-        plans.sort(key=lambda p: p.created_at, reverse=True)
-        return plans[:limit]
-
-    async def append_event(self, event: Event) -> None: ...
-
-    async def events(self, plan_id: str) -> list[Event]:
-        """In order of `seq`."""
-        ...
-
-    async def claim(self, plan_id: str, owner: str, stale_after: float = DEFAULT_STALE_AFTER) -> Claim | None:
-        """Claim the plan for `owner` atomically. Returns None on success, else the live claim in the way.
-
-        A claim whose owner is dead (same host, no such pid) or whose heartbeat is stale is taken over.
-        """
-        ...
-
-    async def heartbeat(self, plan_id: str, owner: str) -> Claim | None:
-        """Refresh `owner`'s claim; None if it no longer holds it (then it must stop)."""
-        ...
-
-    async def release(self, plan_id: str, owner: str) -> None: ...
-
-    async def get_claim(self, plan_id: str) -> Claim | None: ...
-
-    async def request_cancel(self, plan_id: str, reason: str) -> bool:
-        """Ask the process holding the claim to cancel; False if nobody holds it."""
-        ...
-
-
-class MemoryStore:
-    """The store used when none is given: the same semantics as `PlanStore`, kept in this process."""
-
-    def __init__(self) -> None:
-        self._plans: dict[str, str] = {}
-        self._events: dict[str, list[Event]] = {}
-        self._claims: dict[str, Claim] = {}
-
-    async def __aenter__(self) -> MemoryStore:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-    async def save_plan(self, plan: ExecutionPlan, events: Sequence[Event] = ()) -> None:
-        self._plans[plan.id] = plan.model_dump_json()
-        self._append(events)
-
-    async def save_transition(
-        self, plan: ExecutionPlan, steps: Sequence[Step], events: Sequence[Event] = ()
-    ) -> None:
-        stored = ExecutionPlan.model_validate_json(self._plans[plan.id]) if plan.id in self._plans else None
-        if stored is None:
-            await self.save_plan(plan, events)
-            return
-        updated = plan.model_copy(update={"steps": stored.steps})
-        by_id = {s.id: i for i, s in enumerate(updated.steps)}
-        for step in steps:
-            updated.steps[by_id[step.id]] = step
-        self._plans[plan.id] = updated.model_dump_json()
-        self._append(events)
-
-    def _append(self, events: Sequence[Event]) -> None:
-        for event in events:
-            log = self._events.setdefault(event.plan_id, [])
-            log.append(event.model_copy(update={"seq": len(log) + 1}))
-
-    async def get_plan(self, plan_id: str) -> ExecutionPlan:
-        try:
-            return ExecutionPlan.model_validate_json(self._plans[plan_id])
-        except KeyError:
-            raise PlanNotFoundError(plan_id) from None
-
-    async def list_plans(self, status: PlanStatus | str | None = None, limit: int = 20) -> list[ExecutionPlan]:
-        plans = [ExecutionPlan.model_validate_json(raw) for raw in self._plans.values()]
         if status is not None:
             plans = [p for p in plans if p.status == PlanStatus(status)]
         plans.sort(key=lambda p: p.created_at, reverse=True)

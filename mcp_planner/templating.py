@@ -59,12 +59,14 @@ def referenced_steps(value: Any) -> set[str]:
         except jinja2.TemplateSyntaxError:
             continue
         for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
-            if not (isinstance(node.node, nodes.Name) and node.node.name == "steps"):
+            target = node.node  # type: ignore[attr-defined]
+            if not (isinstance(target, nodes.Name) and target.name == "steps"):
                 continue
             if isinstance(node, nodes.Getattr):
                 found.add(node.attr)
-            elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
-                found.add(node.arg.value)
+            elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
+                if isinstance(node.arg.value, str):
+                    found.add(node.arg.value)
     return found
 
 
