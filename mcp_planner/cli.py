@@ -1,0 +1,666 @@
+"""The `mcp-planner` command line: serve over MCP, or run, inspect, approve and cancel plans from a terminal.
+
+This is the only module that reads the environment (`MCP_PLANNER_DB`, `MCP_PLANNER_SERVERS`, and the
+variables a servers file expands). Every command opens the same application layer the MCP server uses
+(`service.PlannerService` over a `store.PlanStore` and, when it needs tools, a `downstream.Downstream`),
+so a plan behaves the same whether an agent or a person drives it.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import anyio
+import click
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from . import terminal
+from .errors import PlannerError, PlanValidationError, Problem
+from .model import ExecutionPlan, PlanSpec, PlanStatus, PlanSummary
+from .tools import LocalTools, ToolProvider
+
+log = logging.getLogger("mcp_planner.cli")
+T = TypeVar("T")
+
+#: How long commands that need tools wait for the downstream servers to connect.
+CONNECT_TIMEOUT = 30.0
+
+
+class ExitCode(IntEnum):
+    """Process exit codes. Stable: scripts and CI jobs rely on them."""
+
+    OK = 0
+    ERROR = 1
+    INVALID = 2
+    FAILED = 3
+    PARTIAL = 4
+    CANCELLED = 5
+    NOT_APPROVED = 6
+    INTERRUPTED = 130
+
+
+STATUS_EXIT = {
+    PlanStatus.COMPLETED: ExitCode.OK,
+    PlanStatus.FAILED: ExitCode.FAILED,
+    PlanStatus.PARTIAL: ExitCode.PARTIAL,
+    PlanStatus.CANCELLED: ExitCode.CANCELLED,
+}
+
+EXIT_CODES_HELP = """\
+Exit codes: 0 the plan completed (or the command succeeded); 1 error (unknown plan, wrong state, bad
+servers file, unreachable server); 2 invalid plan or usage; 3 the plan failed; 4 the plan ended partial;
+5 the plan was cancelled; 6 the plan was not approved (declined, or no terminal to ask and no --yes).
+
+Environment: MCP_PLANNER_DB (default database), MCP_PLANNER_SERVERS (default servers file).
+"""
+
+app = typer.Typer(
+    name="mcp-planner",
+    help="Planning as MCP tools: DAG plans of downstream MCP tool calls, approved, executed and resumed "
+    "durably. With no command, serves MCP over stdio.",
+    epilog=EXIT_CODES_HELP,
+    rich_markup_mode=None,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+# -- settings -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    servers: Path | None = None
+    db: Path | None = None
+    verbose: int = 0
+
+
+ServersOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--servers",
+        help="Downstream servers file (mcpServers JSON). Default: $MCP_PLANNER_SERVERS, else none.",
+        dir_okay=False,
+    ),
+]
+DbOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--db",
+        help="Plan database. Default: $MCP_PLANNER_DB, else ~/.local/share/mcp-planner/plans.db.",
+        dir_okay=False,
+    ),
+]
+VerboseOpt = Annotated[
+    int, typer.Option("--verbose", "-v", count=True, help="Log to stderr (-v info, -vv debug).")
+]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+ApprovalOpt = Annotated[
+    str,
+    typer.Option(
+        "--approval",
+        help="Approval policy: auto (ask the person through the client when it can, else accept the "
+        "agent's call), agent (accept the agent's call), human (only a person: elicitation, or "
+        "`mcp-planner approve ID`).",
+        click_type=click.Choice(["auto", "agent", "human"]),
+    ),
+]
+
+
+def _settings(ctx: typer.Context, servers: Path | None, db: Path | None, verbose: int) -> Settings:
+    root: Settings = ctx.obj if isinstance(ctx.obj, Settings) else Settings()
+    merged = Settings(servers=servers or root.servers, db=db or root.db, verbose=verbose + root.verbose)
+    _configure_logging(merged.verbose)
+    return merged
+
+
+def _configure_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+
+
+def _servers_path(settings: Settings) -> Path | None:
+    if settings.servers is not None:
+        return settings.servers
+    env = os.environ.get("MCP_PLANNER_SERVERS")
+    return Path(env) if env else None
+
+
+def _db_path(settings: Settings) -> Path:
+    if settings.db is not None:
+        return settings.db
+    env = os.environ.get("MCP_PLANNER_DB")
+    if env:
+        return Path(env)
+    from .store import PlanStore
+
+    return Path(PlanStore.default_path())
+
+
+def _config_env() -> dict[str, str]:
+    """The variables a servers file may expand: the environment, plus `PYTHON` (this interpreter)."""
+    return {"PYTHON": sys.executable, **os.environ}
+
+
+# -- running async commands with clean errors -----------------------------------------------------------
+
+
+def _fail(message: str, code: ExitCode = ExitCode.ERROR) -> NoReturn:
+    err.print(message, markup=False, soft_wrap=True)
+    raise typer.Exit(int(code))
+
+
+def _planner_error(exc: BaseException) -> PlannerError | None:
+    """The PlannerError behind `exc`, looking inside exception groups (task groups wrap errors)."""
+    if isinstance(exc, PlannerError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _planner_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def _run(settings: Settings, fn: Callable[[], Awaitable[T]]) -> T:
+    """Run `fn` under anyio; turn planner errors into a message on stderr and an exit code."""
+    try:
+        return anyio.run(fn)
+    except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+        raise
+    except KeyboardInterrupt:
+        _fail("interrupted", ExitCode.INTERRUPTED)
+    except BaseException as exc:
+        planner_error = _planner_error(exc)
+        if planner_error is not None:
+            if settings.verbose >= 2:
+                log.debug("error", exc_info=exc)
+            code = ExitCode.INVALID if isinstance(planner_error, PlanValidationError) else ExitCode.ERROR
+            _fail(f"error: {planner_error}", code)
+        if isinstance(exc, BaseExceptionGroup):
+            exits = [e for e in exc.exceptions if isinstance(e, typer.Exit)]
+            if exits:
+                raise exits[0] from None
+        if not isinstance(exc, Exception):
+            raise
+        if settings.verbose:
+            log.error("unexpected error", exc_info=exc)
+        _fail(f"internal error: {type(exc).__name__}: {exc} (run with -v for details)")
+
+
+@dataclass
+class Runtime:
+    """What a command works with: the store, the tools (downstream servers, if any) and the service."""
+
+    store: Any
+    tools: ToolProvider
+    downstream: Any | None
+    service: Any
+
+
+@asynccontextmanager
+async def _runtime(settings: Settings, *, tools: bool, approval: str = "agent") -> AsyncIterator[Runtime]:
+    from .service import PlannerService
+    from .store import PlanStore
+
+    async with AsyncExitStack() as stack:
+        store = await stack.enter_async_context(PlanStore.open(_db_path(settings)))
+        provider: ToolProvider = LocalTools({})
+        downstream = None
+        servers = _servers_path(settings)
+        if tools and servers is not None:
+            from .config import load_config
+            from .downstream import Downstream
+
+            config = load_config(servers, env=_config_env())
+            downstream = await stack.enter_async_context(Downstream(config))
+            await downstream.wait_ready(CONNECT_TIMEOUT)
+            provider = downstream
+        service = PlannerService(store, provider, approval=approval)
+        if hasattr(service, "__aenter__"):
+            service = await stack.enter_async_context(service)
+        yield Runtime(store=store, tools=provider, downstream=downstream, service=service)
+
+
+# -- commands -------------------------------------------------------------------------------------------
+
+
+@app.callback(invoke_without_command=True)
+def root(
+    ctx: typer.Context,
+    servers: ServersOpt = None,
+    db: DbOpt = None,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """With no command, serve MCP over stdio (what agent configs launch)."""
+    ctx.obj = Settings(servers=servers, db=db, verbose=verbose)
+    if ctx.invoked_subcommand is None:
+        _serve(_settings(ctx, None, None, 0), "stdio", "127.0.0.1", 8000, "auto")
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    transport: Annotated[
+        str, typer.Option("--transport", help="stdio or http.", click_type=click.Choice(["stdio", "http"]))
+    ] = "stdio",
+    host: Annotated[str, typer.Option("--host", help="HTTP bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="HTTP port.")] = 8000,
+    approval: ApprovalOpt = "auto",
+    servers: ServersOpt = None,
+    db: DbOpt = None,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Serve the planner's MCP tools over stdio (default) or streamable HTTP."""
+    _serve(_settings(ctx, servers, db, verbose), transport, host, port, approval)
+
+
+def _serve(settings: Settings, transport: str, host: str, port: int, approval: str) -> None:
+    from . import server
+
+    servers = _servers_path(settings)
+    config = None
+    if servers is not None:
+        from .config import load_config
+
+        config = _run(settings, lambda: _async(load_config, servers, env=_config_env()))
+    db = _db_path(settings)
+    _run(
+        settings,
+        lambda: server.serve(
+            db_path=db, config=config, approval=approval, transport=transport, host=host, port=port
+        ),
+    )
+
+
+async def _async(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    return fn(*args, **kwargs)
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    plan_file: Annotated[Path, typer.Argument(help="JSON file with description, steps and options.")],
+    yes: YesOpt = False,
+    servers: ServersOpt = None,
+    db: DbOpt = None,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Create a plan from PLAN_FILE, show it, ask y/N (unless --yes), execute it and print the summary.
+
+    Exits 0 only if the plan completed; see the exit codes below.
+    """
+    settings = _settings(ctx, servers, db, verbose)
+    spec = _load_plan_file(plan_file)
+    summary = _run(settings, lambda: _run_plan(settings, spec, yes))
+    raise typer.Exit(int(STATUS_EXIT.get(summary.status, ExitCode.ERROR)))
+
+
+def _load_plan_file(path: Path) -> PlanSpec:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        _fail(f"error: plan file {str(path)!r} does not exist", ExitCode.INVALID)
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"error: cannot read plan file {str(path)!r}: {exc}", ExitCode.INVALID)
+    except json.JSONDecodeError as exc:
+        _fail(f"error: plan file {str(path)!r} is not valid JSON: {exc}", ExitCode.INVALID)
+    try:
+        return PlanSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_pydantic_problem(e) for e in exc.errors()]
+        _print_problems(f"plan file {str(path)!r} is malformed", problems)
+        raise typer.Exit(int(ExitCode.INVALID)) from None
+
+
+def _pydantic_problem(error: Mapping[str, Any]) -> Problem:
+    loc = [str(part) for part in error.get("loc", ())]
+    step_id = None
+    if len(loc) >= 2 and loc[0] == "steps":
+        step_id = f"#{int(loc[1]) + 1}" if loc[1].isdigit() else loc[1]
+        loc = loc[2:]
+    return Problem(step_id, ".".join(loc) or "plan", str(error.get("msg", "invalid")))
+
+
+def _print_problems(headline: str, problems: list[Problem]) -> None:
+    err.print(f"error: {headline} ({len(problems)} problem(s)):", markup=False)
+    for problem in problems:
+        err.print(f"  - {problem}", markup=False, soft_wrap=True)
+
+
+def _terminal_user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return "terminal user"
+
+
+def _ask(question: str) -> bool:
+    """A y/N question on the terminal; Ctrl-C or end of input means no."""
+    # The event loop's SIGINT handler would swallow Ctrl-C while input() blocks; restore the default.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return bool(typer.confirm(question, default=False))
+    except (KeyboardInterrupt, EOFError, click.exceptions.Abort):
+        out.print()
+        return False
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _can_ask() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+async def _run_plan(settings: Settings, spec: PlanSpec, yes: bool) -> PlanSummary:
+    async with _runtime(settings, tools=True) as rt:
+        plan = await _checked_plan(rt, spec)
+        out.print(terminal.plan_table(plan))
+        if not yes and not _can_ask():
+            _fail(
+                "refusing to run without confirmation: stdin is not a terminal. Pass --yes to run the plan "
+                "as shown, or run this command in a terminal to be asked.",
+                ExitCode.NOT_APPROVED,
+            )
+        if not yes and not _ask("Run this plan?"):
+            plan = await rt.service.create_plan(spec)
+            await rt.service.reject_plan(plan.id, f"declined at the terminal by {_terminal_user()}")
+            _fail(f"not run: plan {plan.id} declined", ExitCode.NOT_APPROVED)
+        plan = await rt.service.create_plan(spec)
+        if plan.status in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL):
+            plan = await rt.service.approve_plan(plan.id, _terminal_user(), "human-terminal")
+        return await _execute(rt, plan, resume=False, rerun_interrupted=False)
+
+
+async def _checked_plan(rt: Runtime, spec: PlanSpec) -> ExecutionPlan:
+    """The plan as it would be stored, validated against the catalog, without storing it.
+
+    Raises:
+        PlanValidationError: with every problem.
+    """
+    from .tools import schema_catalog
+    from .validation import qualify_tool_names
+
+    plan = ExecutionPlan.from_spec(spec)
+    qualify_tool_names(plan, rt.tools.catalog().keys())
+    problems = plan.validate(schema_catalog(rt.tools))
+    if problems:
+        raise PlanValidationError(problems)
+    return plan
+
+
+async def _execute(rt: Runtime, plan: ExecutionPlan, *, resume: bool, rerun_interrupted: bool) -> PlanSummary:
+    """Execute or resume with a live display; the first Ctrl-C cancels the plan, a second one aborts."""
+    display = terminal.ProgressDisplay(out, plan.summary())
+    interrupts = 0
+
+    def on_progress(*args: Any) -> None:
+        current = _summary_from(args)
+        if current is not None:
+            display.update(current)
+
+    async def watch_interrupts(scope: anyio.CancelScope) -> None:
+        nonlocal interrupts
+        with anyio.open_signal_receiver(signal.SIGINT) as signals:
+            async for _ in signals:
+                interrupts += 1
+                if interrupts > 1:
+                    scope.cancel()
+                    return
+                err.print("cancelling the plan (Ctrl-C again to abort without waiting)...", markup=False)
+                await rt.service.cancel_plan(plan.id, "cancelled from the terminal (Ctrl-C)")
+
+    with display:
+        async with anyio.create_task_group() as tg:
+            if sys.platform != "win32":
+                tg.start_soon(watch_interrupts, tg.cancel_scope)
+            if resume:
+                summary: PlanSummary = await rt.service.resume_plan(
+                    plan.id, rerun_interrupted=rerun_interrupted, wait_seconds=None, on_progress=on_progress
+                )
+            else:
+                summary = await rt.service.execute_plan(plan.id, wait_seconds=None, on_progress=on_progress)
+            tg.cancel_scope.cancel()
+        if interrupts > 1:
+            _fail(
+                f"aborted: plan {plan.id} may be left executing; `mcp-planner resume {plan.id}` recovers it"
+            )
+        display.update(summary)
+    _print_summary(summary)
+    return summary
+
+
+def _summary_from(args: tuple[Any, ...]) -> PlanSummary | None:
+    for arg in args:
+        if isinstance(arg, PlanSummary):
+            return arg
+        if isinstance(arg, ExecutionPlan):
+            return arg.summary()
+    return None
+
+
+def _print_summary(summary: PlanSummary) -> None:
+    if out.is_terminal:
+        out.print(terminal.summary_renderable(summary))
+    else:
+        for line in terminal.summary_lines(summary):
+            out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def plans(
+    ctx: typer.Context,
+    status: Annotated[
+        str | None,
+        typer.Option(
+            "--status",
+            help="Only plans in this status.",
+            click_type=click.Choice([s.value for s in PlanStatus]),
+        ),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="How many plans.")] = 20,
+    db: DbOpt = None,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """List recent plans, newest first."""
+    settings = _settings(ctx, None, db, verbose)
+
+    async def body() -> list[ExecutionPlan]:
+        async with _runtime(settings, tools=False) as rt:
+            found: list[ExecutionPlan] = await rt.service.list_plans(status=status, limit=limit)
+            return found
+
+    found = _run(settings, body)
+    if not found:
+        out.print("no plans" + (f" with status {status}" if status else ""))
+        return
+    out.print(terminal.plans_table(found))
+
+
+@app.command()
+def show(
+    ctx: typer.Context,
+    plan_id: Annotated[str, typer.Argument(metavar="ID", help="Plan id.")],
+    db: DbOpt = None,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Show a plan: its fields, steps with durations and errors, result previews and its Mermaid graph."""
+    settings = _settings(ctx, None, db, verbose)
+
+    async def body() -> ExecutionPlan:
+        async with _runtime(settings, tools=False) as rt:
+            plan: ExecutionPlan = await rt.service.get_plan(plan_id)
+            return plan
+
+    plan = _run(settings, body)
+    from .presentation import mermaid
+
+    out.print(terminal.plan_details(plan))
+    out.print(terminal.steps_table(plan.summary(), title="Steps"))
+    if any(step.result is not None for step in plan.steps):
+        out.print(terminal.results_table(plan))
+    out.print("Graph (Mermaid):", style="bold")
+    out.print(mermaid(plan), markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def approve(
+    ctx: typer.Context,
+    plan_id: Annotated[str, typer.Argument(metavar="ID", help="Plan id.")],
+    yes: YesOpt = False,
+    db: DbOpt = None,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Approve a pending plan as the person at this terminal (what the `human` policy asks for)."""
+    settings = _settings(ctx, None, db, verbose)
+
+    async def body() -> ExecutionPlan:
+        async with _runtime(settings, tools=False) as rt:
+            plan: ExecutionPlan = await rt.service.get_plan(plan_id)
+            out.print(terminal.plan_table(plan))
+            if not yes:
+                if not _can_ask():
+                    _fail(
+                        "refusing to approve without confirmation: stdin is not a terminal. Pass --yes to "
+                        "approve the plan as shown.",
+                        ExitCode.NOT_APPROVED,
+                    )
+                if not _ask(f"Approve plan {plan.id}?"):
+                    _fail(f"plan {plan.id} not approved (still {plan.status.value})", ExitCode.NOT_APPROVED)
+            approved: ExecutionPlan = await rt.service.approve_plan(
+                plan.id, _terminal_user(), "human-terminal"
+            )
+            return approved
+
+    plan = _run(settings, body)
+    out.print(
+        f"plan {plan.id} approved by {plan.approved_by}; the agent can now call execute_plan", markup=False
+    )
+
+
+@app.command()
+def reject(
+    ctx: typer.Context,
+    plan_id: Annotated[str, typer.Argument(metavar="ID", help="Plan id.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (kept with the plan).")],
+    db: DbOpt = None,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Reject a plan that has not started: it becomes cancelled and never runs."""
+    settings = _settings(ctx, None, db, verbose)
+
+    async def body() -> ExecutionPlan:
+        async with _runtime(settings, tools=False) as rt:
+            plan: ExecutionPlan = await rt.service.reject_plan(plan_id, reason)
+            return plan
+
+    plan = _run(settings, body)
+    out.print(f"plan {plan.id} rejected: {plan.status.value}", markup=False)
+
+
+@app.command()
+def resume(
+    ctx: typer.Context,
+    plan_id: Annotated[str, typer.Argument(metavar="ID", help="Plan id.")],
+    rerun_interrupted: Annotated[
+        bool,
+        typer.Option(
+            "--rerun-interrupted",
+            help="Also re-run steps whose outcome is unknown because the run was interrupted mid-call.",
+        ),
+    ] = False,
+    servers: ServersOpt = None,
+    db: DbOpt = None,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Resume a failed, partial or interrupted plan: completed steps are kept, the rest run again."""
+    settings = _settings(ctx, servers, db, verbose)
+
+    async def body() -> PlanSummary:
+        async with _runtime(settings, tools=True) as rt:
+            plan: ExecutionPlan = await rt.service.get_plan(plan_id)
+            return await _execute(rt, plan, resume=True, rerun_interrupted=rerun_interrupted)
+
+    summary = _run(settings, body)
+    raise typer.Exit(int(STATUS_EXIT.get(summary.status, ExitCode.ERROR)))
+
+
+@app.command()
+def cancel(
+    ctx: typer.Context,
+    plan_id: Annotated[str, typer.Argument(metavar="ID", help="Plan id.")],
+    reason: Annotated[
+        str, typer.Option("--reason", help="Why (kept with the plan).")
+    ] = "cancelled from the command line",
+    db: DbOpt = None,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Cancel a plan: stops it if it is executing (in any process on this database), else cancels it."""
+    settings = _settings(ctx, None, db, verbose)
+
+    async def body() -> Any:
+        async with _runtime(settings, tools=False) as rt:
+            return await rt.service.cancel_plan(plan_id, reason)
+
+    _run(settings, body)
+    out.print(f"plan {plan_id}: cancellation requested ({reason})", markup=False)
+
+
+@app.command()
+def tools(
+    ctx: typer.Context,
+    servers: ServersOpt = None,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """List the downstream tools plan steps can call, and each server's status (including failures)."""
+    settings = _settings(ctx, servers, None, verbose)
+    path = _servers_path(settings)
+    if path is None:
+        _fail("no servers file: pass --servers FILE or set MCP_PLANNER_SERVERS", ExitCode.INVALID)
+
+    async def body() -> tuple[dict[str, Any], list[Any]]:
+        from .config import load_config
+        from .downstream import Downstream
+
+        config = load_config(path, env=_config_env())
+        async with Downstream(config) as downstream:
+            await downstream.wait_ready(CONNECT_TIMEOUT)
+            return dict(downstream.catalog()), list(_status_rows(downstream.status()))
+
+    catalog, statuses = _run(settings, body)
+    out.print(terminal.tools_table(catalog))
+    for row in statuses:
+        out.print(row, markup=False, soft_wrap=True)
+
+
+def _status_rows(status: Any) -> list[str]:
+    items = status.items() if isinstance(status, Mapping) else ((getattr(s, "name", "?"), s) for s in status)
+    return [f"server {name}: {value}" for name, value in items]
+
+
+def main() -> None:
+    """The `mcp-planner` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
