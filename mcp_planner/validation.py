@@ -1,0 +1,396 @@
+"""Plan validation: every problem with a plan at once, each naming its step and field.
+
+Checked: the description, the step list, step ids, dependencies (unknown, self, cycles), tool names against
+the catalog (with close-name suggestions), parameters against each tool's `inputSchema` (jsonschema, with
+template-valued parameters deferred to run time), templates (syntax, references), and numbers.
+
+`retry_backoff` must be >= 1: a factor below 1 would shrink the delay on every retry, which no retry
+policy wants; 1.0 is a fixed delay.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+import jsonschema
+from jinja2 import nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .errors import PlanValidationError, Problem
+from .model import MAX_PARALLEL_CAP, ExecutionPlan, Step
+from .templating import is_template
+
+Catalog = Mapping[str, dict[str, Any] | None]
+
+# Only for parsing: rendering happens in `templating`, with the same (default) syntax.
+_PARSER = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
+#: Suggestions (difflib) are computed for this many unknown names at most, so a plan with thousands of
+#: broken references still validates in linear time.
+_MAX_SUGGESTED = 20
+#: At most this many cycles are named; a plan with more has a bigger problem than their list.
+_MAX_CYCLES = 20
+
+
+def validate_plan(plan: ExecutionPlan, catalog: Catalog | None) -> list[Problem]:
+    """Every problem with `plan`, in a stable order (plan fields, then steps by index).
+
+    Args:
+        plan: the plan to check; it is not modified.
+        catalog: tool name -> input JSON schema (None when the schema is unknown). `None` skips the tool
+            checks (unknown tools and parameter schemas).
+
+    Returns:
+        The problems; empty when the plan is valid.
+    """
+    problems: list[Problem] = []
+    if not plan.description.strip():
+        problems.append(Problem(None, "description", "the description is empty: say what the plan does"))
+    if not plan.steps:
+        problems.append(Problem(None, "steps", "the plan has no steps: add at least one step"))
+    problems.extend(_option_problems(plan))
+
+    ids = [s.id for s in plan.steps]
+    known = set(ids)
+    counts = Counter(ids)
+    reported_duplicates: set[str] = set()
+    budget = _Budget()
+    for position, step in enumerate(plan.steps):
+        if not step.id.strip():
+            problems.append(Problem(None, f"steps[{position}].id", "a step has an empty id: give it one"))
+        elif counts[step.id] > 1 and step.id not in reported_duplicates:
+            reported_duplicates.add(step.id)
+            problems.append(
+                Problem(
+                    step.id,
+                    "id",
+                    f"duplicate step id {step.id!r} ({counts[step.id]} steps use it): make the ids unique",
+                )
+            )
+        problems.extend(_dependency_problems(step, known, budget))
+        problems.extend(_number_problems(step))
+        problems.extend(_template_problems(step, known, budget))
+        if catalog is not None:
+            problems.extend(_tool_problems(step, catalog, budget))
+    problems.extend(_cycle_problems(plan))
+    return problems
+
+
+def validate_or_raise(plan: ExecutionPlan, catalog: Catalog | None) -> None:
+    """Raises:
+    PlanValidationError: carrying every problem `validate_plan` found.
+    """
+    problems = validate_plan(plan, catalog)
+    if problems:
+        raise PlanValidationError(problems, f"plan {plan.id!r} is invalid")
+
+
+def qualify_tool_names(plan: ExecutionPlan, tool_names: Iterable[str]) -> None:
+    """Rewrite each bare tool name offered by exactly one server to its qualified `server.tool` name.
+
+    An exact match always wins; a name offered by several servers, or by none, is left as it is for
+    `validate_plan` to report.
+    """
+    names = set(tool_names)
+    by_bare: dict[str, list[str]] = {}
+    for name in names:
+        _server, dot, bare = name.rpartition(".")
+        if dot:
+            by_bare.setdefault(bare, []).append(name)
+    for step in plan.steps:
+        if step.tool_name in names:
+            continue
+        candidates = by_bare.get(step.tool_name, [])
+        if len(candidates) == 1:
+            step.tool_name = candidates[0]
+
+
+# -- plan-level numbers -----------------------------------------------------------------------------------
+
+
+def _option_problems(plan: ExecutionPlan) -> Iterator[Problem]:
+    options = plan.options
+    for name in ("approval_timeout_ms", "step_timeout_ms", "total_timeout_ms"):
+        value = getattr(options, name)
+        if value < 0:
+            yield Problem(
+                None, f"options.{name}", f"{value} is negative: use 0 for no limit, or a positive value"
+            )
+    if options.retry_backoff < 1:
+        yield Problem(
+            None,
+            "options.retry_backoff",
+            f"{options.retry_backoff} is below 1: use 1.0 for a fixed delay or more to grow it on each retry",
+        )
+    if options.max_parallel_steps > MAX_PARALLEL_CAP:
+        yield Problem(
+            None,
+            "options.max_parallel_steps",
+            f"{options.max_parallel_steps} is above the cap: use at most {MAX_PARALLEL_CAP}",
+        )
+
+
+def _number_problems(step: Step) -> Iterator[Problem]:
+    for name in ("max_retries", "retry_delay_ms", "timeout_ms"):
+        value = getattr(step, name)
+        if value is not None and value < 0:
+            yield Problem(step.id, name, f"{value} is negative: use 0 or a positive value")
+
+
+# -- dependencies -----------------------------------------------------------------------------------------
+
+
+class _Budget:
+    """How many more difflib suggestions may be computed (they are quadratic in the worst case)."""
+
+    def __init__(self) -> None:
+        self.left = _MAX_SUGGESTED
+
+    def suggest(self, name: str, choices: Iterable[str]) -> str:
+        if self.left <= 0:
+            return ""
+        self.left -= 1
+        close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.6)
+        return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _dependency_problems(step: Step, known: set[str], budget: _Budget) -> Iterator[Problem]:
+    for dep in step.depends_on:
+        if dep == step.id:
+            yield Problem(
+                step.id, "depends_on", f"step {step.id!r} depends on itself: remove it from depends_on"
+            )
+        elif dep not in known:
+            hint = budget.suggest(dep, known)
+            yield Problem(
+                step.id, "depends_on", f"depends on {dep!r}, which is not a step of this plan{hint}"
+            )
+
+
+def _cycle_problems(plan: ExecutionPlan) -> list[Problem]:
+    """Name each dependency cycle once, as `a -> b -> c -> a` (each step depends on the next).
+
+    Iterative depth-first search, so a 10,000-step chain needs no recursion.
+    """
+    index: dict[str, int] = {}
+    for s in plan.steps:
+        index.setdefault(s.id, s.index)
+    edges: dict[str, list[str]] = {}
+    for s in plan.steps:
+        if s.id in edges:
+            continue  # a duplicate id: reported elsewhere; the first step of that id stands for it
+        edges[s.id] = [d for d in dict.fromkeys(s.depends_on) if d in index and d != s.id]
+
+    white, grey, black = 0, 1, 2
+    colour = dict.fromkeys(edges, white)
+    cycles: list[list[str]] = []
+    seen: set[frozenset[str]] = set()
+    for root in edges:
+        if colour[root] != white:
+            continue
+        path: list[str] = [root]
+        on_path: dict[str, int] = {root: 0}
+        iters: list[Iterator[str]] = [iter(edges[root])]
+        colour[root] = grey
+        while iters:
+            nxt = next(iters[-1], None)
+            if nxt is None:
+                done = path.pop()
+                del on_path[done]
+                colour[done] = black
+                iters.pop()
+            elif colour[nxt] == white:
+                colour[nxt] = grey
+                on_path[nxt] = len(path)
+                path.append(nxt)
+                iters.append(iter(edges[nxt]))
+            elif colour[nxt] == grey and len(cycles) < _MAX_CYCLES:
+                cycle = path[on_path[nxt] :]
+                key = frozenset(cycle)
+                if key not in seen:
+                    seen.add(key)
+                    cycles.append(cycle)
+
+    problems = []
+    for cycle in cycles:
+        start = min(range(len(cycle)), key=lambda i: index[cycle[i]])
+        ordered = cycle[start:] + cycle[:start]
+        shown = ordered if len(ordered) <= 12 else [*ordered[:10], f"({len(ordered) - 11} more)", ordered[-1]]
+        text = " -> ".join([*shown, ordered[0]])
+        problems.append(
+            Problem(
+                ordered[0],
+                "depends_on",
+                f"dependency cycle: {text} (each step depends on the next): remove one of these dependencies",
+            )
+        )
+    return problems
+
+
+# -- templates --------------------------------------------------------------------------------------------
+
+
+def _template_strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
+    """(field path, text) of every template string in a parameters value."""
+    if isinstance(value, str):
+        if is_template(value):
+            yield path, value
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _template_strings(v, f"{path}.{k}")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            yield from _template_strings(v, f"{path}[{i}]")
+
+
+# A simple path over a step's result (`steps.x.result.items[0]`, `steps['build-1'].text`): by far the most
+# common template, and parsing it with jinja2 costs ~0.3 ms, too much for a 10,000-step plan.
+_SIMPLE_EXPRESSION = re.compile(
+    r"""\{\{\s*steps(?:\.(?P<attr>[A-Za-z_]\w*)|\[(?P<q>['"])(?P<key>[^'"]*)(?P=q)\])"""
+    r"""(?:\.[A-Za-z_]\w*|\[\d+\]|\[(?P<q2>['"])[^'"]*(?P=q2)\])*\s*\}\}"""
+)
+_EXPRESSION = re.compile(r"\{\{.*?\}\}", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class _Analysis:
+    syntax_error: str | None = None
+    refs: frozenset[str] = frozenset()
+    unknown_names: tuple[str, ...] = ()
+
+
+@functools.lru_cache(maxsize=4096)
+def _analyse(text: str) -> _Analysis:
+    """What validation needs to know about one template string."""
+    if "{%" not in text and "{#" not in text:
+        refs: set[str] = set()
+        for match in _EXPRESSION.finditer(text):
+            simple = _SIMPLE_EXPRESSION.fullmatch(match.group())
+            if simple is None:
+                break
+            refs.add(simple.group("attr") or simple.group("key"))
+        else:
+            if "{{" not in _EXPRESSION.sub("", text):
+                return _Analysis(refs=frozenset(refs))
+    try:
+        ast = _PARSER.parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        return _Analysis(syntax_error=exc.message or str(exc))
+    found: set[str] = set()
+    for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
+        if isinstance(node, nodes.Getattr):
+            target, name = node.node, node.attr
+        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
+            target, name = node.node, node.arg.value
+        else:
+            continue
+        if isinstance(target, nodes.Name) and target.name == "steps" and isinstance(name, str):
+            found.add(name)
+    loaded = {n.name for n in ast.find_all(nodes.Name) if n.ctx == "load"}
+    stored = {n.name for n in ast.find_all(nodes.Name) if n.ctx in ("store", "param")}
+    unknown = loaded - stored - {"steps", "loop"} - set(_PARSER.globals)
+    return _Analysis(refs=frozenset(found), unknown_names=tuple(sorted(unknown)))
+
+
+def _template_problems(step: Step, known: set[str], budget: _Budget) -> Iterator[Problem]:
+    for field, text in _template_strings(step.parameters, "parameters"):
+        analysis = _analyse(text)
+        if analysis.syntax_error is not None:
+            yield Problem(step.id, field, f"template syntax error in {text!r}: {analysis.syntax_error}")
+            continue
+        for name in analysis.unknown_names:
+            yield Problem(
+                step.id, field, f"template {text!r} uses {name!r}: only steps.<id>.result/.text/.json exist"
+            )
+        for ref in sorted(analysis.refs):
+            if ref == step.id:
+                yield Problem(step.id, field, f"template {text!r} refers to the step's own result")
+            elif ref not in known:
+                dashed = budget.left > 0 and any(k.startswith(ref + "-") for k in known)
+                hint = budget.suggest(ref, known)
+                if dashed:
+                    hint += f" (an id with '-' must be written steps['{ref}-...'])"
+                yield Problem(
+                    step.id, field, f"template {text!r} refers to step {ref!r}, which does not exist{hint}"
+                )
+            elif ref not in step.depends_on:
+                yield Problem(
+                    step.id,
+                    field,
+                    f"template {text!r} uses step {ref!r} but the step does not depend on it: "
+                    f"add {ref!r} to depends_on",
+                )
+
+
+# -- tools and parameter schemas --------------------------------------------------------------------------
+
+
+def _tool_problems(step: Step, catalog: Catalog, budget: _Budget) -> Iterator[Problem]:
+    name = step.tool_name
+    if not name.strip():
+        yield Problem(step.id, "tool_name", "the tool name is empty: name one of the available tools")
+        return
+    if name not in catalog:
+        yield Problem(step.id, "tool_name", _unknown_tool_message(name, catalog, budget))
+        return
+    schema = catalog[name]
+    if schema is not None:
+        yield from _schema_problems(step, schema)
+
+
+def _unknown_tool_message(name: str, catalog: Catalog, budget: _Budget) -> str:
+    owners = sorted(n for n in catalog if n.rpartition(".")[2] == name and "." in n)
+    if len(owners) > 1:
+        listed = ", ".join(repr(o) for o in owners)
+        return f"tool {name!r} is offered by several servers ({listed}): use the qualified name"
+    if not catalog:
+        return f"unknown tool {name!r}: no tools are available (are the downstream servers connected?)"
+    bare_to_full = {n.rpartition(".")[2]: n for n in catalog}
+    hint = budget.suggest(name, catalog)
+    if not hint and budget.left > 0:
+        bare = name.rpartition(".")[2]
+        close = difflib.get_close_matches(bare, list(bare_to_full), n=3, cutoff=0.6)
+        if close:
+            hint = f"; did you mean {' or '.join(repr(bare_to_full[c]) for c in close)}?"
+    return f"unknown tool {name!r}{hint or ': call list_tools to see the available tools'}"
+
+
+def _schema_problems(step: Step, schema: dict[str, Any]) -> Iterator[Problem]:
+    try:
+        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        validator = cls(schema)
+        errors = list(validator.iter_errors(step.parameters))
+    except Exception:  # a downstream server's broken schema is not this plan's problem
+        return
+    kept = [e for e in errors if not _deferred(e, step.parameters)]
+    for error in sorted(kept, key=lambda e: (e.json_path, e.message)):
+        message = error.message if len(error.message) <= 300 else error.message[:297] + "..."
+        field = "parameters" + error.json_path[1:]
+        yield Problem(step.id, field, message)
+
+
+def _deferred(error: jsonschema.ValidationError, instance: Any) -> bool:
+    """True when `error` is about a template-valued parameter: it is checked after rendering, at run time."""
+    value = instance
+    for part in error.absolute_path:
+        if is_template(value):
+            return True
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            return False
+    if is_template(value):
+        return True
+    if error.validator in ("anyOf", "oneOf") and error.context:
+        # Deferred when some branch fails only because of template values.
+        branches: dict[Any, list[jsonschema.ValidationError]] = {}
+        for sub in error.context:
+            branches.setdefault(sub.schema_path[0] if sub.schema_path else None, []).append(sub)
+        return any(all(_deferred(sub, instance) for sub in subs) for subs in branches.values())
+    return False
