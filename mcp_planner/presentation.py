@@ -1,0 +1,335 @@
+"""Views of plans for people and models: summaries, plan views with result previews, Mermaid, short text.
+
+No I/O and no MCP types: the MCP server returns these models as structured content (their JSON schemas are
+the tools' output schemas) and the CLI prints them. A result larger than `RESULT_PREVIEW_LIMIT` is shown as
+its first `PREVIEW_CHARS` characters of text plus the `plan://<plan_id>/steps/<step_id>/result` URI from
+which it can be read in full.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from .model import (
+    RESULT_PREVIEW_LIMIT,
+    ExecutionOptions,
+    ExecutionPlan,
+    PlanStatus,
+    PlanSummary,
+    Step,
+    StepResult,
+    StepStatus,
+)
+
+#: How much of a large result's text a preview shows.
+PREVIEW_CHARS = 2048
+
+_STATUS_MARK = {
+    StepStatus.PENDING: "·",
+    StepStatus.RUNNING: "…",
+    StepStatus.COMPLETED: "✓",
+    StepStatus.FAILED: "✗",
+    StepStatus.SKIPPED: "-",
+}
+
+#: Mermaid classDef styles by step status.
+_STATUS_STYLE = {
+    StepStatus.PENDING: "fill:#eeeeee,stroke:#999999,color:#333333",
+    StepStatus.RUNNING: "fill:#cce5ff,stroke:#0066cc,color:#003366",
+    StepStatus.COMPLETED: "fill:#d4edda,stroke:#28a745,color:#155724",
+    StepStatus.FAILED: "fill:#f8d7da,stroke:#dc3545,color:#721c24",
+    StepStatus.SKIPPED: "fill:#fff3cd,stroke:#c69500,color:#6b5200,stroke-dasharray:4 3",
+}
+
+
+def result_uri(plan_id: str, step_id: str) -> str:
+    return f"plan://{plan_id}/steps/{step_id}/result"
+
+
+def next_action(plan: ExecutionPlan | PlanSummary) -> str:
+    """What an agent should do next with a plan in this status, in one sentence."""
+    status = plan.status
+    pid = plan.id if isinstance(plan, ExecutionPlan) else plan.plan_id
+    return {
+        PlanStatus.DRAFT: f"call approve_plan({pid!r}) or execute_plan({pid!r})",
+        PlanStatus.PENDING_APPROVAL: f"show the plan to the user, then call approve_plan({pid!r}) "
+        f"or reject_plan({pid!r})",
+        PlanStatus.APPROVED: f"call execute_plan({pid!r})",
+        PlanStatus.EXECUTING: f"it runs in the background: call get_summary({pid!r}) to follow it",
+        PlanStatus.COMPLETED: f"done: call get_plan({pid!r}) to read the results",
+        PlanStatus.FAILED: f"call get_summary({pid!r}) to see what failed, then resume_plan({pid!r}) "
+        "to re-run what did not complete",
+        PlanStatus.PARTIAL: f"call get_summary({pid!r}) to see what failed, then resume_plan({pid!r}) "
+        "to re-run what did not complete",
+        PlanStatus.CANCELLED: "nothing: a cancelled plan never runs again; create a new plan if needed",
+    }[status]
+
+
+# -- models (the MCP tools' output schemas) ------------------------------------------------------------
+
+
+class SummaryView(PlanSummary):
+    """A plan's status, counts, progress and each step's state, with what to do next."""
+
+    next_action: str = Field(description="what to call next for this plan")
+
+
+class ResultView(BaseModel):
+    """A step's result, or for a large one a preview plus the URI that holds it whole."""
+
+    text: str = Field(description="the result's text (for a large result, its first part)")
+    structured: Any = Field(default=None, description="structured content, when small enough to show")
+    content: list[dict[str, Any]] = Field(
+        default_factory=list, description="non-text content blocks (images, resources), when small"
+    )
+    truncated: bool = Field(default=False, description="true when this is only a preview")
+    size: int = Field(description="the full result's size in bytes of JSON")
+    uri: str | None = Field(default=None, description="resource URI to read the whole result")
+
+
+class StepView(BaseModel):
+    id: str
+    index: int
+    tool_name: str
+    description: str
+    parameters: dict[str, Any]
+    depends_on: list[str]
+    status: StepStatus
+    error: str | None = None
+    retry_count: int = 0
+    max_retries: int = 0
+    timeout_ms: int | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    duration_ms: int | None = None
+    result: ResultView | None = None
+
+
+class PlanView(BaseModel):
+    """The whole plan: fields, options, approval, steps with results, and a Mermaid graph."""
+
+    id: str
+    description: str
+    status: PlanStatus
+    options: ExecutionOptions
+    user_approved: bool
+    approved_by: str | None = None
+    approved_at: datetime | None = None
+    approval_method: str | None = None
+    rejection_note: str | None = None
+    error: str | None = None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    total_duration_ms: int | None = None
+    progress: float
+    steps: list[StepView]
+    mermaid: str = Field(description="Mermaid flowchart of the steps, coloured by status")
+    next_action: str
+
+
+class PlanListItem(BaseModel):
+    id: str
+    description: str
+    status: PlanStatus
+    total_steps: int
+    completed: int
+    progress: float
+    created_at: datetime
+    updated_at: datetime
+
+
+class PlanList(BaseModel):
+    plans: list[PlanListItem] = Field(description="newest first")
+
+
+# -- builders -------------------------------------------------------------------------------------------
+
+
+def summary_view(plan: ExecutionPlan | PlanSummary) -> SummaryView:
+    summary = plan.summary() if isinstance(plan, ExecutionPlan) else plan
+    return SummaryView(**summary.model_dump(), next_action=next_action(summary))
+
+
+def result_view(plan_id: str, step_id: str, result: StepResult) -> ResultView:
+    size = result.size()
+    if size <= RESULT_PREVIEW_LIMIT:
+        return ResultView(
+            text=result.text, structured=result.structured, content=_non_text(result), size=size
+        )
+    text = result.text or json.dumps(result.structured, default=str)
+    return ResultView(
+        text=text[:PREVIEW_CHARS],
+        truncated=True,
+        size=size,
+        uri=result_uri(plan_id, step_id),
+    )
+
+
+def _non_text(result: StepResult) -> list[dict[str, Any]]:
+    return [block for block in result.content if block.get("type") != "text"]
+
+
+def step_view(plan_id: str, step: Step) -> StepView:
+    return StepView(
+        id=step.id,
+        index=step.index,
+        tool_name=step.tool_name,
+        description=step.description,
+        parameters=step.parameters,
+        depends_on=step.depends_on,
+        status=step.status,
+        error=step.error,
+        retry_count=step.retry_count,
+        max_retries=step.max_retries,
+        timeout_ms=step.timeout_ms,
+        started_at=step.started_at,
+        completed_at=step.completed_at,
+        duration_ms=step.duration_ms,
+        result=result_view(plan_id, step.id, step.result) if step.result is not None else None,
+    )
+
+
+def plan_view(plan: ExecutionPlan) -> PlanView:
+    method = plan.metadata.get("approval_method")
+    return PlanView(
+        id=plan.id,
+        description=plan.description,
+        status=plan.status,
+        options=plan.options,
+        user_approved=plan.user_approved,
+        approved_by=plan.approved_by,
+        approved_at=plan.approved_at,
+        approval_method=method if isinstance(method, str) else None,
+        rejection_note=plan.rejection_note,
+        error=plan.error,
+        created_at=plan.created_at,
+        updated_at=plan.updated_at,
+        started_at=plan.started_at,
+        completed_at=plan.completed_at,
+        total_duration_ms=plan.total_duration_ms,
+        progress=plan.summary().progress,
+        steps=[step_view(plan.id, s) for s in plan.steps],
+        mermaid=mermaid(plan),
+        next_action=next_action(plan),
+    )
+
+
+def plan_list(plans: list[ExecutionPlan]) -> PlanList:
+    items = []
+    for plan in plans:
+        summary = plan.summary()
+        items.append(
+            PlanListItem(
+                id=plan.id,
+                description=plan.description,
+                status=plan.status,
+                total_steps=summary.total_steps,
+                completed=summary.completed,
+                progress=summary.progress,
+                created_at=plan.created_at,
+                updated_at=plan.updated_at,
+            )
+        )
+    return PlanList(plans=items)
+
+
+# -- Mermaid --------------------------------------------------------------------------------------------
+
+
+def mermaid(plan: ExecutionPlan) -> str:
+    """A `flowchart TD` of the steps (edges from dependency to dependent), nodes coloured by status.
+
+    Node ids are `s<index>` because step ids may hold characters Mermaid reserves; labels are quoted.
+    """
+    node = {s.id: f"s{i}" for i, s in enumerate(plan.steps)}
+    lines = ["flowchart TD"]
+    for status, style in _STATUS_STYLE.items():
+        lines.append(f"  classDef {status.value} {style}")
+    for i, s in enumerate(plan.steps):
+        label = _mermaid_text(f"{s.id}<br/>{s.tool_name}<br/>{s.status.value}")
+        lines.append(f'  s{i}["{label}"]:::{s.status.value}')
+    for i, s in enumerate(plan.steps):
+        for dep in s.depends_on:
+            if dep in node:
+                lines.append(f"  {node[dep]} --> s{i}")
+    return "\n".join(lines)
+
+
+def _mermaid_text(text: str) -> str:
+    # Inside a quoted label only `"` breaks the syntax; Mermaid reads `#quot;` as the character.
+    return text.replace('"', "#quot;")
+
+
+# -- short text -----------------------------------------------------------------------------------------
+
+
+def _duration(ms: int | None) -> str:
+    if ms is None:
+        return ""
+    return f" {ms} ms" if ms < 10_000 else f" {ms / 1000:.1f} s"
+
+
+def summary_text(summary: PlanSummary, *, steps: bool = True, max_steps: int = 50) -> str:
+    """A few lines a model reads at a glance: the status line, then one line per step."""
+    head = (
+        f"plan {summary.plan_id!r} ({summary.description}): {summary.status.value}, "
+        f"{summary.completed}/{summary.total_steps} completed"
+    )
+    extra = [f"{n} {name}" for n, name in ((summary.failed, "failed"), (summary.skipped, "skipped"))]
+    extra += [f"{summary.running} running"] if summary.running else []
+    head += "".join(f", {e}" for e in extra if not e.startswith("0 "))
+    head += _duration(summary.duration_ms)
+    lines = [head]
+    if summary.error:
+        lines.append(f"  error: {summary.error}")
+    if steps:
+        for s in summary.steps[:max_steps]:
+            mark = _STATUS_MARK[s.status]
+            line = f"  {mark} {s.id} [{s.tool_name}] {s.status.value}{_duration(s.duration_ms)}"
+            if s.retry_count:
+                line += f", {s.retry_count} retr{'y' if s.retry_count == 1 else 'ies'}"
+            if s.error:
+                line += f": {_one_line(s.error)}"
+            lines.append(line)
+        if len(summary.steps) > max_steps:
+            lines.append(f"  ... and {len(summary.steps) - max_steps} more steps")
+    return "\n".join(lines)
+
+
+def plan_text(plan: ExecutionPlan, *, max_param_chars: int = 300) -> str:
+    """The plan as a person approving it reads it: one line per step with its tool and parameters."""
+    lines = [f"Plan {plan.id!r}: {plan.description}", f"{len(plan.steps)} step(s):"]
+    for i, s in enumerate(plan.steps, 1):
+        params = json.dumps(s.parameters, sort_keys=True, default=str)
+        if len(params) > max_param_chars:
+            params = params[:max_param_chars] + "…"
+        after = f" (after {', '.join(s.depends_on)})" if s.depends_on else ""
+        lines.append(f"{i}. {s.id}: {s.tool_name} {params}{after}")
+        if s.description:
+            lines.append(f"   {_one_line(s.description)}")
+    options = plan.options
+    mode = f"up to {options.slots} in parallel" if options.allow_parallel else "one at a time"
+    stops = options.stop_on_error and not options.continue_on_error
+    lines.append(
+        f"Steps run {mode}; " + ("stop at the first failure." if stops else "continue after a failure.")
+    )
+    return "\n".join(lines)
+
+
+def plan_list_text(plans: PlanList) -> str:
+    if not plans.plans:
+        return "no plans"
+    return "\n".join(
+        f"{p.id} {p.status.value} {p.completed}/{p.total_steps} {p.description}" for p in plans.plans
+    )
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
