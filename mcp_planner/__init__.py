@@ -11,6 +11,7 @@ from .errors import (
     Problem,
     StepError,
 )
+from .generator import Generator, PlanRequest
 from .model import (
     ExecutionOptions,
     ExecutionPlan,
@@ -29,9 +30,11 @@ __all__ = [
     "Event",
     "ExecutionOptions",
     "ExecutionPlan",
+    "Generator",
     "LocalTools",
     "MemoryStore",
     "PlanNotFoundError",
+    "PlanRequest",
     "PlanSpec",
     "PlanStateError",
     "PlanStatus",
