@@ -1,0 +1,527 @@
+"""The SQLite plan store (aiosqlite): plans, steps, an append-only event log and execution claims.
+
+Every state-changing write is one `BEGIN IMMEDIATE` transaction run as a single function on the
+connection's own thread, so a caller cancelled mid-write can never leave a transaction half-open, and two
+processes on one file serialise on SQLite's write lock instead of losing updates. `database is locked`
+beyond the busy timeout is retried a bounded number of times.
+
+Durability: WAL with `synchronous=NORMAL`. A committed transaction is in the WAL file before `COMMIT`
+returns, so killing the process at any instant loses nothing committed; only a power loss or OS crash
+could lose the last transactions (SQLite's documented trade-off for WAL + NORMAL).
+
+SQLite and aiosqlite exceptions stay in this module: they leave it as `StoreError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import aiosqlite
+import anyio
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+from .errors import PlannerError, PlanNotFoundError
+from .model import ExecutionPlan, PlanStatus, Step, utcnow
+from .storage import DEFAULT_STALE_AFTER, Claim, Event, claim_is_live
+
+T = TypeVar("T")
+
+#: How long SQLite itself waits for another process's write lock before answering `busy`.
+BUSY_TIMEOUT_MS = 5000
+_WRITE_ATTEMPTS = 5
+
+#: Ordered schema migrations; the store's version is the number applied. Append, never edit.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE plans (
+            id TEXT PRIMARY KEY,
+            status TEXT NOT NULL,
+            description TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            header TEXT NOT NULL
+        )""",
+        "CREATE INDEX plans_by_created ON plans (created_at DESC)",
+        "CREATE INDEX plans_by_status ON plans (status, created_at DESC)",
+        """CREATE TABLE steps (
+            plan_id TEXT NOT NULL REFERENCES plans (id) ON DELETE CASCADE,
+            step_id TEXT NOT NULL,
+            idx INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            data TEXT NOT NULL,
+            PRIMARY KEY (plan_id, step_id)
+        )""",
+        "CREATE INDEX steps_by_index ON steps (plan_id, idx)",
+        """CREATE TABLE events (
+            plan_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            at TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            step_id TEXT,
+            data TEXT NOT NULL,
+            PRIMARY KEY (plan_id, seq)
+        )""",
+        """CREATE TRIGGER events_no_update BEFORE UPDATE ON events
+            BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END""",
+        """CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+            BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END""",
+        """CREATE TABLE claims (
+            plan_id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            heartbeat_at TEXT NOT NULL,
+            cancel_reason TEXT
+        )""",
+    ),
+)
+
+_UPSERT_PLAN = """
+INSERT INTO plans (id, status, description, created_at, updated_at, header) VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET status = excluded.status, description = excluded.description,
+    created_at = excluded.created_at, updated_at = excluded.updated_at, header = excluded.header
+"""
+_UPSERT_STEP = """
+INSERT INTO steps (plan_id, step_id, idx, status, data) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (plan_id, step_id) DO UPDATE SET
+    idx = excluded.idx, status = excluded.status, data = excluded.data
+"""
+_INSERT_EVENT = """
+INSERT INTO events (plan_id, seq, at, kind, step_id, data)
+VALUES (:plan_id, (SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE plan_id = :plan_id),
+        :at, :kind, :step_id, :data)
+"""
+
+
+class StoreError(PlannerError):
+    """The plan database could not be opened, read or written."""
+
+
+def _timestamp(value: datetime) -> str:
+    """A fixed-width UTC ISO string, so text order is time order (pydantic drops zero microseconds)."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_timestamp(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+def _is_busy(exc: BaseException) -> bool:
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+def _plan_row(plan: ExecutionPlan) -> tuple[str, str, str, str, str, str]:
+    header = plan.model_dump_json(exclude={"steps"})
+    return (
+        plan.id,
+        plan.status.value,
+        plan.description,
+        _timestamp(plan.created_at),
+        _timestamp(plan.updated_at),
+        header,
+    )
+
+
+def _step_rows(plan_id: str, steps: Sequence[Step]) -> list[tuple[str, str, int, str, str]]:
+    return [(plan_id, s.id, s.index, s.status.value, s.model_dump_json()) for s in steps]
+
+
+def _event_rows(events: Sequence[Event]) -> list[dict[str, Any]]:
+    return [
+        {
+            "plan_id": e.plan_id,
+            "at": _timestamp(e.at),
+            "kind": e.kind,
+            "step_id": e.step_id,
+            "data": json.dumps(e.data, default=str),
+        }
+        for e in events
+    ]
+
+
+# -- functions run on the connection's thread -------------------------------------------------------------
+
+
+def _in_write(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], T]) -> T:
+    """Run `body` in one IMMEDIATE transaction: committed whole, or rolled back whole."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = body(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _in_read(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], T]) -> T:
+    """Run `body` in one read transaction: one consistent snapshot across its queries."""
+    conn.execute("BEGIN")
+    try:
+        return body(conn)
+    finally:
+        if conn.in_transaction:
+            conn.execute("COMMIT")
+
+
+def _load_plan(conn: sqlite3.Connection, plan_id: str) -> ExecutionPlan | None:
+    row = conn.execute("SELECT header FROM plans WHERE id = ?", (plan_id,)).fetchone()
+    if row is None:
+        return None
+    steps = [r[0] for r in conn.execute("SELECT data FROM steps WHERE plan_id = ? ORDER BY idx", (plan_id,))]
+    # One parse of the whole document is much faster than one per step for large plans.
+    header: str = row[0]
+    whole = f'{header[:-1]},"steps":[{",".join(steps)}]}}'
+    return ExecutionPlan.model_validate_json(whole)
+
+
+def _write_plan(conn: sqlite3.Connection, plan_row: tuple[str, ...], steps: list[tuple[Any, ...]]) -> None:
+    conn.execute(_UPSERT_PLAN, plan_row)
+    conn.execute("DELETE FROM steps WHERE plan_id = ?", (plan_row[0],))
+    conn.executemany(
+        "INSERT INTO steps (plan_id, step_id, idx, status, data) VALUES (?, ?, ?, ?, ?)",
+        steps,
+    )
+
+
+def _write_events(conn: sqlite3.Connection, events: list[dict[str, Any]]) -> None:
+    if events:
+        conn.executemany(_INSERT_EVENT, events)
+
+
+def _claim_from_row(plan_id: str, row: tuple[Any, ...]) -> Claim:
+    return Claim(plan_id=plan_id, owner=row[0], heartbeat_at=_parse_timestamp(row[1]), cancel_reason=row[2])
+
+
+def _migrate(conn: sqlite3.Connection) -> int:
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_at TEXT NOT NULL)"
+    )
+    (current,) = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()
+    if current > len(MIGRATIONS):
+        raise StoreError(
+            f"the plan database has schema version {current}, newer than this mcp-planner supports "
+            f"({len(MIGRATIONS)}): upgrade mcp-planner"
+        )
+    for version in range(current + 1, len(MIGRATIONS) + 1):
+        for statement in MIGRATIONS[version - 1]:
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, _timestamp(utcnow()))
+        )
+    return len(MIGRATIONS)
+
+
+def _prepare_file(path: Path) -> None:
+    """Create the database file 0600 (and a missing directory 0700) before SQLite opens it."""
+    parent = path.parent
+    if not parent.exists():
+        parent.mkdir(parents=True, mode=0o700, exist_ok=True)
+    # SQLite creates the -wal and -shm files with the database file's permissions.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+
+
+class PlanStore:
+    """`storage.Store` on an SQLite file.
+
+    Use `async with PlanStore.open(path) as store:`; or `store = await PlanStore.connect(path)` and
+    `await store.close()` for a store that lives as long as a server.
+    """
+
+    def __init__(self, db: aiosqlite.Connection, path: str) -> None:
+        self._db = db
+        self.path = path
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def default_path() -> Path:
+        """`$XDG_DATA_HOME/mcp-planner/plans.db`, by default `~/.local/share/mcp-planner/plans.db`."""
+        base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+        return Path(base) / "mcp-planner" / "plans.db"
+
+    @classmethod
+    async def connect(cls, path: str | os.PathLike[str]) -> PlanStore:
+        """Open (creating and migrating as needed) the database at `path`.
+
+        Raises:
+            StoreError: the file cannot be created or opened, or its schema is newer than this code.
+        """
+        location = os.fspath(path)
+        try:
+            if location != ":memory:":
+                await anyio.to_thread.run_sync(_prepare_file, Path(location))
+            db = await aiosqlite.connect(location, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the plan database {location!r}: {exc}") from exc
+        store = cls(db, location)
+        try:
+            await store._run(store._setup)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await db.close()
+            raise
+        return store
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, path: str | os.PathLike[str]) -> AsyncIterator[PlanStore]:
+        """The store at `path` for the duration of an `async with` block.
+
+        Raises:
+            StoreError: see `connect`.
+        """
+        store = await cls.connect(path)
+        try:
+            yield store
+        finally:
+            await store.close()
+
+    async def close(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._db.close()
+
+    async def __aenter__(self) -> PlanStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _setup(self, conn: sqlite3.Connection) -> int:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        return _in_write(conn, _migrate)
+
+    async def schema_version(self) -> int:
+        """The number of migrations applied to this database."""
+        row = await self._run(lambda c: c.execute("SELECT MAX(version) FROM schema_version").fetchone())
+        return int(row[0])
+
+    # -- the one door to the database ---------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(connection)` on the connection's thread; busy errors are retried a bounded number of times.
+
+        Each attempt is shielded: once queued it runs to its end on the thread anyway, and the caller
+        should learn whether it committed.
+        """
+        # aiosqlite's public API is one statement per thread hop; a whole transaction in one function is
+        # both cancel-safe and one hop on the executor's hot path.
+        execute = cast(Callable[..., Awaitable[T]], self._db._execute)
+        if self._db._connection is None:
+            raise StoreError(f"plan database {self.path!r} is closed: open the store again")
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(_is_busy),
+                stop=stop_after_attempt(_WRITE_ATTEMPTS),
+                wait=wait_random_exponential(multiplier=0.05, max=1.0),
+                sleep=anyio.sleep,
+                reraise=True,
+            ):
+                with attempt, anyio.CancelScope(shield=True):
+                    return await execute(lambda: fn(self._db._conn))
+        except sqlite3.Error as exc:
+            raise StoreError(f"plan database {self.path!r}: {exc}") from exc
+        raise AssertionError("unreachable: tenacity either returns or raises")
+
+    # -- plans --------------------------------------------------------------------------------------------
+
+    async def save_plan(self, plan: ExecutionPlan, events: Sequence[Event] = ()) -> None:
+        """Write the whole plan (replacing all its steps) and append `events`, in one transaction.
+
+        Raises:
+            StoreError: the write failed; nothing of it was stored.
+        """
+        plan_row = _plan_row(plan)
+        step_rows = _step_rows(plan.id, plan.steps)
+        event_rows = _event_rows(events)
+
+        def body(conn: sqlite3.Connection) -> None:
+            _write_plan(conn, plan_row, step_rows)
+            _write_events(conn, event_rows)
+
+        await self._run(lambda c: _in_write(c, body))
+
+    async def save_transition(
+        self, plan: ExecutionPlan, steps: Sequence[Step], events: Sequence[Event] = ()
+    ) -> None:
+        """Write the plan's own fields, the given steps only, and append `events`, in one transaction.
+
+        Only the plan header and the given steps are serialised: this is the executor's hot path. A plan
+        not stored yet is written whole.
+        """
+        plan_row = _plan_row(plan)
+        step_rows = _step_rows(plan.id, steps)
+        event_rows = _event_rows(events)
+
+        def body(conn: sqlite3.Connection) -> None:
+            updated = conn.execute(
+                "UPDATE plans SET status = ?, description = ?, created_at = ?, updated_at = ?, header = ? "
+                "WHERE id = ?",
+                (*plan_row[1:], plan_row[0]),
+            )
+            if updated.rowcount == 0:
+                _write_plan(conn, plan_row, _step_rows(plan.id, plan.steps))
+            else:
+                conn.executemany(_UPSERT_STEP, step_rows)
+            _write_events(conn, event_rows)
+
+        await self._run(lambda c: _in_write(c, body))
+
+    async def get_plan(self, plan_id: str) -> ExecutionPlan:
+        """The plan as last committed.
+
+        Raises:
+            PlanNotFoundError: no plan has this id.
+        """
+        plan = await self._run(lambda c: _in_read(c, lambda c2: _load_plan(c2, plan_id)))
+        if plan is None:
+            raise PlanNotFoundError(plan_id)
+        return plan
+
+    async def plan_exists(self, plan_id: str) -> bool:
+        row = await self._run(lambda c: c.execute("SELECT 1 FROM plans WHERE id = ?", (plan_id,)).fetchone())
+        return row is not None
+
+    async def list_plans(
+        self, status: PlanStatus | str | None = None, limit: int = 20
+    ) -> list[ExecutionPlan]:
+        """Up to `limit` plans, newest first, optionally only those with `status`.
+
+        Raises:
+            ValueError: `status` is not a plan status.
+        """
+        wanted = PlanStatus(status).value if status is not None else None
+
+        def body(conn: sqlite3.Connection) -> list[ExecutionPlan]:
+            if wanted is None:
+                rows = conn.execute(
+                    "SELECT id FROM plans ORDER BY created_at DESC, rowid DESC LIMIT ?", (max(limit, 0),)
+                )
+            else:
+                rows = conn.execute(
+                    "SELECT id FROM plans WHERE status = ? ORDER BY created_at DESC, rowid DESC LIMIT ?",
+                    (wanted, max(limit, 0)),
+                )
+            plans = (_load_plan(conn, r[0]) for r in rows.fetchall())
+            return [p for p in plans if p is not None]
+
+        return await self._run(lambda c: _in_read(c, body))
+
+    # -- events -------------------------------------------------------------------------------------------
+
+    async def append_event(self, event: Event) -> None:
+        rows = _event_rows([event])
+        await self._run(lambda c: _in_write(c, lambda c2: _write_events(c2, rows)))
+
+    async def events(self, plan_id: str) -> list[Event]:
+        """The plan's event log in order of `seq` (1, 2, ...)."""
+
+        def body(conn: sqlite3.Connection) -> list[Event]:
+            rows = conn.execute(
+                "SELECT seq, at, kind, step_id, data FROM events WHERE plan_id = ? ORDER BY seq", (plan_id,)
+            )
+            return [
+                Event(
+                    plan_id=plan_id,
+                    seq=seq,
+                    at=_parse_timestamp(at),
+                    kind=kind,
+                    step_id=step_id,
+                    data=json.loads(data),
+                )
+                for seq, at, kind, step_id, data in rows
+            ]
+
+        return await self._run(body)
+
+    # -- claims -------------------------------------------------------------------------------------------
+
+    async def claim(self, plan_id: str, owner: str, stale_after: float = DEFAULT_STALE_AFTER) -> Claim | None:
+        """Claim the plan for `owner`, atomically across processes.
+
+        Returns:
+            None when `owner` now holds the claim; else the live claim of another owner. A claim whose
+            owner is dead (same host, no such process) or whose heartbeat is stale is taken over.
+        """
+
+        def body(conn: sqlite3.Connection) -> Claim | None:
+            now = utcnow()
+            row = conn.execute(
+                "SELECT owner, heartbeat_at, cancel_reason FROM claims WHERE plan_id = ?", (plan_id,)
+            ).fetchone()
+            if row is not None:
+                current = _claim_from_row(plan_id, row)
+                if current.owner != owner and claim_is_live(current, now, stale_after):
+                    return current
+            conn.execute(
+                "INSERT INTO claims (plan_id, owner, heartbeat_at, cancel_reason) VALUES (?, ?, ?, NULL) "
+                "ON CONFLICT (plan_id) DO UPDATE SET owner = excluded.owner, "
+                "heartbeat_at = excluded.heartbeat_at, cancel_reason = NULL",
+                (plan_id, owner, _timestamp(now)),
+            )
+            return None
+
+        return await self._run(lambda c: _in_write(c, body))
+
+    async def heartbeat(self, plan_id: str, owner: str) -> Claim | None:
+        """Refresh `owner`'s claim. Returns the claim (with any `cancel_reason`), or None if it was lost."""
+
+        def body(conn: sqlite3.Connection) -> Claim | None:
+            row = conn.execute(
+                "UPDATE claims SET heartbeat_at = ? WHERE plan_id = ? AND owner = ? "
+                "RETURNING owner, heartbeat_at, cancel_reason",
+                (_timestamp(utcnow()), plan_id, owner),
+            ).fetchone()
+            return _claim_from_row(plan_id, row) if row is not None else None
+
+        return await self._run(lambda c: _in_write(c, body))
+
+    async def release(self, plan_id: str, owner: str) -> None:
+        """Drop `owner`'s claim; a claim held by someone else is left alone."""
+        await self._run(
+            lambda c: _in_write(
+                c,
+                lambda c2: c2.execute("DELETE FROM claims WHERE plan_id = ? AND owner = ?", (plan_id, owner)),
+            )
+        )
+
+    async def get_claim(self, plan_id: str) -> Claim | None:
+        row = await self._run(
+            lambda c: c.execute(
+                "SELECT owner, heartbeat_at, cancel_reason FROM claims WHERE plan_id = ?", (plan_id,)
+            ).fetchone()
+        )
+        return _claim_from_row(plan_id, row) if row is not None else None
+
+    async def request_cancel(self, plan_id: str, reason: str) -> bool:
+        """Ask the process holding the plan's claim to cancel (it sees the reason on its next heartbeat).
+
+        Returns:
+            False when nobody holds a live claim, so there is no process to ask.
+        """
+
+        def body(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT owner, heartbeat_at, cancel_reason FROM claims WHERE plan_id = ?", (plan_id,)
+            ).fetchone()
+            if row is None or not claim_is_live(_claim_from_row(plan_id, row), utcnow(), DEFAULT_STALE_AFTER):
+                return False
+            conn.execute("UPDATE claims SET cancel_reason = ? WHERE plan_id = ?", (reason, plan_id))
+            return True
+
+        return await self._run(lambda c: _in_write(c, body))
