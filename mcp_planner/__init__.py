@@ -24,6 +24,7 @@ from .model import (
     StepStatus,
 )
 from .storage import Event, MemoryStore
+from .store import PlanStore
 from .tools import LocalTools, ToolInfo, ToolProvider
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "PlanSpec",
     "PlanStateError",
     "PlanStatus",
+    "PlanStore",
     "PlanSummary",
     "PlanValidationError",
     "PlannerError",
