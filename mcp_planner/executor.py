@@ -1,0 +1,366 @@
+"""The executor: runs approved plans as DAGs of tool calls, durably, and resumes or cancels them.
+
+`Executor` decides whether a plan may run (approval, pinned hash, validation, the store claim), prepares a
+resume (the at-most-once rule for interrupted steps), and hands the run to `scheduling.Run`, which owns the
+plan's state while it runs. Every transition is committed to the store before the next action.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+
+from .errors import PlanClaimedError, PlanStateError, PlanValidationError, Problem
+from .model import ExecutionPlan, PlanStatus, PlanSummary, StepStatus, utcnow
+from .scheduling import (
+    CANCEL_GRACE_S,
+    FINAL_SAVE_TIMEOUT_S,
+    INTERRUPTED_ERROR,
+    INTERRUPTED_KEY,
+    RERUN_HINT,
+    Hook,
+    Hooks,
+    Run,
+)
+from .storage import DEFAULT_STALE_AFTER, Event, MemoryStore, Store, claim_is_live, new_owner_id
+from .tools import ToolInfo, ToolProvider, as_provider
+
+logger = logging.getLogger("mcp_planner.executor")
+
+__all__ = ["Executor"]
+
+
+def _validate(plan: ExecutionPlan, catalog: Mapping[str, ToolInfo]) -> list[Problem]:
+    try:
+        from .validation import validate_plan
+    except ImportError:  # pragma: no cover - validation.py is written in parallel; remove once it lands
+        logger.warning("mcp_planner.validation is missing: plan %r runs unvalidated", plan.id)
+        return []
+    return validate_plan(plan, {name: info.input_schema for name, info in catalog.items()})
+
+
+class Executor:
+    """Runs plans: a DAG scheduler with retries, timeouts, error strategies, cancellation and resume.
+
+    Args:
+        tools: a `ToolProvider` (e.g. `Downstream`), or a mapping of tool name to a plain or async function
+            taking the parameters dict.
+        store: where every transition is committed; an in-memory store when omitted.
+        on_step_start, on_step_complete, on_step_failed: called with `(plan, step)`; plain or async. A hook
+            that raises is logged and ignored.
+        on_plan_complete: called with `(plan)` once the run has ended and its final state is saved.
+        owner: this executor's claim owner id (default: host, pid and a nonce).
+        heartbeat_interval: seconds between claim heartbeats; each one also picks up a cancel requested by
+            another process through the store.
+        stale_after: a claim whose heartbeat is older than this many seconds is taken as dead.
+
+    The executor mutates the plan it is given in place.
+    """
+
+    def __init__(
+        self,
+        tools: ToolProvider | Mapping[str, Callable[[dict[str, Any]], Any]],
+        store: Store | None = None,
+        *,
+        on_step_start: Hook | None = None,
+        on_step_complete: Hook | None = None,
+        on_step_failed: Hook | None = None,
+        on_plan_complete: Hook | None = None,
+        owner: str | None = None,
+        heartbeat_interval: float = 5.0,
+        stale_after: float = DEFAULT_STALE_AFTER,
+    ) -> None:
+        self.provider = as_provider(tools)
+        self.store: Store = store if store is not None else MemoryStore()
+        self.owner = owner or new_owner_id()
+        self.hooks = Hooks(on_step_start, on_step_complete, on_step_failed, on_plan_complete)
+        self.heartbeat_interval = heartbeat_interval
+        self.stale_after = stale_after
+        self._runs: dict[str, Run] = {}
+        self._validators: dict[str, Any] = {}
+
+    def is_running(self, plan_id: str) -> bool:
+        """Whether this executor is running the plan now."""
+        return plan_id in self._runs
+
+    async def execute(self, plan: ExecutionPlan) -> PlanSummary:
+        """Run an approved plan (or a draft that needs no approval) to its end.
+
+        Returns:
+            The plan's summary; the plan itself is updated in place and saved.
+
+        Raises:
+            PlanStateError: the plan is not approved, was edited after approval, is already executing, or
+                has already run (`resume` continues a failed or partial plan).
+            PlanValidationError: the plan has problems; `problems` lists them.
+            PlanClaimedError: another live process is executing the plan.
+        """
+        self._refuse_if_running_here(plan)
+        await self._expire(plan)
+        status = plan.status
+        if status == PlanStatus.EXECUTING:
+            raise PlanStateError(
+                f"plan {plan.id!r} is already executing; if the process running it died, call resume_plan"
+            )
+        if status in (PlanStatus.FAILED, PlanStatus.PARTIAL):
+            raise PlanStateError(
+                f"plan {plan.id!r} has already run and is {status.value}: call resume_plan to run its failed "
+                "and skipped steps again"
+            )
+        if status == PlanStatus.COMPLETED:
+            raise PlanStateError(f"plan {plan.id!r} has already completed; there is nothing left to run")
+        if status == PlanStatus.CANCELLED:
+            raise PlanStateError(self._cancelled_message(plan))
+        if status == PlanStatus.PENDING_APPROVAL or (
+            status == PlanStatus.DRAFT and plan.options.needs_approval
+        ):
+            raise PlanStateError(f"plan {plan.id!r} is {status.value}: call approve_plan first")
+        if status == PlanStatus.APPROVED and not plan.is_approved():
+            raise PlanStateError(
+                f"plan {plan.id!r} was changed after it was approved (its hash no longer matches): "
+                "have it approved again before executing"
+            )
+        catalog = self.provider.catalog()
+        problems = _validate(plan, catalog)
+        if problems:
+            raise PlanValidationError(problems, f"plan {plan.id!r} cannot run: it is invalid")
+        events: list[Event] = []
+        if status == PlanStatus.DRAFT:
+            plan.approve("auto", method="auto")
+            events.append(Event(plan_id=plan.id, kind="plan_approved", data={"by": "auto", "method": "auto"}))
+        await self._claim(plan)
+        for step in plan.steps:
+            if step.status != StepStatus.PENDING:
+                step.reset()
+        metadata = {k: v for k, v in plan.metadata.items() if k != INTERRUPTED_KEY}
+        if metadata != plan.metadata:
+            plan.metadata = metadata
+        events.append(Event(plan_id=plan.id, kind="plan_started", data={"owner": self.owner}))
+        return await self._run(plan, catalog, events, interrupted=[])
+
+    async def resume(self, plan: ExecutionPlan, rerun_interrupted: bool = False) -> PlanSummary:
+        """Continue a failed or partial plan, or one left `executing` by a process that died.
+
+        Completed steps are kept and never re-run; failed, skipped and pending steps run again. A step
+        found `running` was interrupted and its outcome is unknown: it runs again only when that is safe
+        (`max_retries > 0`, or the tool is read-only or idempotent) or `rerun_interrupted` is true;
+        otherwise it is failed with "interrupted; outcome unknown" and the plan's error says what to do.
+
+        Returns:
+            The summary; for a completed plan, its summary unchanged.
+
+        Raises:
+            PlanStateError: the plan is cancelled, has not run yet, or was edited after approval.
+            PlanValidationError: the plan has problems (e.g. a tool is gone).
+            PlanClaimedError: another live process is executing the plan.
+        """
+        self._refuse_if_running_here(plan)
+        await self._expire(plan)
+        status = plan.status
+        if status == PlanStatus.COMPLETED:
+            return plan.summary()
+        if status == PlanStatus.CANCELLED:
+            raise PlanStateError(self._cancelled_message(plan) + "; cancelled plans cannot be resumed")
+        if status not in (PlanStatus.FAILED, PlanStatus.PARTIAL, PlanStatus.EXECUTING):
+            raise PlanStateError(f"plan {plan.id!r} is {status.value} and has not run yet: call execute_plan")
+        if not plan.is_approved():
+            raise PlanStateError(
+                f"plan {plan.id!r} was changed after it was approved (its hash no longer matches): it cannot "
+                "be resumed; create a new plan with the changes"
+            )
+        catalog = self.provider.catalog()
+        problems = _validate(plan, catalog)
+        if problems:
+            raise PlanValidationError(problems, f"plan {plan.id!r} cannot be resumed: it is invalid")
+        await self._claim(plan)
+        events, interrupted = self._prepare_resume(plan, catalog, rerun_interrupted)
+        events.insert(
+            0,
+            Event(
+                plan_id=plan.id,
+                kind="plan_resumed",
+                data={"owner": self.owner, "rerun_interrupted": rerun_interrupted, "from": status.value},
+            ),
+        )
+        return await self._run(plan, catalog, events, interrupted=interrupted)
+
+    async def cancel(self, plan: ExecutionPlan, reason: str = "cancelled") -> PlanSummary:
+        """Cancel a plan: running calls are cancelled, running and pending steps are skipped with `reason`.
+
+        A plan running in this executor is stopped (this waits, bounded, until its final state is saved).
+        A plan executing in another live process is asked to stop through the store. A plan that has not
+        run, or whose executor died, becomes `cancelled` at once. `cancelled` is terminal.
+
+        Raises:
+            PlanStateError: the plan has already completed.
+        """
+        run = self._runs.get(plan.id)
+        if run is not None:
+            run.request_cancel(reason)
+            if anyio.get_current_task().id != run.coordinator_task:  # not from inside a hook of that run
+                with anyio.move_on_after(CANCEL_GRACE_S + FINAL_SAVE_TIMEOUT_S):
+                    await run.done.wait()
+            return run.plan.summary()
+        if plan.status == PlanStatus.CANCELLED:
+            return plan.summary()
+        if plan.status == PlanStatus.COMPLETED:
+            raise PlanStateError(f"plan {plan.id!r} has already completed; there is nothing to cancel")
+        if plan.status == PlanStatus.EXECUTING:
+            claim = await self.store.get_claim(plan.id)
+            if (
+                claim is not None
+                and claim.owner != self.owner
+                and claim_is_live(claim, utcnow(), self.stale_after)
+            ):
+                await self.store.request_cancel(plan.id, reason)
+                await self.store.append_event(
+                    Event(
+                        plan_id=plan.id,
+                        kind="cancel_requested",
+                        data={"reason": reason, "owner": claim.owner},
+                    )
+                )
+                return plan.summary()
+        now = utcnow()
+        changed = []
+        events = []
+        for step in plan.steps:
+            if step.status in (StepStatus.PENDING, StepStatus.RUNNING):
+                step.status = StepStatus.SKIPPED
+                step.error = reason
+                changed.append(step)
+                events.append(
+                    Event(plan_id=plan.id, kind="step_skipped", step_id=step.id, data={"reason": reason})
+                )
+        plan.status = PlanStatus.CANCELLED
+        plan.error = reason
+        plan.completed_at = now
+        plan.updated_at = now
+        plan.pending_since = None
+        events.append(
+            Event(plan_id=plan.id, kind="plan_cancelled", data={"status": "cancelled", "error": reason})
+        )
+        await self.store.save_plan(plan, events)
+        return plan.summary()
+
+    # -- helpers ------------------------------------------------------------------------------------------
+
+    def _refuse_if_running_here(self, plan: ExecutionPlan) -> None:
+        if plan.id in self._runs:
+            raise PlanStateError(f"plan {plan.id!r} is already executing; call get_summary to follow it")
+
+    async def _expire(self, plan: ExecutionPlan) -> None:
+        if plan.expire_approval():
+            await self.store.save_plan(
+                plan, [Event(plan_id=plan.id, kind="plan_cancelled", data={"error": "approval timed out"})]
+            )
+
+    @staticmethod
+    def _cancelled_message(plan: ExecutionPlan) -> str:
+        if plan.rejection_note is not None:
+            why = f"was rejected ({plan.rejection_note})"
+        elif plan.error:
+            why = f"was cancelled ({plan.error})"
+        else:
+            why = "was cancelled"
+        return f"plan {plan.id!r} {why} and can never run; create a new plan to run these steps"
+
+    async def _claim(self, plan: ExecutionPlan) -> None:
+        holder = await self.store.claim(plan.id, self.owner, self.stale_after)
+        if holder is not None:
+            raise PlanClaimedError(plan.id, holder.owner)
+
+    def _prepare_resume(
+        self, plan: ExecutionPlan, catalog: Mapping[str, ToolInfo], rerun_interrupted: bool
+    ) -> tuple[list[Event], list[str]]:
+        """Reset what did not complete; apply the at-most-once rule to interrupted steps."""
+        known = set(plan.metadata.get(INTERRUPTED_KEY) or [])
+        events: list[Event] = []
+        left: list[str] = []
+        for step in plan.steps:
+            if step.status == StepStatus.COMPLETED:
+                continue
+            if step.status != StepStatus.RUNNING and step.id not in known:
+                step.reset()
+                continue
+            info = catalog.get(step.tool_name)
+            safe = step.max_retries > 0 or (info is not None and info.safe_to_rerun)
+            if rerun_interrupted or safe:
+                why = "rerun_interrupted" if rerun_interrupted and not safe else "safe to re-run"
+                events.append(
+                    Event(
+                        plan_id=plan.id,
+                        kind="step_interrupted",
+                        step_id=step.id,
+                        data={"rerun": True, "why": why},
+                    )
+                )
+                step.reset()
+                continue
+            step.status = StepStatus.FAILED
+            step.error = INTERRUPTED_ERROR
+            left.append(step.id)
+            events.append(
+                Event(
+                    plan_id=plan.id,
+                    kind="step_interrupted",
+                    step_id=step.id,
+                    data={"rerun": False, "error": INTERRUPTED_ERROR, "hint": RERUN_HINT},
+                )
+            )
+        return events, left
+
+    async def _run(
+        self,
+        plan: ExecutionPlan,
+        catalog: Mapping[str, ToolInfo],
+        events: list[Event],
+        interrupted: list[str],
+    ) -> PlanSummary:
+        """Mark the plan executing, commit, drive the run to its end and save the final state."""
+        try:
+            now = utcnow()
+            plan.status = PlanStatus.EXECUTING
+            plan.error = None
+            plan.started_at = now
+            plan.completed_at = None
+            plan.total_duration_ms = None
+            plan.current_step = None
+            plan.updated_at = now
+            run = Run(
+                plan,
+                self.provider,
+                catalog,
+                self.store,
+                self.hooks,
+                self.owner,
+                heartbeat_interval=self.heartbeat_interval,
+                interrupted=interrupted,
+                validators=self._validators,
+            )
+            await self.store.save_plan(plan, [*events, *run.initial_events])
+        except BaseException:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(FINAL_SAVE_TIMEOUT_S):
+                await self.store.release(plan.id, self.owner)
+            raise
+        self._runs[plan.id] = run
+        failure: BaseException | None = None
+        try:
+            await run.drive()
+        except BaseExceptionGroup as group:
+            failure = group
+            inner = group.exceptions[0] if len(group.exceptions) == 1 else None
+            if isinstance(inner, Exception):  # the coordinator's own error (e.g. the store failed)
+                failure = inner
+                raise inner from None
+            raise
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            del self._runs[plan.id]
+            await run.finish(failure)
+        return plan.summary()

@@ -1,0 +1,586 @@
+"""One run of a plan: the coordinator that owns the plan's state, the step workers, the retry policy.
+
+The coordinator is the only code that changes the plan while it runs. Each started step runs in a worker
+task inside its own `CancelScope` (kept by step position, so cancel and timeout hit exactly that step); the
+worker sends its outcome back as a value over a memory stream and never raises into the task group. The
+coordinator commits every transition to the store before the action that depends on it: a step is stored
+`running` before its call is sent, and `completed` with its result before any dependent starts.
+
+Scheduling is O(1) amortised per step: indegree counters, dependents lists and a heap of ready positions
+ordered by `Step.index`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import inspect
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import jsonschema
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential
+
+from .errors import ParameterError, StepError, StepTimeoutError, ToolCallError
+from .model import ExecutionPlan, PlanStatus, Step, StepResult, StepStatus, utcnow
+from .storage import Event, Store
+from .templating import render_parameters
+from .tools import ToolInfo, ToolProvider
+
+logger = logging.getLogger("mcp_planner.executor")
+
+#: How long running calls get to return after being cancelled before the run stops waiting for them.
+CANCEL_GRACE_S = 10.0
+#: Bound on the shielded final save (and release, and `on_plan_complete`) of a run.
+FINAL_SAVE_TIMEOUT_S = 15.0
+#: `plan.metadata` key listing steps whose call was interrupted and whose outcome is unknown.
+INTERRUPTED_KEY = "interrupted_steps"
+INTERRUPTED_ERROR = "interrupted; outcome unknown"
+RERUN_HINT = "call resume_plan with rerun_interrupted=true to run them again"
+
+Hook = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class Hooks:
+    on_step_start: Hook | None = None
+    on_step_complete: Hook | None = None
+    on_step_failed: Hook | None = None
+    on_plan_complete: Hook | None = None
+
+
+async def call_hook(hook: Hook | None, *args: Any) -> None:
+    """Run a plain or async hook; whatever it raises is logged and swallowed so the run goes on."""
+    if hook is None:
+        return
+    try:
+        value = hook(*args)
+        if inspect.isawaitable(value):
+            await value
+    except Exception:
+        logger.exception("hook %r raised; the run goes on", getattr(hook, "__name__", hook))
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    return isinstance(exc, StepError) and exc.retryable
+
+
+def retry_policy(step: Step, backoff: float, before_sleep: Callable[[RetryCallState], Any]) -> AsyncRetrying:
+    """The one place retries are configured: from the step's fields and the plan's backoff.
+
+    Attempts: `max_retries + 1`. Wait before retry n: `retry_delay_ms * backoff ** (n - 1)`. Only
+    `StepError`s whose class is `retryable` are retried; anything else (cancellation included) re-raises.
+    """
+    return AsyncRetrying(
+        stop=stop_after_attempt(step.max_retries + 1),
+        wait=wait_exponential(multiplier=step.retry_delay_ms / 1000, exp_base=backoff, min=0),
+        retry=retry_if_exception(_is_retryable),
+        sleep=anyio.sleep,
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+
+
+@dataclass(slots=True)
+class _Finished:
+    pos: int
+    result: StepResult | None = None
+    error: str | None = None
+    cancelled: bool = False
+
+
+@dataclass(slots=True)
+class _Retrying:
+    pos: int
+    retry: int
+    error: str
+    delay_s: float
+    ack: anyio.Event = field(default_factory=anyio.Event)
+
+
+_Message = _Finished | _Retrying
+
+
+def _ms_between(start: Any, end: Any) -> int | None:
+    if start is None or end is None:
+        return None
+    return int((end - start).total_seconds() * 1000)
+
+
+class Run:
+    """The state of one execution of one plan, driven by `drive()` and closed by `finish()`.
+
+    Steps already `failed` or `skipped` when the run is built (an interrupted step resume will not re-run)
+    count as failures from the start: their dependents are skipped and `stop_on_error` applies.
+    """
+
+    def __init__(
+        self,
+        plan: ExecutionPlan,
+        provider: ToolProvider,
+        catalog: Mapping[str, ToolInfo],
+        store: Store,
+        hooks: Hooks,
+        owner: str,
+        *,
+        heartbeat_interval: float,
+        interrupted: list[str] | None = None,
+        validators: dict[str, Any] | None = None,
+    ) -> None:
+        self.plan = plan
+        self.steps = plan.steps
+        self.options = plan.options
+        self.provider = provider
+        self.catalog = catalog
+        self.store = store
+        self.hooks = hooks
+        self.owner = owner
+        self.heartbeat_interval = heartbeat_interval
+        self.interrupted = list(interrupted or [])
+        self.done = anyio.Event()
+        self.coordinator_task: int | None = None
+
+        self.slots = plan.options.slots
+        self.running = 0
+        self.scopes: dict[int, anyio.CancelScope] = {}
+        self.ready: list[tuple[int, int]] = []
+        self.cancel_reason: str | None = None
+        self.timed_out = False
+        self.claim_lost = False
+        self.stopped_by: str | None = None
+        self.first_failure: str | None = None
+        self.grace_deadline = math.inf
+        total = plan.options.total_timeout_ms
+        self.deadline = anyio.current_time() + total / 1000 if total > 0 else math.inf
+        self._validators = validators if validators is not None else {}
+        self._send: MemoryObjectSendStream[_Message] | None = None
+
+        n = len(self.steps)
+        self.pos_of = {s.id: i for i, s in enumerate(self.steps)}
+        self.deps: list[list[int]] = [[] for _ in range(n)]
+        self.dependents: list[list[int]] = [[] for _ in range(n)]
+        self.waiting = [0] * n
+        self.initial_changes: list[Step] = []
+        self.initial_events: list[Event] = []
+        missing: list[tuple[int, str]] = []
+        for i, step in enumerate(self.steps):
+            for dep_id in dict.fromkeys(step.depends_on):
+                j = self.pos_of.get(dep_id)
+                if j is None:
+                    missing.append((i, dep_id))
+                    continue
+                self.deps[i].append(j)
+                self.dependents[j].append(i)
+                if self.steps[j].status != StepStatus.COMPLETED:
+                    self.waiting[i] += 1
+        for i, dep_id in missing:  # validation reports these; never wait on a step that does not exist
+            if self.steps[i].status == StepStatus.PENDING:
+                self._skip(
+                    i, f"dependency {dep_id} does not exist", self.initial_changes, self.initial_events
+                )
+        for i, step in enumerate(self.steps):
+            if step.status == StepStatus.PENDING and self.waiting[i] == 0:
+                self.ready.append((step.index, i))
+        heapq.heapify(self.ready)
+        for i, step in enumerate(self.steps):
+            if step.status == StepStatus.FAILED:
+                self._after_failure(i, self.initial_changes, self.initial_events)
+
+    # -- state transitions (coordinator only) -------------------------------------------------------------
+
+    @property
+    def halted(self) -> bool:
+        """No new step may start."""
+        return (
+            self.cancel_reason is not None or self.timed_out or self.claim_lost or self.stopped_by is not None
+        )
+
+    def _event(self, kind: str, step: Step | None = None, **data: Any) -> Event:
+        return Event(plan_id=self.plan.id, kind=kind, step_id=step.id if step else None, data=data)
+
+    def _skip(self, pos: int, reason: str, changed: list[Step], events: list[Event]) -> None:
+        step = self.steps[pos]
+        step.status = StepStatus.SKIPPED
+        step.error = reason
+        changed.append(step)
+        events.append(self._event("step_skipped", step, reason=reason))
+
+    def _after_failure(self, pos: int, changed: list[Step], events: list[Event]) -> None:
+        """Skip everything downstream of a failed step, and stop the plan if `stop_on_error` says so."""
+        failed = self.steps[pos]
+        if self.first_failure is None:
+            self.first_failure = f"step {failed.id!r} failed: {failed.error}"
+        stack = [pos]
+        while stack:
+            j = stack.pop()
+            for k in self.dependents[j]:
+                if self.steps[k].status == StepStatus.PENDING:
+                    self._skip(k, f"dependency {self.steps[j].id} did not complete", changed, events)
+                    stack.append(k)
+        if self.options.stop_on_error and not self.options.continue_on_error and self.stopped_by is None:
+            self.stopped_by = failed.id
+            reason = f"not run: plan stopped after step {failed.id} failed"
+            for k, step in enumerate(self.steps):
+                if step.status == StepStatus.PENDING:
+                    self._skip(k, reason, changed, events)
+
+    def request_cancel(self, reason: str) -> None:
+        """Cancel the run: running calls through their cancel scopes, nothing new starts."""
+        if self.cancel_reason is None and not self.timed_out:
+            self.cancel_reason = reason
+            self._cancel_running()
+
+    def _cancel_running(self) -> None:
+        self.grace_deadline = min(self.grace_deadline, anyio.current_time() + CANCEL_GRACE_S)
+        for scope in self.scopes.values():
+            scope.cancel()
+
+    def _check_deadline(self) -> None:
+        if not self.timed_out and self.cancel_reason is None and anyio.current_time() >= self.deadline:
+            self.timed_out = True
+            self._cancel_running()
+
+    # -- the coordinator ----------------------------------------------------------------------------------
+
+    async def drive(self) -> None:
+        """Run every step that can run, then return. Raises only what the store or anyio raise."""
+        self.coordinator_task = anyio.get_current_task().id
+        send, receive = anyio.create_memory_object_stream[_Message](math.inf)
+        self._send = send
+        with send, receive:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._heartbeat)
+                await self._start_ready(tg)
+                while self.running:
+                    message = await self._receive(receive)
+                    if message is None:
+                        if anyio.current_time() >= self.grace_deadline:
+                            logger.error(
+                                "plan %r: %d call(s) ignored cancellation for %.0f s; abandoning them",
+                                self.plan.id,
+                                self.running,
+                                CANCEL_GRACE_S,
+                            )
+                            break
+                        continue
+                    if isinstance(message, _Retrying):
+                        await self._on_retry(message)
+                        continue
+                    self.running -= 1
+                    self.scopes.pop(message.pos, None)
+                    await self._on_finished(message)
+                    await self._start_ready(tg)
+                tg.cancel_scope.cancel()  # the heartbeat, and any abandoned call
+
+    async def _receive(self, receive: MemoryObjectReceiveStream[_Message]) -> _Message | None:
+        self._check_deadline()
+        deadline = self.grace_deadline if self.halted else self.deadline
+        with anyio.CancelScope(deadline=deadline):
+            return await receive.receive()
+        self._check_deadline()
+        return None
+
+    async def _start_ready(self, tg: TaskGroup) -> None:
+        self._check_deadline()
+        if self.halted:
+            return
+        batch: list[Step] = []
+        positions: list[int] = []
+        now = utcnow()
+        while self.ready and self.running + len(batch) < self.slots:
+            _, pos = heapq.heappop(self.ready)
+            step = self.steps[pos]
+            if step.status != StepStatus.PENDING:
+                continue
+            step.status = StepStatus.RUNNING
+            step.started_at = now
+            step.error = None
+            batch.append(step)
+            positions.append(pos)
+        if not batch:
+            return
+        self.plan.current_step = batch[-1].id
+        self.plan.updated_at = now
+        await self._commit(batch, [self._event("step_started", s) for s in batch])
+        for pos, step in zip(positions, batch, strict=True):
+            await call_hook(self.hooks.on_step_start, self.plan, step)
+            scope = anyio.CancelScope()
+            self.scopes[pos] = scope
+            if self.halted:  # cancelled while committing: the worker reports it at once, no call is sent
+                scope.cancel()
+            results = {self.steps[j].id: self.steps[j].result for j in self.deps[pos]}
+            self.running += 1
+            tg.start_soon(self._work, pos, scope, results)
+
+    async def _on_retry(self, message: _Retrying) -> None:
+        step = self.steps[message.pos]
+        step.retry_count = message.retry
+        step.error = message.error
+        self.plan.updated_at = utcnow()
+        event = self._event(
+            "step_retry", step, retry=message.retry, error=message.error, delay_ms=int(message.delay_s * 1000)
+        )
+        try:
+            await self._commit([step], [event])
+        finally:
+            message.ack.set()
+
+    async def _on_finished(self, message: _Finished) -> None:
+        pos = message.pos
+        step = self.steps[pos]
+        now = utcnow()
+        step.completed_at = now
+        step.duration_ms = _ms_between(step.started_at, now)
+        self.plan.updated_at = now
+        changed = [step]
+        events: list[Event] = []
+        if message.result is not None:
+            step.status = StepStatus.COMPLETED
+            step.result = message.result
+            step.error = None
+            events.append(self._event("step_completed", step, duration_ms=step.duration_ms))
+            await self._commit(changed, events)
+            await call_hook(self.hooks.on_step_complete, self.plan, step)
+            for k in self.dependents[pos]:
+                self.waiting[k] -= 1
+                if self.waiting[k] == 0 and self.steps[k].status == StepStatus.PENDING:
+                    heapq.heappush(self.ready, (self.steps[k].index, k))
+            return
+        if message.cancelled and self.cancel_reason is not None:
+            self._skip(pos, self.cancel_reason, [], events)
+            await self._commit(changed, events)
+            return
+        if message.cancelled and self.timed_out:
+            self._fail(step, "total timeout exceeded", events)
+        elif message.cancelled:
+            self._fail(step, INTERRUPTED_ERROR, events)
+        else:
+            self._fail(step, message.error or "failed", events)
+            self._after_failure(pos, changed, events)
+        await self._commit(changed, events)
+        await call_hook(self.hooks.on_step_failed, self.plan, step)
+
+    async def _commit(self, changed: list[Step], events: list[Event]) -> None:
+        if not self.claim_lost:  # the plan may belong to another process now: write nothing more
+            await self.store.save_transition(self.plan, changed, events)
+
+    def _fail(self, step: Step, error: str, events: list[Event]) -> None:
+        step.status = StepStatus.FAILED
+        step.error = error
+        events.append(self._event("step_failed", step, error=error, retries=step.retry_count))
+
+    # -- workers ------------------------------------------------------------------------------------------
+
+    async def _work(self, pos: int, scope: anyio.CancelScope, results: dict[str, StepResult | None]) -> None:
+        step = self.steps[pos]
+        outcome = _Finished(pos)
+        with scope:
+            try:
+                params = render_parameters(
+                    step.parameters, {sid: r for sid, r in results.items() if r is not None}
+                )
+                self._check_schema(step, params)
+                outcome.result = await self._call(pos, step, params)
+            except StepError as exc:
+                outcome.error = str(exc)
+            except Exception as exc:  # a provider broke its contract; the run must not
+                logger.exception(
+                    "plan %r step %r: unexpected error from the tool provider", self.plan.id, step.id
+                )
+                outcome.error = f"{type(exc).__name__}: {exc}"
+        if scope.cancel_called and outcome.result is None:
+            outcome.cancelled = True
+        assert self._send is not None
+        try:
+            self._send.send_nowait(outcome)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass  # the coordinator gave up on this call (grace expired)
+
+    def _check_schema(self, step: Step, params: dict[str, Any]) -> None:
+        info = self.catalog.get(step.tool_name)
+        schema = info.input_schema if info is not None else None
+        if not schema:
+            return
+        cached = self._validators.get(step.tool_name)
+        if cached is None or cached[0] is not schema:
+            cls = jsonschema.validators.validator_for(schema)
+            try:
+                cls.check_schema(schema)
+            except jsonschema.SchemaError:
+                logger.warning("tool %r has an invalid input schema; parameters not checked", step.tool_name)
+                self._validators[step.tool_name] = cached = (schema, None)
+            else:
+                self._validators[step.tool_name] = cached = (schema, cls(schema))
+        validator = cached[1]
+        if validator is None:
+            return
+        errors = sorted(validator.iter_errors(params), key=lambda e: list(e.absolute_path))
+        if errors:
+            details = "; ".join(
+                f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}" for e in errors[:5]
+            )
+            raise ParameterError(
+                f"rendered parameters of step {step.id!r} do not match the input schema of "
+                f"{step.tool_name!r}: {details}"
+            )
+
+    async def _call(self, pos: int, step: Step, params: dict[str, Any]) -> StepResult:
+        timeout_ms = step.timeout_ms or self.options.step_timeout_ms
+
+        async def attempt() -> StepResult:
+            try:
+                with anyio.fail_after(timeout_ms / 1000 if timeout_ms and timeout_ms > 0 else None):
+                    result = await self.provider.call(step.tool_name, params)
+            except TimeoutError as exc:
+                raise StepTimeoutError(
+                    f"step {step.id!r}: the call to {step.tool_name!r} timed out after {timeout_ms} ms"
+                ) from exc
+            except StepError:
+                raise
+            except Exception as exc:
+                raise ToolCallError(f"{type(exc).__name__}: {exc}") from exc
+            return result if isinstance(result, StepResult) else StepResult.from_value(result)
+
+        if step.max_retries <= 0:  # the policy would make exactly one attempt; skip its machinery
+            return await attempt()
+
+        async def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome is not None else None
+            message = _Retrying(pos, state.attempt_number, str(exc), state.upcoming_sleep)
+            assert self._send is not None
+            self._send.send_nowait(message)
+            await message.ack.wait()  # the retry is committed before the next attempt is sent
+
+        result: StepResult = await retry_policy(step, self.options.retry_backoff, before_sleep)(attempt)
+        return result
+
+    # -- claim heartbeat ----------------------------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await anyio.sleep(self.heartbeat_interval)
+            claim = None
+            try:
+                with anyio.fail_after(max(self.heartbeat_interval, 5.0)):
+                    claim = await self.store.heartbeat(self.plan.id, self.owner)
+            except Exception:
+                logger.warning("plan %r: heartbeat failed; trying again", self.plan.id, exc_info=True)
+                continue
+            if claim is None:
+                logger.error("plan %r: lost the execution claim; stopping the run", self.plan.id)
+                self.claim_lost = True
+                self._cancel_running()
+                return
+            if claim.cancel_reason:
+                self.request_cancel(claim.cancel_reason)
+
+    # -- the end ------------------------------------------------------------------------------------------
+
+    def settle(self, exc: BaseException | None) -> tuple[list[Step], list[Event]]:
+        """Bring every step and the plan to a final state; returns what changed, to be committed."""
+        changed: list[Step] = []
+        events: list[Event] = []
+        interrupted = set(self.interrupted)
+        for pos, step in enumerate(self.steps):
+            if step.status == StepStatus.RUNNING:
+                changed.append(step)
+                if self.cancel_reason is not None:
+                    self._skip(pos, self.cancel_reason, [], events)
+                elif self.timed_out:
+                    self._fail(step, "total timeout exceeded", events)
+                else:
+                    self._fail(step, INTERRUPTED_ERROR, events)
+                    interrupted.add(step.id)
+            elif step.status == StepStatus.PENDING:
+                self._skip(pos, self._not_run_reason(pos, exc), changed, events)
+        if interrupted != set(self.interrupted):
+            self.interrupted = [s.id for s in self.steps if s.id in interrupted]
+        metadata = dict(self.plan.metadata)
+        if self.interrupted:
+            metadata[INTERRUPTED_KEY] = self.interrupted
+        else:
+            metadata.pop(INTERRUPTED_KEY, None)
+        if metadata != self.plan.metadata:
+            self.plan.metadata = metadata
+
+        status, error = self._final_status(exc)
+        plan = self.plan
+        now = utcnow()
+        plan.status = status
+        plan.error = error
+        plan.completed_at = now
+        plan.total_duration_ms = _ms_between(plan.started_at, now)
+        plan.updated_at = now
+        events.append(self._event(f"plan_{status.value}", status=status.value, error=error))
+        return changed, events
+
+    def _not_run_reason(self, pos: int, exc: BaseException | None) -> str:
+        if self.cancel_reason is not None:
+            return self.cancel_reason
+        if self.timed_out:
+            return "not run: total timeout exceeded"
+        if self.claim_lost:
+            return "not run: the execution claim was lost"
+        if exc is not None:
+            return "not run: execution was interrupted"
+        if self.stopped_by is not None:
+            return f"not run: plan stopped after step {self.stopped_by} failed"
+        for j in self.deps[pos]:
+            if self.steps[j].status != StepStatus.COMPLETED:
+                return f"dependency {self.steps[j].id} did not complete"
+        return "not run: its dependencies never completed"
+
+    def _final_status(self, exc: BaseException | None) -> tuple[PlanStatus, str | None]:
+        if self.cancel_reason is not None:
+            return PlanStatus.CANCELLED, self.cancel_reason
+        if self.timed_out:
+            return PlanStatus.FAILED, f"total timeout of {self.options.total_timeout_ms} ms exceeded"
+        if self.claim_lost:
+            return (
+                PlanStatus.FAILED,
+                "lost the execution claim (another process may have taken the plan over)",
+            )
+        if exc is not None:
+            what = "cancelled" if isinstance(exc, anyio.get_cancelled_exc_class()) else type(exc).__name__
+            return PlanStatus.FAILED, f"execution was interrupted ({what}): call resume_plan to continue"
+        completed = sum(1 for s in self.steps if s.status == StepStatus.COMPLETED)
+        if completed == len(self.steps):
+            return PlanStatus.COMPLETED, None
+        reasons = []
+        if self.interrupted:
+            reasons.append(
+                f"step(s) {', '.join(map(repr, self.interrupted))} were interrupted and their outcome is "
+                f"unknown: {RERUN_HINT}"
+            )
+        if self.first_failure is not None:
+            reasons.append(self.first_failure)
+        error = "; ".join(reasons) or None
+        if self.stopped_by is not None or completed == 0:
+            return PlanStatus.FAILED, error
+        return PlanStatus.PARTIAL, error
+
+    async def finish(self, exc: BaseException | None) -> None:
+        """Commit the final state (shielded, bounded), release the claim, call `on_plan_complete`."""
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + FINAL_SAVE_TIMEOUT_S
+            changed, events = self.settle(exc)
+            if not self.claim_lost:
+                try:
+                    await self.store.save_transition(self.plan, changed, events)
+                except Exception:
+                    logger.exception("plan %r: could not save the final state", self.plan.id)
+                try:
+                    await self.store.release(self.plan.id, self.owner)
+                except Exception:
+                    logger.exception("plan %r: could not release the execution claim", self.plan.id)
+            await call_hook(self.hooks.on_plan_complete, self.plan)
+        if scope.cancelled_caught:
+            logger.error(
+                "plan %r: the final save did not finish in %.0f s", self.plan.id, FINAL_SAVE_TIMEOUT_S
+            )
+        self.done.set()
