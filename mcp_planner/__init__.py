@@ -11,6 +11,7 @@ from .errors import (
     Problem,
     StepError,
 )
+from .executor import Executor
 from .generator import Generator, PlanRequest
 from .model import (
     ExecutionOptions,
@@ -31,6 +32,7 @@ __all__ = [
     "Event",
     "ExecutionOptions",
     "ExecutionPlan",
+    "Executor",
     "Generator",
     "LocalTools",
     "MemoryStore",

@@ -27,6 +27,7 @@ from .scheduling import (
 )
 from .storage import DEFAULT_STALE_AFTER, Event, MemoryStore, Store, claim_is_live, new_owner_id
 from .tools import ToolInfo, ToolProvider, as_provider
+from .validation import validate_plan
 
 logger = logging.getLogger("mcp_planner.executor")
 
@@ -34,11 +35,6 @@ __all__ = ["Executor"]
 
 
 def _validate(plan: ExecutionPlan, catalog: Mapping[str, ToolInfo]) -> list[Problem]:
-    try:
-        from .validation import validate_plan
-    except ImportError:  # pragma: no cover - validation.py is written in parallel; remove once it lands
-        logger.warning("mcp_planner.validation is missing: plan %r runs unvalidated", plan.id)
-        return []
     return validate_plan(plan, {name: info.input_schema for name, info in catalog.items()})
 
 
