@@ -1,0 +1,45 @@
+"""A second process on the same plan database, driven by tests/test_store.py.
+
+    python store_worker.py claim DB PLAN_ID
+    python store_worker.py write DB PLAN_ID STEP_ID COUNT
+
+It opens the store, prints `ready`, waits for `go` on stdin (the test's barrier, so both workers act at
+the same moment), acts, prints its outcome, then waits for stdin to close before exiting (a claim must
+not outlive its live owner during the test).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import anyio
+
+from mcp_planner.storage import Event, new_owner_id
+from mcp_planner.store import PlanStore
+
+
+async def main(argv: list[str]) -> None:
+    mode, db, plan_id = argv[:3]
+    async with PlanStore.open(db) as store:
+        print("ready", flush=True)
+        line = await anyio.to_thread.run_sync(sys.stdin.readline)
+        assert line.strip() == "go", line
+        if mode == "claim":
+            owner = new_owner_id()
+            in_the_way = await store.claim(plan_id, owner)
+            print("won" if in_the_way is None else f"lost {in_the_way.owner}", flush=True)
+        elif mode == "write":
+            step_id, count = argv[3], int(argv[4])
+            plan = await store.get_plan(plan_id)
+            step = plan.step(step_id)
+            for i in range(count):
+                step.retry_count = i + 1
+                event = Event(plan_id=plan_id, kind="tick", step_id=step_id, data={"n": i})
+                await store.save_transition(plan, [step], [event])
+                await store.append_event(Event(plan_id=plan_id, kind="note", step_id=step_id, data={"n": i}))
+            print("done", flush=True)
+        await anyio.to_thread.run_sync(sys.stdin.read)
+
+
+if __name__ == "__main__":
+    anyio.run(main, sys.argv[1:])
