@@ -1,0 +1,234 @@
+"""The downstream servers file, in the `mcpServers` format Claude Desktop and Claude Code use.
+
+```json
+{"mcpServers": {
+  "git": {"command": "uvx", "args": ["mcp-server-git"], "env": {"X": "${X}"}, "cwd": "."},
+  "api": {"type": "streamable-http", "url": "http://127.0.0.1:8000/mcp",
+          "headers": {"Authorization": "Bearer ${TOKEN}"}},
+  "fs":  {"command": "npx", "args": ["-y", "@modelcontextprotocol/server-filesystem", "/tmp/x"],
+          "disabledTools": ["write_file"], "timeout": 60, "callTimeout": 30},
+  "off": {"command": "...", "disabled": true}
+}}
+```
+
+`${VAR}` (and `${VAR:-default}`) expands in `command`, `args`, `env`, `cwd`, `url` and `headers` from an
+environment mapping the caller passes in; this module never reads `os.environ` (the CLI does). A relative
+`cwd` is resolved against the config file's directory. Every problem becomes a `ConfigError` naming the
+file, the server and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONNECT_TIMEOUT = 30.0
+"""Seconds to start a server and list its tools (a first `npx`/`uvx` run downloads packages)."""
+
+DEFAULT_CALL_TIMEOUT = 300.0
+"""Seconds one tool call may take when the step sets no tighter timeout."""
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_EXPANDED_FIELDS = ("command", "args", "env", "cwd", "url", "headers")
+_KNOWN_KEYS = {
+    "type",
+    "transport",
+    "command",
+    "args",
+    "env",
+    "cwd",
+    "url",
+    "headers",
+    "disabled",
+    "allowedTools",
+    "disabledTools",
+    "timeout",
+    "callTimeout",
+    "protocol",
+}
+
+
+class ServerConfig(BaseModel):
+    """One downstream server.
+
+    `transport` is `stdio` (a `command` run as a subprocess) or `streamable-http` (a `url`); the file
+    spells it `type`, and `"http"` is accepted for `streamable-http`. `protocol` chooses the handshake:
+    `legacy` (the `initialize` handshake every published server speaks) or `auto` (probe the 2026
+    `server/discover` first).
+    """
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+
+    name: str
+    transport: Literal["stdio", "streamable-http", "sse"] = Field("stdio", alias="type")
+    command: str | None = None
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: Path | None = None
+    url: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    disabled: bool = False
+    allowed_tools: list[str] | None = Field(None, alias="allowedTools")
+    disabled_tools: list[str] = Field(default_factory=list, alias="disabledTools")
+    timeout: float = Field(DEFAULT_CONNECT_TIMEOUT, gt=0)
+    call_timeout: float = Field(DEFAULT_CALL_TIMEOUT, gt=0, alias="callTimeout")
+    protocol: Literal["legacy", "auto"] = "legacy"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalise_type(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            kind = data.get("type", data.get("transport"))
+            if kind == "http":
+                kind = "streamable-http"
+            if kind is None:
+                kind = "streamable-http" if "url" in data and "command" not in data else "stdio"
+            data = {k: v for k, v in data.items() if k != "transport"} | {"type": kind}
+        return data
+
+    @model_validator(mode="after")
+    def _check_transport_fields(self) -> ServerConfig:
+        if self.transport == "stdio" and not self.command:
+            raise ValueError("a stdio server needs a non-empty 'command' (or set 'type' and 'url')")
+        if self.transport != "stdio" and not self.url:
+            raise ValueError(f"a {self.transport} server needs a 'url'")
+        return self
+
+    def allows(self, tool: str) -> bool:
+        """Whether the `allowedTools` / `disabledTools` filters let `tool` (the server's own name) in."""
+        if self.allowed_tools is not None and tool not in self.allowed_tools:
+            return False
+        return tool not in self.disabled_tools
+
+
+class ServersConfig(BaseModel):
+    """Every downstream server, in file order. `source` is the file it came from, if any."""
+
+    model_config = ConfigDict(frozen=True)
+
+    servers: dict[str, ServerConfig] = Field(default_factory=dict)
+    source: Path | None = None
+
+    @property
+    def enabled(self) -> list[ServerConfig]:
+        return [s for s in self.servers.values() if not s.disabled]
+
+    @classmethod
+    def from_dict(
+        cls,
+        data: Any,
+        env: Mapping[str, str] | None = None,
+        base_dir: Path | str | None = None,
+        *,
+        source: Path | None = None,
+    ) -> ServersConfig:
+        """Build the config from already-parsed JSON.
+
+        Args:
+            data: `{"mcpServers": {name: {...}}}`.
+            env: Where `${VAR}` is looked up (nothing else is read from the environment).
+            base_dir: What a relative `cwd` is relative to (the config file's directory).
+            source: The file, named in error messages.
+
+        Raises:
+            ConfigError: the data is malformed, naming the server and field.
+        """
+        where = str(source) if source is not None else "servers config"
+        env = env or {}
+        if not isinstance(data, dict) or not isinstance(data.get("mcpServers"), dict):
+            raise ConfigError(
+                f"{where}: expected a JSON object with an 'mcpServers' object mapping server names to servers"
+            )
+        base = Path(base_dir) if base_dir is not None else None
+        servers: dict[str, ServerConfig] = {}
+        for name, raw in data["mcpServers"].items():
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{where}: server {name!r}: expected an object, got {type(raw).__name__}")
+            if not name.strip():
+                raise ConfigError(f"{where}: a server has an empty name; give it a short identifier")
+            unknown = sorted(set(raw) - _KNOWN_KEYS)
+            if unknown:
+                logger.warning("%s: server %r: ignoring unknown field(s) %s", where, name, unknown)
+            expanded = dict(raw)
+            for key in _EXPANDED_FIELDS:
+                if key in expanded:
+                    expanded[key] = _expand(expanded[key], env, where=where, server=name, field=key)
+            try:
+                server = ServerConfig.model_validate({**expanded, "name": name})
+            except ValidationError as exc:
+                raise ConfigError(_describe(exc, where, name)) from None
+            if server.cwd is not None and not server.cwd.is_absolute() and base is not None:
+                server = server.model_copy(update={"cwd": (base / server.cwd).resolve()})
+            servers[name] = server
+        return cls(servers=servers, source=source)
+
+
+def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> ServersConfig:
+    """Read a servers file.
+
+    Args:
+        path: The JSON file.
+        env: Where `${VAR}` is looked up; the CLI passes `os.environ` (plus `PYTHON`).
+
+    Raises:
+        ConfigError: the file is missing, not JSON, or malformed; the message names file, server, field.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read servers config {str(path)!r}: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from None
+    return ServersConfig.from_dict(data, env, path.resolve().parent, source=path)
+
+
+def _expand(value: Any, env: Mapping[str, str], *, where: str, server: str, field: str) -> Any:
+    """Expand `${VAR}` in a string, or in every string of a list / the values of an object."""
+    if isinstance(value, str):
+
+        def sub(match: re.Match[str]) -> str:
+            var, default = match.group(1), match.group(2)
+            if var in env:
+                return env[var]
+            if default is not None:
+                return default
+            raise ConfigError(
+                f"{where}: server {server!r}, field {field!r}: environment variable {var!r} is not set; "
+                f"set it, or write ${{{var}:-default}} to give a default"
+            )
+
+        return _VAR.sub(sub, value)
+    if isinstance(value, list):
+        return [_expand(v, env, where=where, server=server, field=field) for v in value]
+    if isinstance(value, dict):
+        return {
+            k: _expand(v, env, where=where, server=server, field=f"{field}.{k}") for k, v in value.items()
+        }
+    return value
+
+
+def _describe(exc: ValidationError, where: str, server: str) -> str:
+    """One line per pydantic error, in our words: file, server, field (file spelling), problem."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"]) or "(server)"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "literal_error" and loc == "type":
+            message = "must be 'stdio', 'streamable-http' (or 'http') or 'sse'"
+        lines.append(f"{where}: server {server!r}, field {loc!r}: {message}")
+    return "\n".join(lines)
