@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import aiosqlite
 import anyio
@@ -30,6 +30,9 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from .errors import PlannerError, PlanNotFoundError
 from .model import ExecutionPlan, PlanStatus, Step, utcnow
 from .storage import DEFAULT_STALE_AFTER, Claim, Event, claim_is_live
+
+if TYPE_CHECKING:
+    from .storage import Store
 
 T = TypeVar("T")
 
@@ -525,3 +528,7 @@ class PlanStore:
             return True
 
         return await self._run(lambda c: _in_write(c, body))
+
+
+if TYPE_CHECKING:
+    _conforms: type[Store] = PlanStore
