@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mcp_planner import ExecutionOptions, Generator, PlanRequest
 from mcp_planner.errors import GenerationError
@@ -347,3 +349,31 @@ def test_a_blank_task_is_refused() -> None:
         PlanRequest(task="  ")
     with pytest.raises(ValueError):
         PlanRequest(task="t", options={"no_such_option": 1})
+
+
+_PROSE = st.text(
+    alphabet=st.characters(blacklist_characters="{}`", blacklist_categories=("Cs",)), max_size=200
+)
+_JSON_LEAF = st.none() | st.booleans() | st.integers() | st.text(max_size=20)
+_JSON = st.recursive(
+    _JSON_LEAF,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(
+    before=_PROSE,
+    after=_PROSE,
+    steps=st.lists(st.dictionaries(st.text(max_size=8), _JSON, max_size=4), max_size=4),
+    fenced=st.booleans(),
+)
+def test_any_plan_object_survives_prose_and_fences_around_it(
+    before: str, after: str, steps: list[dict[str, Any]], fenced: bool
+) -> None:
+    plan = {"description": "d", "steps": steps}
+    body = json.dumps(plan, indent=2 if fenced else None)
+    text = f"{before}\n```json\n{body}\n```\n{after}" if fenced else f"{before} {body} {after}"
+    assert extract_json_object(text) == plan
