@@ -333,3 +333,79 @@ def plan_list_text(plans: PlanList) -> str:
 def _one_line(text: str, limit: int = 200) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+# -- the tool catalog and approvals ---------------------------------------------------------------------
+
+
+class CatalogTool(BaseModel):
+    name: str = Field(description="the name plan steps use as tool_name: server.tool")
+    server: str | None = None
+    description: str = ""
+    input_schema: dict[str, Any] | None = None
+    annotations: dict[str, Any] = Field(default_factory=dict)
+
+
+class ServerView(BaseModel):
+    name: str
+    state: str = Field(description="connected, connecting, failed, disabled, ... as the server reports")
+    error: str | None = None
+
+
+class ToolCatalog(BaseModel):
+    tools: list[CatalogTool]
+    servers: list[ServerView] = Field(default_factory=list, description="downstream servers and their state")
+
+
+class ApprovalView(BaseModel):
+    plan_id: str
+    status: PlanStatus
+    approved_by: str | None = None
+    approval_method: str | None = None
+    rejection_note: str | None = None
+    next_action: str
+
+
+def approval_view(plan: ExecutionPlan) -> ApprovalView:
+    method = plan.metadata.get("approval_method")
+    return ApprovalView(
+        plan_id=plan.id,
+        status=plan.status,
+        approved_by=plan.approved_by,
+        approval_method=method if isinstance(method, str) and plan.user_approved else None,
+        rejection_note=plan.rejection_note,
+        next_action=next_action(plan),
+    )
+
+
+def server_views(status: dict[str, Any]) -> list[ServerView]:
+    """Normalise a tool provider's per-server status report (objects or dicts) into views."""
+    views = []
+    for name, entry in sorted(status.items()):
+        if isinstance(entry, dict):
+            state, error = entry.get("state", entry.get("status", "unknown")), entry.get("error")
+        else:
+            state, error = getattr(entry, "state", "unknown"), getattr(entry, "error", None)
+        state = getattr(state, "value", state)
+        views.append(ServerView(name=name, state=str(state), error=str(error) if error else None))
+    return views
+
+
+def catalog_text(catalog: ToolCatalog, *, max_tools: int = 100) -> str:
+    lines = [f"{len(catalog.tools)} tool(s) available to plan steps:"]
+    for tool in catalog.tools[:max_tools]:
+        hints = [
+            h
+            for h, key in (("read-only", "readOnlyHint"), ("idempotent", "idempotentHint"))
+            if tool.annotations.get(key)
+        ]
+        suffix = f" ({', '.join(hints)})" if hints else ""
+        lines.append(f"  {tool.name}{suffix}: {_one_line(tool.description, 120)}")
+    if len(catalog.tools) > max_tools:
+        lines.append(f"  ... and {len(catalog.tools) - max_tools} more (see structured content)")
+    for server in catalog.servers:
+        if server.error or server.state not in ("connected", "ready"):
+            lines.append(
+                f"server {server.name!r}: {server.state}" + (f" ({server.error})" if server.error else "")
+            )
+    return "\n".join(lines)
