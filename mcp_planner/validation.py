@@ -312,10 +312,10 @@ def _template_problems(step: Step, known: set[str], budget: _Budget) -> Iterator
             if ref == step.id:
                 yield Problem(step.id, field, f"template {text!r} refers to the step's own result")
             elif ref not in known:
-                dashed = budget.left > 0 and any(k.startswith(ref + "-") for k in known)
+                dashed = [k for k in known if k.startswith(ref + "-")] if budget.left > 0 else []
                 hint = budget.suggest(ref, known)
                 if dashed:
-                    hint += f" (an id with '-' must be written steps['{ref}-...'])"
+                    hint += f" (write an id with '-' as steps['{min(dashed)}'])"
                 yield Problem(
                     step.id, field, f"template {text!r} refers to step {ref!r}, which does not exist{hint}"
                 )
