@@ -90,7 +90,7 @@ async def test_a_failed_dependency_skips_its_dependents_in_a_cascade() -> None:
     assert summary.status == PlanStatus.PARTIAL
 
 
-# -- error strategies and final status ------------------------------------------------------------------------
+# -- error strategies and final status ---------------------------------------------------------------------
 
 
 async def test_stop_on_error_lets_running_steps_finish_and_skips_every_step_not_started() -> None:

@@ -94,7 +94,7 @@ class Tools:
 
 
 def new_plan(*, parallel: int = 0, **options: Any) -> ExecutionPlan:
-    """A draft plan that needs no approval; `parallel` > 0 turns on parallel execution with that many slots."""
+    """A draft plan needing no approval; `parallel` > 0 turns on parallel execution with that many slots."""
     plan = ExecutionPlan.new("test plan")
     plan.options.require_approval = False
     if parallel:
