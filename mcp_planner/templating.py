@@ -20,7 +20,20 @@ from .errors import TemplateError
 if TYPE_CHECKING:
     from .model import StepResult
 
-_ENV = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
+
+class _DataEnvironment(ImmutableSandboxedEnvironment):
+    """`steps.x.result.items` is the result's "items" key, never the bound `dict.items` method."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if isinstance(obj, Mapping):
+            try:
+                return obj[attribute]
+            except (KeyError, TypeError):
+                pass
+        return super().getattr(obj, attribute)
+
+
+_ENV = _DataEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
 _LONE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>.*)\}\}\s*$", re.DOTALL)
 _MARKERS = ("{{", "{%", "{#")
 
