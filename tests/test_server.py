@@ -72,7 +72,11 @@ def two_step_plan(**options: Any) -> dict[str, Any]:
         "description": "say hello then world",
         "steps": [
             {"id": "hello", "tool_name": "echo", "parameters": {"text": "hello"}},
-            {"id": "world", "tool_name": "echo", "parameters": {"text": "{{ steps.hello.result.text }} world"}},
+            {
+                "id": "world",
+                "tool_name": "echo",
+                "parameters": {"text": "{{ steps.hello.result.text }} world"},
+            },
         ],
         "options": options,
     }
@@ -102,3 +106,386 @@ async def test_create_approve_execute_returns_completed_summary(tmp_path: Path) 
         world = plan.structured_content["steps"][1]
         assert world["result"]["structured"] == {"text": "hello world"}
         assert "flowchart TD" in plan.structured_content["mermaid"]
+
+
+def accept(note: str = "") -> Any:
+    asked: list[str] = []
+
+    async def callback(context: ClientRequestContext, params: ElicitRequestParams) -> ElicitResult:
+        asked.append(params.message)
+        return ElicitResult(action="accept", content={"note": note})
+
+    callback.asked = asked  # type: ignore[attr-defined]
+    return callback
+
+
+async def decline(context: ClientRequestContext, params: ElicitRequestParams) -> ElicitResult:
+    return ElicitResult(action="decline")
+
+
+async def dismiss(context: ClientRequestContext, params: ElicitRequestParams) -> ElicitResult:
+    return ElicitResult(action="cancel")
+
+
+async def test_new_plan_waits_for_approval_and_execute_says_to_approve_first(tmp_path: Path) -> None:
+    async with planner(tmp_path) as (client, _):
+        plan_id = await create(client, two_step_plan())
+        summary = await client.call_tool("get_summary", {"plan_id": plan_id})
+        assert summary.structured_content is not None
+        assert summary.structured_content["status"] == "pending_approval"
+        assert "approve_plan" in summary.structured_content["next_action"]
+        refused = await client.call_tool("execute_plan", {"plan_id": plan_id})
+        assert refused.is_error
+        assert text(refused) == f"plan {plan_id!r} is pending_approval: call approve_plan first"
+
+
+async def test_plan_without_required_approval_executes_at_once(tmp_path: Path) -> None:
+    async with planner(tmp_path) as (client, _):
+        plan_id = await create(client, two_step_plan(require_approval=False))
+        result = await client.call_tool("execute_plan", {"plan_id": plan_id})
+        assert result.structured_content is not None
+        assert result.structured_content["status"] == "completed"
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_auto_policy_asks_the_person_and_records_the_approval(tmp_path: Path, mode: str) -> None:
+    callback = accept("looks good")
+    async with planner(tmp_path, approval="auto", elicitation_callback=callback, mode=mode) as (
+        client,
+        service,
+    ):
+        plan_id = await create(client, two_step_plan())
+        result = await client.call_tool("approve_plan", {"plan_id": plan_id})
+        assert not result.is_error, text(result)
+        assert result.structured_content is not None
+        assert result.structured_content["status"] == "approved"
+        assert result.structured_content["approval_method"] == "elicitation"
+        assert result.structured_content["approved_by"].startswith("user")
+        assert len(callback.asked) == 1
+        assert "echo" in callback.asked[0] and '"text": "hello"' in callback.asked[0]
+        events = [e for e in await service.events(plan_id) if e.kind == "plan_approved"]
+        assert events[-1].data["method"] == "elicitation"
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_person_declining_rejects_the_plan(tmp_path: Path, mode: str) -> None:
+    async with planner(tmp_path, approval="human", elicitation_callback=decline, mode=mode) as (client, _):
+        plan_id = await create(client, two_step_plan())
+        result = await client.call_tool("approve_plan", {"plan_id": plan_id})
+        assert result.is_error
+        assert "declined" in text(result)
+        summary = await client.call_tool("get_summary", {"plan_id": plan_id})
+        assert summary.structured_content is not None
+        assert summary.structured_content["status"] == "cancelled"
+        refused = await client.call_tool("execute_plan", {"plan_id": plan_id})
+        assert refused.is_error and "cancelled" in text(refused)
+
+
+async def test_person_dismissing_the_question_leaves_the_plan_pending(tmp_path: Path) -> None:
+    async with planner(tmp_path, approval="human", elicitation_callback=dismiss, mode="legacy") as (
+        client,
+        _,
+    ):
+        plan_id = await create(client, two_step_plan())
+        result = await client.call_tool("approve_plan", {"plan_id": plan_id})
+        assert result.is_error and "still pending_approval" in text(result)
+        summary = await client.call_tool("get_summary", {"plan_id": plan_id})
+        assert summary.structured_content is not None
+        assert summary.structured_content["status"] == "pending_approval"
+
+
+async def test_human_policy_without_elicitation_points_to_the_terminal(tmp_path: Path) -> None:
+    async with planner(tmp_path, approval="human") as (client, service):
+        plan_id = await create(client, two_step_plan())
+        result = await client.call_tool("approve_plan", {"plan_id": plan_id})
+        assert result.is_error
+        assert f"mcp-planner approve {plan_id}" in text(result)
+        # A person approving from the terminal (what the CLI does) lets the agent execute it.
+        await service.approve_plan(plan_id, "alice", "cli")
+        done = await client.call_tool("execute_plan", {"plan_id": plan_id})
+        assert done.structured_content is not None and done.structured_content["status"] == "completed"
+
+
+async def test_auto_policy_without_elicitation_accepts_the_agents_call(tmp_path: Path) -> None:
+    async with planner(tmp_path, approval="auto") as (client, service):
+        plan_id = await create(client, two_step_plan())
+        result = await client.call_tool("approve_plan", {"plan_id": plan_id, "approved_by": "claude"})
+        assert result.structured_content is not None
+        assert result.structured_content["approved_by"] == "claude"
+        assert result.structured_content["approval_method"] == "agent"
+        events = [e for e in await service.events(plan_id) if e.kind == "plan_approved"]
+        assert events[-1].data == {"by": "claude", "method": "agent"}
+
+
+async def test_agent_policy_never_asks_the_person(tmp_path: Path) -> None:
+    callback = accept()
+    async with planner(tmp_path, approval="agent", elicitation_callback=callback) as (client, _):
+        plan_id = await create(client, two_step_plan())
+        result = await client.call_tool("approve_plan", {"plan_id": plan_id})
+        assert not result.is_error
+        assert callback.asked == []
+
+
+async def test_execute_sends_progress_per_step(tmp_path: Path) -> None:
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    async with planner(tmp_path) as (client, _):
+        plan_id = await create(client, two_step_plan(require_approval=False))
+        result = await client.call_tool("execute_plan", {"plan_id": plan_id}, progress_callback=on_progress)
+        assert result.structured_content is not None and result.structured_content["status"] == "completed"
+    assert seen, "no progress notification arrived"
+    assert seen[-1][0] == 2 and seen[-1][1] == 2
+    assert any(m and "'world'" in m for _, _, m in seen)
+
+
+async def test_failed_plan_reports_the_error_and_resume_completes_it(tmp_path: Path) -> None:
+    calls = {"n": 0}
+
+    async def flaky(params: dict[str, Any]) -> str:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("first call fails")
+        return "ok"
+
+    tools = LocalTools({"echo": echo, "flaky": flaky})
+    plan = {
+        "description": "flaky then echo",
+        "steps": [
+            {"id": "first", "tool_name": "echo", "parameters": {"n": 1}},
+            {"id": "shaky", "tool_name": "flaky", "depends_on": ["first"]},
+            {"id": "last", "tool_name": "echo", "parameters": {"n": 3}, "depends_on": ["shaky"]},
+        ],
+        "options": {"require_approval": False},
+    }
+    async with planner(tmp_path, tools=tools) as (client, _):
+        plan_id = await create(client, plan)
+        failed = await client.call_tool("execute_plan", {"plan_id": plan_id})
+        assert not failed.is_error, text(failed)
+        assert failed.structured_content is not None
+        assert failed.structured_content["status"] == "failed"
+        assert "first call fails" in text(failed)
+        assert "resume_plan" in failed.structured_content["next_action"]
+        again = await client.call_tool("execute_plan", {"plan_id": plan_id})
+        assert again.is_error and "resume_plan" in text(again)
+        resumed = await client.call_tool("resume_plan", {"plan_id": plan_id})
+        assert resumed.structured_content is not None
+        assert resumed.structured_content["status"] == "completed"
+        assert calls["n"] == 2
+        noop = await client.call_tool("resume_plan", {"plan_id": plan_id})
+        assert noop.structured_content is not None and noop.structured_content["status"] == "completed"
+
+
+async def test_execute_returns_after_wait_seconds_and_cancel_stops_the_plan(tmp_path: Path) -> None:
+    gate = Gate()
+    plan = {
+        "description": "wait then echo",
+        "steps": [
+            {"id": "wait", "tool_name": "wait"},
+            {"id": "after", "tool_name": "echo", "depends_on": ["wait"]},
+        ],
+        "options": {"require_approval": False},
+    }
+    async with planner(tmp_path, tools=make_tools(gate)) as (client, _):
+        plan_id = await create(client, plan)
+        with anyio.fail_after(5):
+            result = await client.call_tool("execute_plan", {"plan_id": plan_id, "wait_seconds": 0})
+        assert result.structured_content is not None
+        assert result.structured_content["status"] == "executing"
+        assert "get_summary" in result.structured_content["next_action"]
+        with anyio.fail_after(5):
+            await gate.entered.wait()
+        twice = await client.call_tool("execute_plan", {"plan_id": plan_id})
+        assert twice.is_error and "already executing" in text(twice)
+        rejected = await client.call_tool("reject_plan", {"plan_id": plan_id, "reason": "no"})
+        assert rejected.is_error and "cancel_plan" in text(rejected)
+        with anyio.fail_after(10):
+            cancelled = await client.call_tool(
+                "cancel_plan", {"plan_id": plan_id, "reason": "changed my mind"}
+            )
+        assert not cancelled.is_error, text(cancelled)
+        assert cancelled.structured_content is not None
+        assert cancelled.structured_content["status"] == "cancelled"
+        assert all(s["status"] == "skipped" for s in cancelled.structured_content["steps"])
+        resumed = await client.call_tool("resume_plan", {"plan_id": plan_id})
+        assert resumed.is_error and "cancelled" in text(resumed)
+
+
+async def test_update_clears_the_approval(tmp_path: Path) -> None:
+    async with planner(tmp_path) as (client, service):
+        plan_id = await create(client, two_step_plan())
+        await client.call_tool("approve_plan", {"plan_id": plan_id})
+        updated = await client.call_tool(
+            "update_plan", {"plan_id": plan_id, "description": "a new description"}
+        )
+        assert not updated.is_error, text(updated)
+        assert updated.structured_content is not None
+        assert updated.structured_content["status"] == "pending_approval"
+        assert updated.structured_content["user_approved"] is False
+        assert updated.structured_content["description"] == "a new description"
+        assert len(updated.structured_content["steps"]) == 2
+        kinds = [e.kind for e in await service.events(plan_id)]
+        assert kinds[-1] == "plan_updated"
+
+
+async def test_invalid_plan_lists_every_problem_and_stores_nothing(tmp_path: Path) -> None:
+    plan = {
+        "description": "",
+        "steps": [
+            {"id": "a", "tool_name": "ech", "parameters": {}},
+            {"id": "a", "tool_name": "echo", "depends_on": ["ghost"]},
+        ],
+    }
+    async with planner(tmp_path) as (client, _):
+        result = await client.call_tool("create_plan", plan)
+        assert result.is_error
+        message = text(result)
+        assert "ech" in message and "echo" in message  # unknown tool, with a suggestion
+        assert "ghost" in message
+        assert "duplicate" in message.lower()
+        assert "description" in message
+        listed = await client.call_tool("list_plans", {})
+        assert listed.structured_content == {"plans": []}
+
+
+async def test_unknown_plan_id_is_a_clear_error_for_every_plan_tool(tmp_path: Path) -> None:
+    calls = {
+        "get_summary": {},
+        "get_plan": {},
+        "approve_plan": {},
+        "reject_plan": {"reason": "x"},
+        "execute_plan": {},
+        "resume_plan": {},
+        "cancel_plan": {},
+        "update_plan": {"description": "x"},
+    }
+    async with planner(tmp_path, approval="auto", elicitation_callback=accept()) as (client, _):
+        for tool, extra in calls.items():
+            result = await client.call_tool(tool, {"plan_id": "nope", **extra})
+            assert result.is_error, tool
+            assert text(result) == "no plan with id 'nope': call list_plans to see the plans that exist", tool
+
+
+async def test_malformed_arguments_get_a_clean_error(tmp_path: Path) -> None:
+    async with planner(tmp_path) as (client, _):
+        missing = await client.call_tool("get_summary", {})
+        wrong = await client.call_tool("create_plan", {"description": 3, "steps": "nope"})
+        bad_step = await client.call_tool("create_plan", {"description": "d", "steps": [{"parameters": []}]})
+        unknown = await client.call_tool("no_such_tool", {})
+        for result in (missing, wrong, bad_step, unknown):
+            assert result.is_error
+            message = text(result)
+            for noise in ("pydantic", "Traceback", "type=", "input_value", "Arguments"):
+                assert noise not in message, message
+        assert "plan_id: Field required" in text(missing)
+        assert "steps.0.tool_name: Field required" in text(bad_step)
+        assert "list_plans" not in text(unknown) and "tools/list" in text(unknown)
+
+
+async def test_list_plans_filters_by_status_newest_first(tmp_path: Path) -> None:
+    async with planner(tmp_path) as (client, _):
+        first = await create(client, two_step_plan())
+        second = await create(client, two_step_plan(require_approval=False))
+        listed = await client.call_tool("list_plans", {})
+        assert listed.structured_content is not None
+        assert [p["id"] for p in listed.structured_content["plans"]] == [second, first]
+        pending = await client.call_tool("list_plans", {"status": "pending_approval"})
+        assert pending.structured_content is not None
+        assert [p["id"] for p in pending.structured_content["plans"]] == [first]
+        bad = await client.call_tool("list_plans", {"status": "sleeping"})
+        assert bad.is_error and "status" in text(bad)
+
+
+async def test_tools_are_annotated_truthfully(tmp_path: Path) -> None:
+    async with planner(tmp_path) as (client, _):
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+    assert len(tools) == 12
+    for name in ("list_tools", "get_summary", "get_plan", "list_plans"):
+        assert tools[name].annotations is not None and tools[name].annotations.read_only_hint is True
+    for name in ("execute_plan", "resume_plan"):
+        annotations = tools[name].annotations
+        assert annotations is not None
+        assert annotations.destructive_hint is True and annotations.read_only_hint is False
+    for tool in tools.values():
+        assert tool.output_schema is not None, tool.name
+        assert tool.description and len(tool.description) > 80, tool.name
+
+
+async def test_list_tools_shows_the_catalog(tmp_path: Path) -> None:
+    async with planner(tmp_path) as (client, _):
+        result = await client.call_tool("list_tools", {})
+        assert result.structured_content is not None
+        assert [t["name"] for t in result.structured_content["tools"]] == ["boom", "echo"]
+        unknown = await client.call_tool("list_tools", {"server": "nowhere"})
+        assert unknown.is_error and "nowhere" in text(unknown)
+
+
+async def test_resources_give_plan_graph_and_whole_large_results(tmp_path: Path) -> None:
+    big = "x" * (200 * 1024)
+
+    async def large(params: dict[str, Any]) -> str:
+        return big
+
+    tools = LocalTools({"large": large})
+    plan = {
+        "description": "big",
+        "steps": [{"id": "big", "tool_name": "large"}],
+        "options": {"require_approval": False},
+    }
+    async with planner(tmp_path, tools=tools) as (client, _):
+        plan_id = await create(client, plan)
+        await client.call_tool("execute_plan", {"plan_id": plan_id})
+        view = await client.call_tool("get_plan", {"plan_id": plan_id})
+        assert view.structured_content is not None
+        result = view.structured_content["steps"][0]["result"]
+        uri = f"plan://{plan_id}/steps/big/result"
+        assert result["truncated"] is True and result["uri"] == uri
+        assert len(result["text"]) < 4096
+        full = await client.read_resource(uri)
+        assert big in full.contents[0].text  # type: ignore[union-attr]
+        graph = await client.read_resource(f"plan://{plan_id}/graph")
+        assert graph.contents[0].text.startswith("flowchart TD")  # type: ignore[union-attr]
+        whole = await client.read_resource(f"plan://{plan_id}")
+        assert f'"id": "{plan_id}"' in whole.contents[0].text  # type: ignore[union-attr]
+        templates = await client.list_resource_templates()
+        assert {t.uri_template for t in templates.resource_templates} == {
+            "plan://{plan_id}",
+            "plan://{plan_id}/graph",
+            "plan://{plan_id}/steps/{step_id}/result",
+        }
+
+
+async def test_plan_task_prompt_renders_the_planning_prompt(tmp_path: Path) -> None:
+    async with planner(tmp_path) as (client, _):
+        prompt = await client.get_prompt("plan_task", {"task": "greet the world"})
+    body = prompt.messages[0].content.text  # type: ignore[union-attr]
+    assert "greet the world" in body and "echo" in body and "create_plan" in body
+
+
+async def test_generate_plan_without_sampling_tells_the_agent_to_draft_it(tmp_path: Path) -> None:
+    async with planner(tmp_path) as (client, _):
+        result = await client.call_tool("generate_plan", {"task": "greet"})
+    assert result.is_error
+    assert "create_plan" in text(result) and "plan_task" in text(result)
+
+
+async def test_server_answers_tools_list_while_the_service_is_still_starting(tmp_path: Path) -> None:
+    proceed = anyio.Event()
+
+    @asynccontextmanager
+    async def slow_service() -> AsyncIterator[PlannerService]:
+        await proceed.wait()
+        async with PlanStore.open(tmp_path / "plans.db") as store:
+            async with PlannerService(store, make_tools()) as service:
+                yield service
+
+    async with Client(build_server(service_factory=slow_service)) as client:
+        with anyio.fail_after(5):
+            tools = await client.list_tools()
+        assert len(tools.tools) == 12
+        proceed.set()
+        with anyio.fail_after(5):
+            listed = await client.call_tool("list_plans", {})
+        assert listed.structured_content == {"plans": []}
