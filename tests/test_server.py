@@ -17,8 +17,8 @@ from mcp import Client
 from mcp.client.session import ClientRequestContext
 from mcp_types import CallToolResult, ElicitRequestParams, ElicitResult, TextContent
 
-from mcp_planner.service import PlannerService
 from mcp_planner.server import build_server
+from mcp_planner.service import PlannerService
 from mcp_planner.store import PlanStore
 from mcp_planner.tools import LocalTools
 
