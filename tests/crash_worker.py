@@ -1,0 +1,69 @@
+"""A process for the crash test: runs (or resumes) a 50-step DAG plan on a real SQLite file.
+
+    python tests/crash_worker.py run DB LOG PLAN_ID
+    python tests/crash_worker.py resume DB LOG PLAN_ID
+
+Every tool call appends "<step_id>" to LOG (fsync'd) before it returns, so the log records every call the
+plan made, including calls whose outcome a kill left uncommitted. The test kills `run` with SIGKILL at
+different points and checks what `resume` does.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import anyio
+
+from mcp_planner import ExecutionPlan, Executor, PlanStore
+
+STEPS = 50
+WIDTH = 5
+
+
+def build_plan(plan_id: str) -> ExecutionPlan:
+    """Ten layers of five; each step depends on one or two steps of the layer before and uses a result."""
+    plan = ExecutionPlan(id=plan_id, description="crash test: 50 steps")
+    plan.options.require_approval = False
+    plan.options.allow_parallel = True
+    plan.options.max_parallel_steps = 4
+    for n in range(STEPS):
+        layer, col = divmod(n, WIDTH)
+        params: dict[str, Any] = {"id": f"s{n}"}
+        if layer:
+            first = (layer - 1) * WIDTH + col
+            params["prev"] = f"{{{{ steps.s{first}.result.id }}}}"
+            if col % 2:
+                params["also"] = f"{{{{ steps.s{(layer - 1) * WIDTH + (col + 1) % WIDTH}.result.id }}}}"
+        plan.add_step("work", f"step {n}", params, step_id=f"s{n}")
+    return plan
+
+
+def make_tool(log_path: str) -> Any:
+    async def work(params: dict[str, Any]) -> dict[str, Any]:
+        await anyio.sleep(0.002)  # spread the run so kills land at different points
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, f"{params['id']}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return {"id": params["id"], "prev": params.get("prev")}
+
+    return work
+
+
+async def main(mode: str, db: str, log_path: str, plan_id: str) -> int:
+    async with PlanStore.open(db) as store:
+        executor = Executor({"work": make_tool(log_path)}, store)
+        if mode == "run":
+            summary = await executor.execute(build_plan(plan_id))
+        else:
+            summary = await executor.resume(await store.get_plan(plan_id), rerun_interrupted=True)
+    print(summary.status.value)
+    return 0 if summary.status.value == "completed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(anyio.run(main, *sys.argv[1:5]))

@@ -1,0 +1,101 @@
+"""Kill the executor with SIGKILL at many points of a 50-step run, resume in a new process, check the store.
+
+The worker (`crash_worker.py`) logs every tool call (fsync'd) before the call returns. At the kill, a step is
+either completed in the store (then it was called exactly once and must never be called again) or not (then
+resume may run it again, with `rerun_interrupted=True`). Waiting for the kill point polls the log file with a
+bounded loop: coordination with another process, not a sleep standing in for an event.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import pytest
+
+from mcp_planner import ExecutionPlan, PlanStatus, PlanStore, StepStatus
+
+WORKER = str(Path(__file__).with_name("crash_worker.py"))
+PLAN_ID = "crashplan"
+STEPS = 50
+KILL_AFTER = [1, 3, 8, 14, 21, 28, 35, 42, 48]
+
+
+def logged_calls(log: Path) -> list[str]:
+    try:
+        text = log.read_text()
+    except FileNotFoundError:
+        return []
+    return [line for line in text.split("\n")[:-1]]  # a torn last line is not a call yet
+
+
+def load(db: Path) -> ExecutionPlan:
+    async def read() -> ExecutionPlan:
+        async with PlanStore.open(db) as store:
+            return await store.get_plan(PLAN_ID)
+
+    return anyio.run(read)
+
+
+def completed_results(plan: ExecutionPlan) -> dict[str, object]:
+    done = {}
+    for step in plan.steps:
+        if step.status == StepStatus.COMPLETED:
+            assert step.result is not None, f"step {step.id} is completed without its result"
+            done[step.id] = step.result.value
+    return done
+
+
+@pytest.mark.parametrize("kill_after", KILL_AFTER)
+def test_a_killed_run_resumes_without_rerunning_any_completed_step(tmp_path: Path, kill_after: int) -> None:
+    db, log = tmp_path / "plans.db", tmp_path / "calls.log"
+    worker = subprocess.Popen(
+        [sys.executable, WORKER, "run", str(db), str(log), PLAN_ID],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len(logged_calls(log)) < kill_after:
+            assert worker.poll() is None, f"the worker ended before the kill point: {worker.stderr.read()!r}"  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "the worker made no progress in 30 s"
+            time.sleep(0.001)
+        worker.send_signal(signal.SIGKILL)
+    finally:
+        worker.kill()
+        worker.wait(10)
+        assert worker.stderr is not None
+        worker.stderr.close()
+
+    at_kill = load(db)
+    assert at_kill.status == PlanStatus.EXECUTING
+    done_at_kill = completed_results(at_kill)
+    for step_id, value in done_at_kill.items():
+        assert isinstance(value, dict) and value["id"] == step_id
+
+    resumed = subprocess.run(
+        [sys.executable, WORKER, "resume", str(db), str(log), PLAN_ID],
+        capture_output=True,
+        text=True,
+        timeout=45,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+
+    final = load(db)
+    assert final.status == PlanStatus.COMPLETED
+    results = completed_results(final)
+    assert len(results) == STEPS
+    for step in final.steps:
+        value = results[step.id]
+        assert isinstance(value, dict) and value["id"] == step.id
+        if "prev" in step.parameters:  # data flow survived the crash
+            assert value["prev"] == step.depends_on[0] or value["prev"] in step.depends_on
+    calls = Counter(logged_calls(log))
+    assert set(calls) == {s.id for s in final.steps}
+    for step_id in done_at_kill:
+        assert calls[step_id] == 1, f"step {step_id} was completed before the kill and ran again"
