@@ -1,0 +1,280 @@
+"""`mcp-planner serve` launched as a stdio subprocess, as agent apps launch it, with the real example
+downstream servers (`examples/servers.json`) and a real SQLite file."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from mcp import Client, StdioServerParameters
+from mcp.client.session import ClientRequestContext
+from mcp_types import CallToolResult, ElicitRequestParams, ElicitResult, TextContent
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVERS = ROOT / "examples" / "servers.json"
+
+
+def text(result: CallToolResult) -> str:
+    return "\n".join(block.text for block in result.content if isinstance(block, TextContent))
+
+
+def params(tmp_path: Path, *extra: str) -> StdioServerParameters:
+    env = {
+        **os.environ,
+        "CI_STATE_DIR": str(tmp_path / "ci-state"),
+        "CI_DELAY": "0",
+        "WORKSPACE_ROOT": str(tmp_path / "workspace"),
+    }
+    (tmp_path / "workspace").mkdir(exist_ok=True)
+    args = [
+        "-m",
+        "mcp_planner",
+        "serve",
+        "--servers",
+        str(SERVERS),
+        "--db",
+        str(tmp_path / "plans.db"),
+        *extra,
+    ]
+    return StdioServerParameters(command=sys.executable, args=args, env=env, cwd=str(tmp_path))
+
+
+@asynccontextmanager
+async def serve(tmp_path: Path, *extra: str, **client_kwargs: Any) -> AsyncIterator[Client]:
+    client_kwargs.setdefault("mode", "legacy")  # the 2025-11-25 handshake agent apps speak today
+    async with Client(params(tmp_path, *extra), **client_kwargs) as client:
+        yield client
+
+
+async def accept(context: ClientRequestContext, params: ElicitRequestParams) -> ElicitResult:
+    return ElicitResult(action="accept", content={"note": "ship it"})
+
+
+async def decline(context: ClientRequestContext, params: ElicitRequestParams) -> ElicitResult:
+    return ElicitResult(action="decline")
+
+
+RELEASE = {
+    "description": "check out, build and deploy to staging",
+    "steps": [
+        {"id": "checkout", "tool_name": "checkout", "parameters": {"repo": "acme/app"}},
+        {
+            "id": "build",
+            "tool_name": "ci.build",
+            "parameters": {"version": "2.0.0", "commit": "{{ steps.checkout.result.commit }}"},
+        },
+        {
+            "id": "deploy",
+            "tool_name": "deploy",
+            "parameters": {"artifact": "{{ steps.build.result.artifact }}"},
+        },
+    ],
+}
+
+
+def sleeper(seconds: float, **options: Any) -> dict[str, Any]:
+    return {
+        "description": "sleep, then lint",
+        "steps": [
+            {"id": "nap", "tool_name": "ci.sleep", "parameters": {"seconds": seconds}},
+            {"id": "lint", "tool_name": "ci.lint", "depends_on": ["nap"]},
+        ],
+        "options": {"require_approval": False, **options},
+    }
+
+
+async def create(client: Client, plan: dict[str, Any]) -> str:
+    result = await client.call_tool("create_plan", plan)
+    assert not result.is_error, text(result)
+    assert result.structured_content is not None
+    return str(result.structured_content["id"])
+
+
+async def test_agent_creates_approves_through_the_person_and_executes_with_progress(tmp_path: Path) -> None:
+    progress: list[float] = []
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        progress.append(value)
+
+    async with serve(tmp_path, "--approval", "human", elicitation_callback=accept) as client:
+        catalog = await client.call_tool("list_tools", {})
+        assert catalog.structured_content is not None
+        names = {t["name"] for t in catalog.structured_content["tools"]}
+        assert {"ci.checkout", "ci.build", "ci.deploy", "workspace.read_file"} <= names
+        plan_id = await create(client, RELEASE)
+        plan = await client.call_tool("get_plan", {"plan_id": plan_id})
+        assert plan.structured_content is not None
+        assert [s["tool_name"] for s in plan.structured_content["steps"]] == [
+            "ci.checkout",
+            "ci.build",
+            "ci.deploy",
+        ]
+        assert plan.structured_content["steps"][2]["depends_on"] == ["build"]
+        approved = await client.call_tool("approve_plan", {"plan_id": plan_id})
+        assert not approved.is_error, text(approved)
+        assert approved.structured_content is not None
+        assert approved.structured_content["approval_method"] == "elicitation"
+        done = await client.call_tool("execute_plan", {"plan_id": plan_id}, progress_callback=on_progress)
+        assert done.structured_content is not None, text(done)
+        assert done.structured_content["status"] == "completed", text(done)
+        assert progress and progress[-1] == 3
+        view = await client.call_tool("get_plan", {"plan_id": plan_id})
+        assert view.structured_content is not None
+        deploy = view.structured_content["steps"][2]["result"]["structured"]
+        assert deploy["artifact"] == "dist/app-2.0.0.tar.gz" and deploy["environment"] == "staging"
+        graph = await client.read_resource(f"plan://{plan_id}/graph")
+        assert "classDef completed" in graph.contents[0].text  # type: ignore[union-attr]
+        prompt = await client.get_prompt("plan_task", {"task": "release 2.0.0"})
+        assert "ci.deploy" in prompt.messages[0].content.text  # type: ignore[union-attr]
+
+
+async def test_declined_plan_is_rejected_and_never_runs(tmp_path: Path) -> None:
+    async with serve(tmp_path, "--approval", "auto", elicitation_callback=decline) as client:
+        plan_id = await create(client, RELEASE)
+        declined = await client.call_tool("approve_plan", {"plan_id": plan_id})
+        assert declined.is_error and "declined" in text(declined)
+        refused = await client.call_tool("execute_plan", {"plan_id": plan_id})
+        assert refused.is_error and "cancelled" in text(refused)
+
+
+async def test_failing_step_fails_the_plan_and_resume_finishes_it(tmp_path: Path) -> None:
+    plan = {
+        "description": "flaky step then lint",
+        "steps": [
+            {"id": "flaky", "tool_name": "ci.flaky", "parameters": {"key": "resume-test", "failures": 1}},
+            {"id": "lint", "tool_name": "ci.lint", "depends_on": ["flaky"]},
+        ],
+        "options": {"require_approval": False},
+    }
+    async with serve(tmp_path) as client:
+        plan_id = await create(client, plan)
+        failed = await client.call_tool("execute_plan", {"plan_id": plan_id})
+        assert failed.structured_content is not None, text(failed)
+        assert failed.structured_content["status"] == "failed"
+        assert "transient failure 1 of 1" in text(failed)
+        resumed = await client.call_tool("resume_plan", {"plan_id": plan_id})
+        assert resumed.structured_content is not None, text(resumed)
+        assert resumed.structured_content["status"] == "completed"
+
+
+async def test_invalid_plan_and_wrong_states_are_clean_errors(tmp_path: Path) -> None:
+    async with serve(tmp_path, "--approval", "human") as client:
+        bad = await client.call_tool(
+            "create_plan",
+            {
+                "description": "bad",
+                "steps": [
+                    {"id": "a", "tool_name": "ci.deplo", "parameters": {}},
+                    {"id": "b", "tool_name": "ci.build", "parameters": {"version": 3}, "depends_on": ["b"]},
+                ],
+            },
+        )
+        assert bad.is_error
+        for fragment in ("ci.deplo", "ci.deploy", "version", "'b'"):
+            assert fragment in text(bad), text(bad)
+        plan_id = await create(client, RELEASE)
+        no_person = await client.call_tool("approve_plan", {"plan_id": plan_id})
+        assert no_person.is_error and f"mcp-planner approve {plan_id}" in text(no_person)
+        not_yet = await client.call_tool("execute_plan", {"plan_id": plan_id})
+        assert not_yet.is_error and "approve_plan first" in text(not_yet)
+        missing = await client.call_tool("get_plan", {"plan_id": "missing"})
+        assert missing.is_error and "list_plans" in text(missing)
+        for result in (bad, no_person, not_yet, missing):
+            assert "Traceback" not in text(result)
+
+
+async def test_cancel_stops_an_executing_plan(tmp_path: Path) -> None:
+    async with serve(tmp_path) as client:
+        plan_id = await create(client, sleeper(60))
+        started = await client.call_tool("execute_plan", {"plan_id": plan_id, "wait_seconds": 0})
+        assert started.structured_content is not None and started.structured_content["status"] == "executing"
+        with anyio.fail_after(15):
+            cancelled = await client.call_tool("cancel_plan", {"plan_id": plan_id, "reason": "too slow"})
+        assert cancelled.structured_content is not None, text(cancelled)
+        assert cancelled.structured_content["status"] == "cancelled"
+        assert [s["status"] for s in cancelled.structured_content["steps"]] == ["skipped", "skipped"]
+
+
+async def test_two_server_processes_cannot_both_execute_one_plan(tmp_path: Path) -> None:
+    started = anyio.Event()
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        started.set()
+
+    async with serve(tmp_path) as first, serve(tmp_path) as second:
+        plan_id = await create(first, sleeper(60))
+        outcome: dict[str, CallToolResult] = {}
+
+        async def run_in_first() -> None:
+            outcome["first"] = await first.call_tool(
+                "execute_plan", {"plan_id": plan_id, "wait_seconds": 120}, progress_callback=on_progress
+            )
+
+        with anyio.fail_after(45):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_in_first)
+                await started.wait()
+                for tool in ("execute_plan", "resume_plan"):
+                    refused = await second.call_tool(tool, {"plan_id": plan_id, "wait_seconds": 0})
+                    assert refused.is_error, tool
+                    assert "already executing in another process" in text(refused), text(refused)
+                requested = await second.call_tool(
+                    "cancel_plan", {"plan_id": plan_id, "reason": "from second"}
+                )
+                assert not requested.is_error, text(requested)
+                assert "cancellation requested" in text(requested)
+        first_result = outcome["first"]
+        assert first_result.structured_content is not None, text(first_result)
+        assert first_result.structured_content["status"] == "cancelled"
+
+
+async def test_plan_left_executing_by_a_stopped_server_is_resumed_by_another(tmp_path: Path) -> None:
+    async with serve(tmp_path) as first:
+        plan_id = await create(first, sleeper(1.5))
+        started = await first.call_tool("execute_plan", {"plan_id": plan_id, "wait_seconds": 0})
+        assert started.structured_content is not None and started.structured_content["status"] == "executing"
+    # The first server is gone (its stdin closed, the process ended) with the plan still executing.
+    async with serve(tmp_path) as second:
+        summary = await second.call_tool("get_summary", {"plan_id": plan_id})
+        assert summary.structured_content is not None
+        assert summary.structured_content["status"] == "executing"
+        refused = await second.call_tool("execute_plan", {"plan_id": plan_id})
+        assert refused.is_error and "resume_plan" in text(refused)
+        resumed = await second.call_tool("resume_plan", {"plan_id": plan_id})
+        assert resumed.structured_content is not None, text(resumed)
+        assert resumed.structured_content["status"] == "completed", text(resumed)
+
+
+async def test_serves_streamable_http(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = params(tmp_path, "--transport", "http", "--port", str(port))
+    process = await anyio.open_process([server.command, *server.args], env=server.env, cwd=server.cwd)
+    try:
+        with anyio.fail_after(20):
+            while True:
+                try:
+                    async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy") as client:
+                        tools = await client.list_tools()
+                        plan_id = await create(client, sleeper(0))
+                        done = await client.call_tool("execute_plan", {"plan_id": plan_id})
+                    break
+                except* OSError:
+                    await anyio.sleep(0.1)  # the server is still binding its port: a bounded retry
+        assert len(tools.tools) == 12
+        assert done.structured_content is not None and done.structured_content["status"] == "completed"
+    finally:
+        process.terminate()
+        with anyio.fail_after(10):
+            await process.wait()
+        await process.aclose()
