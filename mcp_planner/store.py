@@ -243,9 +243,10 @@ class PlanStore:
     `await store.close()` for a store that lives as long as a server.
     """
 
-    def __init__(self, db: aiosqlite.Connection, path: str) -> None:
+    def __init__(self, db: aiosqlite.Connection, path: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
         self._db = db
         self.path = path
+        self._busy_timeout_ms = busy_timeout_ms
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -256,8 +257,13 @@ class PlanStore:
         return Path(base) / "mcp-planner" / "plans.db"
 
     @classmethod
-    async def connect(cls, path: str | os.PathLike[str]) -> PlanStore:
+    async def connect(
+        cls, path: str | os.PathLike[str], *, busy_timeout_ms: int = BUSY_TIMEOUT_MS
+    ) -> PlanStore:
         """Open (creating and migrating as needed) the database at `path`.
+
+        `busy_timeout_ms` is how long one attempt waits for another process's write lock; a write still
+        blocked after a few attempts fails with `StoreError`.
 
         Raises:
             StoreError: the file cannot be created or opened, or its schema is newer than this code.
@@ -269,7 +275,7 @@ class PlanStore:
             db = await aiosqlite.connect(location, isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the plan database {location!r}: {exc}") from exc
-        store = cls(db, location)
+        store = cls(db, location, busy_timeout_ms)
         try:
             await store._run(store._setup)
         except BaseException:
@@ -280,13 +286,15 @@ class PlanStore:
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, path: str | os.PathLike[str]) -> AsyncIterator[PlanStore]:
+    async def open(
+        cls, path: str | os.PathLike[str], *, busy_timeout_ms: int = BUSY_TIMEOUT_MS
+    ) -> AsyncIterator[PlanStore]:
         """The store at `path` for the duration of an `async with` block.
 
         Raises:
             StoreError: see `connect`.
         """
-        store = await cls.connect(path)
+        store = await cls.connect(path, busy_timeout_ms=busy_timeout_ms)
         try:
             yield store
         finally:
@@ -303,7 +311,7 @@ class PlanStore:
         await self.close()
 
     def _setup(self, conn: sqlite3.Connection) -> int:
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")

@@ -331,6 +331,38 @@ async def test_plan_store_implements_the_store_protocol(store: PlanStore) -> Non
     assert await typed.list_plans() == []
 
 
+async def test_a_write_waits_for_another_connections_write_lock(tmp_path: Path) -> None:
+    path = tmp_path / "plans.db"
+    plan = make_plan()
+    async with PlanStore.open(path) as store:
+        blocker = sqlite3.connect(path, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(store.save_plan, plan)
+                await anyio.wait_all_tasks_blocked()
+                blocker.execute("COMMIT")
+        finally:
+            blocker.close()
+        assert await store.get_plan(plan.id) == plan
+
+
+async def test_a_write_blocked_for_too_long_fails_cleanly(tmp_path: Path) -> None:
+    path = tmp_path / "plans.db"
+    async with PlanStore.open(path, busy_timeout_ms=20) as store:
+        blocker = sqlite3.connect(path, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            with pytest.raises(StoreError, match="locked"):
+                await store.save_plan(make_plan())
+            blocker.execute("ROLLBACK")
+        finally:
+            blocker.close()
+        plan = make_plan()
+        await store.save_plan(plan)  # usable again once the lock is gone
+        assert await store.get_plan(plan.id) == plan
+
+
 # -- claims -----------------------------------------------------------------------------------------------
 
 
