@@ -12,14 +12,15 @@ import getpass
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import anyio
 import click
@@ -29,8 +30,11 @@ from rich.console import Console
 
 from . import terminal
 from .errors import PlannerError, PlanValidationError, Problem
-from .model import ExecutionPlan, PlanSpec, PlanStatus, PlanSummary
-from .tools import LocalTools, ToolProvider
+from .model import ExecutionPlan, PlanSpec, PlanStatus, PlanSummary, Step
+from .tools import LocalTools, ToolInfo, ToolProvider
+
+if TYPE_CHECKING:
+    from .service import PlannerService
 
 log = logging.getLogger("mcp_planner.cli")
 T = TypeVar("T")
@@ -78,8 +82,24 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# Off a terminal (CI logs, pipes) rich would wrap tables at 80 columns; logs read better wider.
+_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+out = Console(highlight=False, width=_WIDTH)
+err = Console(stderr=True, highlight=False, width=_WIDTH)
+
+#: Error messages are written for agents ("call approve_plan"); on the command line, name the command.
+_CLI_EQUIVALENTS = {
+    "list_plans": "`mcp-planner plans`",
+    "approve_plan": "`mcp-planner approve ID`",
+    "resume_plan": "`mcp-planner resume ID`",
+    "cancel_plan": "`mcp-planner cancel ID`",
+    "execute_plan": "`mcp-planner execute ID`",
+    "get_summary": "`mcp-planner show ID`",
+    "get_plan": "`mcp-planner show ID`",
+    "reject_plan": "`mcp-planner reject ID`",
+    "list_tools": "`mcp-planner tools`",
+}
+_TOOL_HINT = re.compile(r"\bcall (" + "|".join(_CLI_EQUIVALENTS) + r")\b")
 
 
 # -- settings -------------------------------------------------------------------------------------------
@@ -111,15 +131,28 @@ DbOpt = Annotated[
 VerboseOpt = Annotated[
     int, typer.Option("--verbose", "-v", count=True, help="Log to stderr (-v info, -vv debug).")
 ]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+
+
+class Approval(StrEnum):
+    AUTO = "auto"
+    AGENT = "agent"
+    HUMAN = "human"
+
+
+class Transport(StrEnum):
+    STDIO = "stdio"
+    HTTP = "http"
+
+
 ApprovalOpt = Annotated[
-    str,
+    Approval,
     typer.Option(
         "--approval",
         help="Approval policy: auto (ask the person through the client when it can, else accept the "
         "agent's call), agent (accept the agent's call), human (only a person: elicitation, or "
         "`mcp-planner approve ID`).",
-        click_type=click.Choice(["auto", "agent", "human"]),
     ),
 ]
 
@@ -164,8 +197,12 @@ def _config_env() -> dict[str, str]:
 # -- running async commands with clean errors -----------------------------------------------------------
 
 
+def _for_cli(message: str) -> str:
+    return _TOOL_HINT.sub(lambda m: f"run {_CLI_EQUIVALENTS[m.group(1)]}", message)
+
+
 def _fail(message: str, code: ExitCode = ExitCode.ERROR) -> NoReturn:
-    err.print(message, markup=False, soft_wrap=True)
+    err.print(_for_cli(message), markup=False, soft_wrap=True)
     raise typer.Exit(int(code))
 
 
@@ -209,36 +246,36 @@ def _run(settings: Settings, fn: Callable[[], Awaitable[T]]) -> T:
 
 @dataclass
 class Runtime:
-    """What a command works with: the store, the tools (downstream servers, if any) and the service."""
+    """What a command works with: the tools (downstream servers, if any) and the service over the store."""
 
-    store: Any
     tools: ToolProvider
-    downstream: Any | None
-    service: Any
+    service: PlannerService
 
 
 @asynccontextmanager
-async def _runtime(settings: Settings, *, tools: bool, approval: str = "agent") -> AsyncIterator[Runtime]:
+async def _runtime(settings: Settings, *, tools: bool) -> AsyncIterator[Runtime]:
+    """Open the store, the downstream servers (when `tools` and a servers file is set) and the service.
+
+    The approval policy is the MCP server's business: here a person at the terminal approves (or
+    passes --yes), so the service records what the command says.
+    """
     from .service import PlannerService
     from .store import PlanStore
 
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(PlanStore.open(_db_path(settings)))
         provider: ToolProvider = LocalTools({})
-        downstream = None
         servers = _servers_path(settings)
         if tools and servers is not None:
             from .config import load_config
             from .downstream import Downstream
 
             config = load_config(servers, env=_config_env())
-            downstream = await stack.enter_async_context(Downstream(config))
-            await downstream.wait_ready(CONNECT_TIMEOUT)
-            provider = downstream
-        service = PlannerService(store, provider, approval=approval)
-        if hasattr(service, "__aenter__"):
-            service = await stack.enter_async_context(service)
-        yield Runtime(store=store, tools=provider, downstream=downstream, service=service)
+            provider = await stack.enter_async_context(Downstream(config))
+        service = await stack.enter_async_context(
+            PlannerService(store, provider, approval="agent", ready_timeout=CONNECT_TIMEOUT)
+        )
+        yield Runtime(tools=provider, service=service)
 
 
 # -- commands -------------------------------------------------------------------------------------------
@@ -260,40 +297,35 @@ def root(
 @app.command()
 def serve(
     ctx: typer.Context,
-    transport: Annotated[
-        str, typer.Option("--transport", help="stdio or http.", click_type=click.Choice(["stdio", "http"]))
-    ] = "stdio",
+    transport: Annotated[Transport, typer.Option("--transport", help="stdio or http.")] = Transport.STDIO,
     host: Annotated[str, typer.Option("--host", help="HTTP bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="HTTP port.")] = 8000,
-    approval: ApprovalOpt = "auto",
+    approval: ApprovalOpt = Approval.AUTO,
     servers: ServersOpt = None,
     db: DbOpt = None,
     verbose: VerboseOpt = 0,
 ) -> None:
     """Serve the planner's MCP tools over stdio (default) or streamable HTTP."""
-    _serve(_settings(ctx, servers, db, verbose), transport, host, port, approval)
+    _serve(_settings(ctx, servers, db, verbose), transport.value, host, port, approval.value)
 
 
 def _serve(settings: Settings, transport: str, host: str, port: int, approval: str) -> None:
     from . import server
 
     servers = _servers_path(settings)
-    config = None
-    if servers is not None:
-        from .config import load_config
-
-        config = _run(settings, lambda: _async(load_config, servers, env=_config_env()))
     db = _db_path(settings)
     _run(
         settings,
         lambda: server.serve(
-            db_path=db, config=config, approval=approval, transport=transport, host=host, port=port
+            transport=transport,
+            host=host,
+            port=port,
+            db_path=db,
+            servers_file=servers,
+            env=_config_env(),
+            approval=approval,
         ),
     )
-
-
-async def _async(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    return fn(*args, **kwargs)
 
 
 @app.command()
@@ -342,7 +374,7 @@ def _pydantic_problem(error: Mapping[str, Any]) -> Problem:
 
 
 def _print_problems(headline: str, problems: list[Problem]) -> None:
-    err.print(f"error: {headline} ({len(problems)} problem(s)):", markup=False)
+    err.print(f"error: {headline} ({len(problems)} problem(s)):", markup=False, soft_wrap=True)
     for problem in problems:
         err.print(f"  - {problem}", markup=False, soft_wrap=True)
 
@@ -374,7 +406,7 @@ def _can_ask() -> bool:
 async def _run_plan(settings: Settings, spec: PlanSpec, yes: bool) -> PlanSummary:
     async with _runtime(settings, tools=True) as rt:
         plan = await _checked_plan(rt, spec)
-        out.print(terminal.plan_table(plan))
+        terminal.print_plan(out, plan, "Plan")
         if not yes and not _can_ask():
             _fail(
                 "refusing to run without confirmation: stdin is not a terminal. Pass --yes to run the plan "
@@ -382,28 +414,36 @@ async def _run_plan(settings: Settings, spec: PlanSpec, yes: bool) -> PlanSummar
                 ExitCode.NOT_APPROVED,
             )
         if not yes and not _ask("Run this plan?"):
-            plan = await rt.service.create_plan(spec)
-            await rt.service.reject_plan(plan.id, f"declined at the terminal by {_terminal_user()}")
+            user = _terminal_user()
+            plan = await rt.service.create_plan(spec, created_by=user)
+            await rt.service.reject_plan(plan.id, f"declined at the terminal by {user}", rejected_by=user)
             _fail(f"not run: plan {plan.id} declined", ExitCode.NOT_APPROVED)
-        plan = await rt.service.create_plan(spec)
+        plan = await rt.service.create_plan(spec, created_by=_terminal_user())
         if plan.status in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL):
             plan = await rt.service.approve_plan(plan.id, _terminal_user(), "human-terminal")
+        out.print(f"plan {plan.id} approved by {plan.approved_by}; executing", markup=False, highlight=False)
         return await _execute(rt, plan, resume=False, rerun_interrupted=False)
 
 
 async def _checked_plan(rt: Runtime, spec: PlanSpec) -> ExecutionPlan:
-    """The plan as it would be stored, validated against the catalog, without storing it.
+    """The plan as `create_plan` would store it, validated against the catalog, but not stored yet.
 
     Raises:
-        PlanValidationError: with every problem.
+        PlanValidationError: with every problem (and the downstream servers that are unreachable).
     """
     from .tools import schema_catalog
     from .validation import qualify_tool_names
 
+    catalog = await rt.service.catalog()
     plan = ExecutionPlan.from_spec(spec)
-    qualify_tool_names(plan, rt.tools.catalog().keys())
+    qualify_tool_names(plan, catalog.keys())
     problems = plan.validate(schema_catalog(rt.tools))
     if problems:
+        for name, state in sorted(rt.service.server_status().items()):
+            if state.get("error"):
+                problems.append(
+                    Problem(None, "servers", f"downstream server {name!r} is unreachable: {state['error']}")
+                )
         raise PlanValidationError(problems)
     return plan
 
@@ -413,10 +453,8 @@ async def _execute(rt: Runtime, plan: ExecutionPlan, *, resume: bool, rerun_inte
     display = terminal.ProgressDisplay(out, plan.summary())
     interrupts = 0
 
-    def on_progress(*args: Any) -> None:
-        current = _summary_from(args)
-        if current is not None:
-            display.update(current)
+    def on_progress(summary: PlanSummary, step: Step | None) -> None:
+        display.update(summary)
 
     async def watch_interrupts(scope: anyio.CancelScope) -> None:
         nonlocal interrupts
@@ -449,15 +487,6 @@ async def _execute(rt: Runtime, plan: ExecutionPlan, *, resume: bool, rerun_inte
     return summary
 
 
-def _summary_from(args: tuple[Any, ...]) -> PlanSummary | None:
-    for arg in args:
-        if isinstance(arg, PlanSummary):
-            return arg
-        if isinstance(arg, ExecutionPlan):
-            return arg.summary()
-    return None
-
-
 def _print_summary(summary: PlanSummary) -> None:
     if out.is_terminal:
         out.print(terminal.summary_renderable(summary))
@@ -470,14 +499,11 @@ def _print_summary(summary: PlanSummary) -> None:
 def plans(
     ctx: typer.Context,
     status: Annotated[
-        str | None,
-        typer.Option(
-            "--status",
-            help="Only plans in this status.",
-            click_type=click.Choice([s.value for s in PlanStatus]),
-        ),
+        PlanStatus | None,
+        typer.Option("--status", help="Only plans in this status."),
     ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="How many plans.")] = 20,
+    as_json: JsonOpt = False,
     db: DbOpt = None,
     verbose: VerboseOpt = 0,
 ) -> None:
@@ -490,6 +516,9 @@ def plans(
             return found
 
     found = _run(settings, body)
+    if as_json:
+        out.print_json(json.dumps([p.summary().model_dump(mode="json", exclude={"steps"}) for p in found]))
+        return
     if not found:
         out.print("no plans" + (f" with status {status}" if status else ""))
         return
@@ -500,6 +529,7 @@ def plans(
 def show(
     ctx: typer.Context,
     plan_id: Annotated[str, typer.Argument(metavar="ID", help="Plan id.")],
+    as_json: JsonOpt = False,
     db: DbOpt = None,
     verbose: VerboseOpt = 0,
 ) -> None:
@@ -512,6 +542,9 @@ def show(
             return plan
 
     plan = _run(settings, body)
+    if as_json:
+        out.print_json(plan.model_dump_json())
+        return
     from .presentation import mermaid
 
     out.print(terminal.plan_details(plan))
@@ -535,26 +568,60 @@ def approve(
 
     async def body() -> ExecutionPlan:
         async with _runtime(settings, tools=False) as rt:
-            plan: ExecutionPlan = await rt.service.get_plan(plan_id)
-            out.print(terminal.plan_table(plan))
-            if not yes:
-                if not _can_ask():
-                    _fail(
-                        "refusing to approve without confirmation: stdin is not a terminal. Pass --yes to "
-                        "approve the plan as shown.",
-                        ExitCode.NOT_APPROVED,
-                    )
-                if not _ask(f"Approve plan {plan.id}?"):
-                    _fail(f"plan {plan.id} not approved (still {plan.status.value})", ExitCode.NOT_APPROVED)
-            approved: ExecutionPlan = await rt.service.approve_plan(
-                plan.id, _terminal_user(), "human-terminal"
-            )
-            return approved
+            return await _approve_here(rt, await rt.service.get_plan(plan_id), yes)
 
     plan = _run(settings, body)
     out.print(
-        f"plan {plan.id} approved by {plan.approved_by}; the agent can now call execute_plan", markup=False
+        f"plan {plan.id} approved by {plan.approved_by}: the agent can now call execute_plan "
+        f"(or run `mcp-planner execute {plan.id}`)",
+        markup=False,
     )
+
+
+async def _approve_here(rt: Runtime, plan: ExecutionPlan, yes: bool) -> ExecutionPlan:
+    """Show the plan and approve it as the person at this terminal, asking y/N unless `yes`."""
+    if plan.status not in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL):
+        # Nothing to ask about: the service says it is approved already, or why it cannot be.
+        done: ExecutionPlan = await rt.service.approve_plan(plan.id, _terminal_user(), "human-terminal")
+        return done
+    terminal.print_plan(out, plan, f"Plan {plan.id} ({plan.status.value})")
+    if not yes:
+        if not _can_ask():
+            _fail(
+                "refusing to approve without confirmation: stdin is not a terminal. Pass --yes to "
+                "approve the plan as shown.",
+                ExitCode.NOT_APPROVED,
+            )
+        if not _ask(f"Approve plan {plan.id}?"):
+            _fail(f"plan {plan.id} not approved (still {plan.status.value})", ExitCode.NOT_APPROVED)
+    approved: ExecutionPlan = await rt.service.approve_plan(plan.id, _terminal_user(), "human-terminal")
+    return approved
+
+
+@app.command()
+def execute(
+    ctx: typer.Context,
+    plan_id: Annotated[str, typer.Argument(metavar="ID", help="Plan id.")],
+    yes: YesOpt = False,
+    servers: ServersOpt = None,
+    db: DbOpt = None,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Execute a stored plan (one an agent created, say) with the live progress display.
+
+    A plan still pending approval is shown and approved first, as `approve` does (y/N unless --yes).
+    """
+    settings = _settings(ctx, servers, db, verbose)
+
+    async def body() -> PlanSummary:
+        async with _runtime(settings, tools=True) as rt:
+            plan: ExecutionPlan = await rt.service.get_plan(plan_id)
+            if plan.status in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL) and plan.options.needs_approval:
+                plan = await _approve_here(rt, plan, yes)
+            return await _execute(rt, plan, resume=False, rerun_interrupted=False)
+
+    summary = _run(settings, body)
+    raise typer.Exit(int(STATUS_EXIT.get(summary.status, ExitCode.ERROR)))
 
 
 @app.command()
@@ -570,7 +637,7 @@ def reject(
 
     async def body() -> ExecutionPlan:
         async with _runtime(settings, tools=False) as rt:
-            plan: ExecutionPlan = await rt.service.reject_plan(plan_id, reason)
+            plan: ExecutionPlan = await rt.service.reject_plan(plan_id, reason, rejected_by=_terminal_user())
             return plan
 
     plan = _run(settings, body)
@@ -619,7 +686,7 @@ def cancel(
 
     async def body() -> Any:
         async with _runtime(settings, tools=False) as rt:
-            return await rt.service.cancel_plan(plan_id, reason)
+            return await rt.service.cancel_plan(plan_id, reason, cancelled_by=_terminal_user())
 
     _run(settings, body)
     out.print(f"plan {plan_id}: cancellation requested ({reason})", markup=False)
@@ -631,30 +698,24 @@ def tools(
     servers: ServersOpt = None,
     verbose: VerboseOpt = 0,
 ) -> None:
-    """List the downstream tools plan steps can call, and each server's status (including failures)."""
+    """List the downstream tools plan steps can call, and each server's status.
+
+    Exits 1 when a downstream server could not be reached (its error is shown).
+    """
     settings = _settings(ctx, servers, None, verbose)
-    path = _servers_path(settings)
-    if path is None:
+    if _servers_path(settings) is None:
         _fail("no servers file: pass --servers FILE or set MCP_PLANNER_SERVERS", ExitCode.INVALID)
 
-    async def body() -> tuple[dict[str, Any], list[Any]]:
-        from .config import load_config
-        from .downstream import Downstream
+    async def body() -> tuple[dict[str, ToolInfo], dict[str, dict[str, Any]]]:
+        async with _runtime(settings, tools=True) as rt:
+            return await rt.service.catalog(), rt.service.server_status()
 
-        config = load_config(path, env=_config_env())
-        async with Downstream(config) as downstream:
-            await downstream.wait_ready(CONNECT_TIMEOUT)
-            return dict(downstream.catalog()), list(_status_rows(downstream.status()))
-
-    catalog, statuses = _run(settings, body)
+    catalog, status = _run(settings, body)
     out.print(terminal.tools_table(catalog))
-    for row in statuses:
-        out.print(row, markup=False, soft_wrap=True)
-
-
-def _status_rows(status: Any) -> list[str]:
-    items = status.items() if isinstance(status, Mapping) else ((getattr(s, "name", "?"), s) for s in status)
-    return [f"server {name}: {value}" for name, value in items]
+    out.print(terminal.servers_table(status))
+    failed = sorted(name for name, state in status.items() if state.get("error"))
+    if failed:
+        _fail(f"error: unreachable downstream server(s): {', '.join(failed)}")
 
 
 def main() -> None:

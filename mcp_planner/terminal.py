@@ -65,14 +65,38 @@ def step_status_text(status: StepStatus) -> Text:
     return Text(status.value, style=STEP_STYLES.get(status, ""))
 
 
-def plan_table(plan: ExecutionPlan) -> Table:
-    """The plan as it will run: what `run` shows before asking, and `approve` before approving."""
+def _mode(plan: ExecutionPlan) -> str:
     options = plan.options
     mode = f"parallel, up to {options.slots} at once" if options.allow_parallel else "one step at a time"
+    return f"{len(plan.steps)} step(s), {mode}"
+
+
+def print_plan(console: Console, plan: ExecutionPlan, title: str) -> None:
+    """The plan as it will run (what `run` shows before asking, `approve` before approving).
+
+    A table on a terminal; plain lines otherwise, which stay readable in CI logs.
+    """
+    if console.is_terminal:
+        console.print(plan_table(plan, title))
+        return
+    console.print(
+        f"{title}: {plan.description} ({_mode(plan)})", markup=False, highlight=False, soft_wrap=True
+    )
+    for step in plan.steps:
+        params = json.dumps(step.parameters, ensure_ascii=False, default=str)
+        after = f" after {', '.join(step.depends_on)}" if step.depends_on else ""
+        retries = f" retries={step.max_retries}" if step.max_retries else ""
+        console.print(
+            f"  {step.index + 1:>3}. {step.id} -> {step.tool_name} {shorten(params, 200)}{after}{retries}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def plan_table(plan: ExecutionPlan, title: str) -> Table:
     table = Table(
-        title=f"Plan {plan.id}: {escape(plan.description)}",
-        caption=f"{len(plan.steps)} step(s), {mode}",
-        title_justify="left",
+        title=f"{escape(title)}: {escape(plan.description)}", caption=_mode(plan), title_justify="left"
     )
     table.add_column("#", justify="right", style="dim")
     table.add_column("step", style="bold")
@@ -230,6 +254,26 @@ def tools_table(catalog: Mapping[str, ToolInfo]) -> Table:
     return table
 
 
+def servers_table(status: Mapping[str, Mapping[str, Any]]) -> Table:
+    """Each downstream server's state, tool count and error (from `Downstream.status()`)."""
+    table = Table(title="Downstream servers", title_justify="left")
+    table.add_column("server", style="bold")
+    table.add_column("state")
+    table.add_column("tools", justify="right")
+    table.add_column("error", overflow="fold", style="red")
+    for name in sorted(status):
+        entry = status[name]
+        state = str(entry.get("state", "unknown"))
+        style = {"connected": "green", "failed": "bold red", "disabled": "dim"}.get(state, "yellow")
+        table.add_row(
+            escape(name),
+            Text(state, style=style),
+            str(entry.get("tool_count", "")),
+            escape(str(entry.get("error") or "")),
+        )
+    return table
+
+
 def _parameters(schema: dict[str, Any] | None) -> str:
     if not schema:
         return ""
@@ -311,7 +355,7 @@ def _transition(before: StepSummary | None, now: StepSummary) -> str | None:
         return None
     if now.status == StepStatus.RUNNING:
         if before is not None and before.status == StepStatus.RUNNING:
-            return f"retry   {now.id} (attempt {now.retry_count + 1})"
+            return f"retry   {now.id} (retry {now.retry_count})"
         return f"start   {now.id} -> {now.tool_name}"
     if now.status == StepStatus.COMPLETED:
         return f"done    {now.id} ({duration(now.duration_ms)})"
