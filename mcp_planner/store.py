@@ -41,6 +41,7 @@ BUSY_TIMEOUT_MS = 5000
 _WRITE_ATTEMPTS = 5
 
 #: Ordered schema migrations; the store's version is the number applied. Append, never edit.
+#: Indexes are few on purpose: every one is written on the executor's hot path (`save_transition`).
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         """CREATE TABLE plans (
@@ -52,7 +53,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             header TEXT NOT NULL
         )""",
         "CREATE INDEX plans_by_created ON plans (created_at DESC)",
-        "CREATE INDEX plans_by_status ON plans (status, created_at DESC)",
         """CREATE TABLE steps (
             plan_id TEXT NOT NULL REFERENCES plans (id) ON DELETE CASCADE,
             step_id TEXT NOT NULL,
@@ -61,7 +61,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             data TEXT NOT NULL,
             PRIMARY KEY (plan_id, step_id)
         )""",
-        "CREATE INDEX steps_by_index ON steps (plan_id, idx)",
         """CREATE TABLE events (
             plan_id TEXT NOT NULL,
             seq INTEGER NOT NULL,
@@ -70,7 +69,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             step_id TEXT,
             data TEXT NOT NULL,
             PRIMARY KEY (plan_id, seq)
-        )""",
+        ) WITHOUT ROWID""",
         """CREATE TRIGGER events_no_update BEFORE UPDATE ON events
             BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END""",
         """CREATE TRIGGER events_no_delete BEFORE DELETE ON events
@@ -91,8 +90,7 @@ ON CONFLICT (id) DO UPDATE SET status = excluded.status, description = excluded.
 """
 _UPSERT_STEP = """
 INSERT INTO steps (plan_id, step_id, idx, status, data) VALUES (?, ?, ?, ?, ?)
-ON CONFLICT (plan_id, step_id) DO UPDATE SET
-    idx = excluded.idx, status = excluded.status, data = excluded.data
+ON CONFLICT (plan_id, step_id) DO UPDATE SET status = excluded.status, data = excluded.data
 """
 _INSERT_EVENT = """
 INSERT INTO events (plan_id, seq, at, kind, step_id, data)
@@ -329,25 +327,39 @@ class PlanStore:
 
         Each attempt is shielded: once queued it runs to its end on the thread anyway, and the caller
         should learn whether it committed.
+
+        Raises:
+            StoreError: the database failed, stayed locked through every attempt, or is closed.
         """
-        # aiosqlite's public API is one statement per thread hop; a whole transaction in one function is
-        # both cancel-safe and one hop on the executor's hot path.
-        execute = cast(Callable[..., Awaitable[T]], self._db._execute)
         if self._db._connection is None:
             raise StoreError(f"plan database {self.path!r} is closed: open the store again")
         try:
+            try:
+                return await self._attempt(fn)
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+            # Locked beyond the busy timeout: back off and try again, a bounded number of times.
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(_is_busy),
-                stop=stop_after_attempt(_WRITE_ATTEMPTS),
+                stop=stop_after_attempt(_WRITE_ATTEMPTS - 1),
                 wait=wait_random_exponential(multiplier=0.05, max=1.0),
                 sleep=anyio.sleep,
                 reraise=True,
             ):
-                with attempt, anyio.CancelScope(shield=True):
-                    return await execute(lambda: fn(self._db._conn))
+                with attempt:
+                    return await self._attempt(fn)
         except sqlite3.Error as exc:
             raise StoreError(f"plan database {self.path!r}: {exc}") from exc
         raise AssertionError("unreachable: tenacity either returns or raises")
+
+    async def _attempt(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        # aiosqlite's public API is one statement per thread hop; a whole transaction in one function is
+        # cancel-safe (it cannot be left half-open) and one hop on the executor's hot path.
+        execute = cast(Callable[..., Awaitable[T]], self._db._execute)
+        with anyio.CancelScope(shield=True):
+            result = await execute(lambda: fn(self._db._conn))
+        return result
 
     # -- plans --------------------------------------------------------------------------------------------
 
@@ -381,9 +393,8 @@ class PlanStore:
 
         def body(conn: sqlite3.Connection) -> None:
             updated = conn.execute(
-                "UPDATE plans SET status = ?, description = ?, created_at = ?, updated_at = ?, header = ? "
-                "WHERE id = ?",
-                (*plan_row[1:], plan_row[0]),
+                "UPDATE plans SET status = ?, description = ?, updated_at = ?, header = ? WHERE id = ?",
+                (plan_row[1], plan_row[2], plan_row[4], plan_row[5], plan_row[0]),
             )
             if updated.rowcount == 0:
                 _write_plan(conn, plan_row, _step_rows(plan.id, plan.steps))
