@@ -4,6 +4,7 @@ downstream servers (`examples/servers.json`) and a real SQLite file."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
@@ -16,6 +17,8 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.session import ClientRequestContext
 from mcp_types import CallToolResult, ElicitRequestParams, ElicitResult, TextContent
+
+from mcp_planner.store import PlanStore
 
 pytestmark = pytest.mark.anyio
 
@@ -237,18 +240,31 @@ async def test_two_server_processes_cannot_both_execute_one_plan(tmp_path: Path)
         assert first_result.structured_content["status"] == "cancelled"
 
 
-async def test_plan_left_executing_by_a_stopped_server_is_resumed_by_another(tmp_path: Path) -> None:
+async def test_plan_left_executing_by_a_killed_server_is_resumed_by_another(tmp_path: Path) -> None:
     async with serve(tmp_path) as first:
         plan_id = await create(first, sleeper(1.5))
         started = await first.call_tool("execute_plan", {"plan_id": plan_id, "wait_seconds": 0})
         assert started.structured_content is not None and started.structured_content["status"] == "executing"
-    # The first server is gone (its stdin closed, the process ended) with the plan still executing.
+        async with PlanStore.open(tmp_path / "plans.db") as store:
+            claim = await store.get_claim(plan_id)
+        assert claim is not None
+        os.kill(int(claim.owner.split(":")[1]), signal.SIGKILL)  # the owner id names the server's pid
     async with serve(tmp_path) as second:
         summary = await second.call_tool("get_summary", {"plan_id": plan_id})
         assert summary.structured_content is not None
         assert summary.structured_content["status"] == "executing"
         refused = await second.call_tool("execute_plan", {"plan_id": plan_id})
         assert refused.is_error and "resume_plan" in text(refused)
+        resumed = await second.call_tool("resume_plan", {"plan_id": plan_id})
+        assert resumed.structured_content is not None, text(resumed)
+        assert resumed.structured_content["status"] == "completed", text(resumed)
+
+
+async def test_plan_cut_short_by_a_server_shutdown_is_resumed_by_another(tmp_path: Path) -> None:
+    async with serve(tmp_path) as first:
+        plan_id = await create(first, sleeper(1.5))
+        await first.call_tool("execute_plan", {"plan_id": plan_id, "wait_seconds": 0})
+    async with serve(tmp_path) as second:
         resumed = await second.call_tool("resume_plan", {"plan_id": plan_id})
         assert resumed.structured_content is not None, text(resumed)
         assert resumed.structured_content["status"] == "completed", text(resumed)
