@@ -251,8 +251,9 @@ class PlanStore:
     @staticmethod
     def default_path() -> Path:
         """`$XDG_DATA_HOME/mcp-planner/plans.db`, by default `~/.local/share/mcp-planner/plans.db`."""
-        base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-        return Path(base) / "mcp-planner" / "plans.db"
+        xdg = os.environ.get("XDG_DATA_HOME", "")
+        base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "share"  # XDG: ignore relative
+        return base / "mcp-planner" / "plans.db"
 
     @classmethod
     async def connect(

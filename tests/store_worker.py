@@ -2,6 +2,7 @@
 
     python store_worker.py claim DB PLAN_ID
     python store_worker.py write DB PLAN_ID STEP_ID COUNT
+    python store_worker.py commit DB PLAN_ID
 
 It opens the store, prints `ready`, waits for `go` on stdin (the test's barrier, so both workers act at
 the same moment), acts, prints its outcome, then waits for stdin to close before exiting (a claim must
@@ -14,6 +15,7 @@ import sys
 
 import anyio
 
+from mcp_planner.model import StepResult, StepStatus
 from mcp_planner.storage import Event, new_owner_id
 from mcp_planner.store import PlanStore
 
@@ -38,6 +40,13 @@ async def main(argv: list[str]) -> None:
                 await store.save_transition(plan, [step], [event])
                 await store.append_event(Event(plan_id=plan_id, kind="note", step_id=step_id, data={"n": i}))
             print("done", flush=True)
+        elif mode == "commit":
+            plan = await store.get_plan(plan_id)
+            step = plan.steps[0]
+            step.status = StepStatus.COMPLETED
+            step.result = StepResult.from_value({"answer": 42})
+            await store.save_transition(plan, [step], [Event(plan_id=plan_id, kind="step_completed")])
+            print("committed", flush=True)  # the test kills this process with SIGKILL now
         await anyio.to_thread.run_sync(sys.stdin.read)
 
 

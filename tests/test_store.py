@@ -272,9 +272,12 @@ async def test_database_file_and_new_directory_are_private(tmp_path: Path) -> No
 def test_default_path_is_in_the_user_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     assert PlanStore.default_path() == tmp_path / "xdg" / "mcp-planner" / "plans.db"
-    monkeypatch.delenv("XDG_DATA_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert PlanStore.default_path() == tmp_path / "home" / ".local" / "share" / "mcp-planner" / "plans.db"
+    fallback = tmp_path / "home" / ".local" / "share" / "mcp-planner" / "plans.db"
+    monkeypatch.setenv("XDG_DATA_HOME", "relative/dir")  # the XDG spec says to ignore relative paths
+    assert PlanStore.default_path() == fallback
+    monkeypatch.delenv("XDG_DATA_HOME")
+    assert PlanStore.default_path() == fallback
 
 
 async def test_reopening_applies_no_migration_twice_and_keeps_data(tmp_path: Path) -> None:
@@ -525,3 +528,28 @@ async def test_database_path_can_be_given_as_a_string_or_a_path(tmp_path: Path) 
             await store.save_plan(make_plan())
     assert await anyio.Path(tmp_path / "a.db").exists()
     assert await anyio.Path(tmp_path / "b.db").exists()
+
+
+async def test_a_committed_transition_survives_the_process_being_killed(tmp_path: Path) -> None:
+    db = str(tmp_path / "plans.db")
+    plan = make_plan()
+    async with PlanStore.open(db) as store:
+        await store.save_plan(plan)
+    proc, reader = await start_worker("commit", db, plan.id)
+    try:
+        assert await read_line(reader) == "ready"
+        assert proc.stdin is not None
+        await proc.stdin.send(b"go\n")
+        assert await read_line(reader) == "committed"
+        proc.kill()  # SIGKILL: no cleanup, no checkpoint, no close
+        with anyio.fail_after(30):
+            await proc.wait()
+    finally:
+        await proc.aclose()
+
+    async with PlanStore.open(db) as store:
+        loaded = await store.get_plan(plan.id)
+        events = await store.events(plan.id)
+    assert loaded.steps[0].status == StepStatus.COMPLETED
+    assert loaded.steps[0].result is not None and loaded.steps[0].result.structured == {"answer": 42}
+    assert [e.kind for e in events] == ["step_completed"]
