@@ -205,7 +205,7 @@ class Downstream:
 
     def status(self) -> dict[str, dict[str, Any]]:
         """Per server: `name`, `state` (connecting/connected/failed/disabled), `error`, `tool_count`,
-        `transport`."""
+        `transport`, and `failures` (failed starts in a row; each doubles the wait before the next)."""
         return {
             name: {
                 "name": name,
@@ -213,6 +213,7 @@ class Downstream:
                 "error": server.error,
                 "tool_count": len(server.tools or {}),
                 "transport": server.config.transport,
+                "failures": server.failures,
             }
             for name, server in self._servers.items()
         }
@@ -311,6 +312,8 @@ class Downstream:
             )
         async with server.lock:
             attempt = server.attempt
+            if server.state is ServerState.CONNECTED and attempt is not None and attempt.client is not None:
+                return attempt, attempt.client  # another caller's start, which we queued behind
             if server.state is not ServerState.CONNECTING or attempt is None:
                 delay = server.next_start_at - anyio.current_time()
                 if delay > 0:
@@ -388,9 +391,7 @@ class Downstream:
                 server.state = ServerState.FAILED
                 server.error = (error or "failed to start") + (f"; stderr: {tail}" if tail else "")
                 server.failures += 1
-                server.next_start_at = anyio.current_time() + min(
-                    BACKOFF_CAP, BACKOFF_BASE * 2**server.failures
-                )
+                server.next_start_at = anyio.current_time() + backoff_delay(server.failures)
                 logger.warning("downstream server %r failed to start: %s", server.name, server.error)
             elif current and attempt.lost is None:
                 self._lost(server, attempt, error or "the connection ended")
@@ -442,10 +443,17 @@ class Downstream:
     async def _listen(self, server: _Server, attempt: _Attempt, client: Client) -> None:
         try:
             async with client.listen(tools_list_changed=True) as subscription:
+                # A change between our first listing and the subscription's acknowledgement is not replayed.
+                attempt.refresh.set()
                 async for _event in subscription:
                     attempt.refresh.set()
         except Exception as exc:
             logger.info("downstream server %r: no tools/list_changed stream: %r", server.name, exc)
+
+
+def backoff_delay(failures: int) -> float:
+    """Seconds to wait before the next start of a server that failed to start `failures` times in a row."""
+    return 0.0 if failures <= 0 else min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** min(failures, 16))
 
 
 async def _list_tools(client: Client, cfg: ServerConfig) -> dict[str, types.Tool]:

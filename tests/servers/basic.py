@@ -1,4 +1,4 @@
-"""A well-behaved test server: echo, structured output, sleep, a barrier, flaky and failing tools, big results."""
+"""A well-behaved test server: echo, structured output, sleep, a barrier, failing tools, big results."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ async def barrier(name: str, parties: int = 2) -> str:
             await event.wait()
     except TimeoutError:
         raise ToolError(f"barrier {name!r}: only {count} of {parties} calls arrived") from None
-    return f"barrier {name} passed with {count} calls"
+    return f"barrier {name} passed with {_barriers[name][0]} calls"
 
 
 @mcp.tool(structured_output=False)
@@ -84,7 +84,9 @@ def big(size: int = 100_000) -> list[Any]:
         ImageContent(type="image", data=base64.b64encode(PNG).decode(), mime_type="image/png"),
         EmbeddedResource(
             type="resource",
-            resource=TextResourceContents(uri="file:///report.txt", text="the report", mime_type="text/plain"),
+            resource=TextResourceContents(
+                uri="file:///report.txt", text="the report", mime_type="text/plain"
+            ),
         ),
     ]
 
