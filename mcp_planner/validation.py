@@ -61,6 +61,7 @@ def validate_plan(plan: ExecutionPlan, catalog: Catalog | None) -> list[Problem]
     counts = Counter(ids)
     reported_duplicates: set[str] = set()
     budget = _Budget()
+    validators: dict[str, Any] = {}
     for position, step in enumerate(plan.steps):
         if not step.id.strip():
             problems.append(Problem(None, f"steps[{position}].id", "a step has an empty id: give it one"))
@@ -77,7 +78,7 @@ def validate_plan(plan: ExecutionPlan, catalog: Catalog | None) -> list[Problem]
         problems.extend(_number_problems(step))
         problems.extend(_template_problems(step, known, budget))
         if catalog is not None:
-            problems.extend(_tool_problems(step, catalog, budget))
+            problems.extend(_tool_problems(step, catalog, budget, validators))
     problems.extend(_cycle_problems(plan))
     return problems
 
@@ -331,7 +332,9 @@ def _template_problems(step: Step, known: set[str], budget: _Budget) -> Iterator
 # -- tools and parameter schemas --------------------------------------------------------------------------
 
 
-def _tool_problems(step: Step, catalog: Catalog, budget: _Budget) -> Iterator[Problem]:
+def _tool_problems(
+    step: Step, catalog: Catalog, budget: _Budget, validators: dict[str, Any]
+) -> Iterator[Problem]:
     name = step.tool_name
     if not name.strip():
         yield Problem(step.id, "tool_name", "the tool name is empty: name one of the available tools")
@@ -340,8 +343,12 @@ def _tool_problems(step: Step, catalog: Catalog, budget: _Budget) -> Iterator[Pr
         yield Problem(step.id, "tool_name", _unknown_tool_message(name, catalog, budget))
         return
     schema = catalog[name]
-    if schema is not None:
-        yield from _schema_problems(step, schema)
+    if schema is None:
+        return
+    if name not in validators:
+        validators[name] = _validator(schema)
+    if validators[name] is not None:
+        yield from _schema_problems(step, validators[name])
 
 
 def _unknown_tool_message(name: str, catalog: Catalog, budget: _Budget) -> str:
@@ -361,12 +368,20 @@ def _unknown_tool_message(name: str, catalog: Catalog, budget: _Budget) -> str:
     return f"unknown tool {name!r}{hint or ': call list_tools to see the available tools'}"
 
 
-def _schema_problems(step: Step, schema: dict[str, Any]) -> Iterator[Problem]:
+def _validator(schema: dict[str, Any]) -> Any:
+    """A validator of the schema's own dialect (`$schema`, default 2020-12); None for a broken schema."""
     try:
         cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-        validator = cls(schema)
-        errors = list(validator.iter_errors(step.parameters))
+        cls.check_schema(schema)
+        return cls(schema)
     except Exception:  # a downstream server's broken schema is not this plan's problem
+        return None
+
+
+def _schema_problems(step: Step, validator: Any) -> Iterator[Problem]:
+    try:
+        errors = list(validator.iter_errors(step.parameters))
+    except Exception:  # e.g. an unresolvable $ref: again the server's problem, not the plan's
         return
     kept = [e for e in errors if not _deferred(e, step.parameters)]
     for error in sorted(kept, key=lambda e: (e.json_path, e.message)):
