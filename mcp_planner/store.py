@@ -224,6 +224,10 @@ def _migrate(conn: sqlite3.Connection) -> int:
     return len(MIGRATIONS)
 
 
+def _location(path: str | os.PathLike[str]) -> str:
+    return os.path.expanduser(os.fspath(path))  # a string lookup in $HOME, no I/O
+
+
 def _prepare_file(path: Path) -> None:
     """Create the database file 0600 (and a missing directory 0700) before SQLite opens it."""
     parent = path.parent
@@ -267,7 +271,7 @@ class PlanStore:
         Raises:
             StoreError: the file cannot be created or opened, or its schema is newer than this code.
         """
-        location = os.fspath(path)
+        location = _location(path)
         try:
             if location != ":memory:":
                 await anyio.to_thread.run_sync(_prepare_file, Path(location))
