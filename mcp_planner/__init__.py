@@ -3,6 +3,8 @@
 from mcp_planner import ExecutionPlan, Executor, PlanStore
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     PlannerError,
     PlanNotFoundError,
@@ -11,8 +13,6 @@ from .errors import (
     Problem,
     StepError,
 )
-from .executor import Executor
-from .generator import Generator, PlanRequest
 from .model import (
     ExecutionOptions,
     ExecutionPlan,
@@ -25,8 +25,29 @@ from .model import (
     StepStatus,
 )
 from .storage import Event, MemoryStore
-from .store import PlanStore
 from .tools import LocalTools, ToolInfo, ToolProvider
+
+if TYPE_CHECKING:
+    from .executor import Executor
+    from .generator import Generator, PlanRequest
+    from .store import PlanStore
+
+# Imported on first use: `mcp-planner serve` must answer `tools/list` fast, before it needs these.
+_LAZY = {
+    "Executor": ".executor",
+    "Generator": ".generator",
+    "PlanRequest": ".generator",
+    "PlanStore": ".store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Event",
@@ -54,5 +75,3 @@ __all__ = [
     "ToolInfo",
     "ToolProvider",
 ]
-
-# Executor, PlanStore, Generator and PlanRequest are added here as their modules land.
