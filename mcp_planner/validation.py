@@ -84,8 +84,10 @@ def validate_plan(plan: ExecutionPlan, catalog: Catalog | None) -> list[Problem]
 
 
 def validate_or_raise(plan: ExecutionPlan, catalog: Catalog | None) -> None:
-    """Raises:
-    PlanValidationError: carrying every problem `validate_plan` found.
+    """Check `plan` like `validate_plan`, and refuse it when anything is wrong.
+
+    Raises:
+        PlanValidationError: carrying every problem `validate_plan` found.
     """
     problems = validate_plan(plan, catalog)
     if problems:
@@ -99,17 +101,17 @@ def qualify_tool_names(plan: ExecutionPlan, tool_names: Iterable[str]) -> None:
     `validate_plan` to report.
     """
     names = set(tool_names)
-    by_bare: dict[str, list[str]] = {}
-    for name in names:
-        _server, dot, bare = name.rpartition(".")
-        if dot:
-            by_bare.setdefault(bare, []).append(name)
+    resolved: dict[str, str | None] = {}
     for step in plan.steps:
-        if step.tool_name in names:
+        bare = step.tool_name
+        if not bare or bare in names:
             continue
-        candidates = by_bare.get(step.tool_name, [])
-        if len(candidates) == 1:
-            step.tool_name = candidates[0]
+        if bare not in resolved:
+            candidates = [n for n in names if n.endswith("." + bare)]
+            resolved[bare] = candidates[0] if len(candidates) == 1 else None
+        qualified = resolved[bare]
+        if qualified is not None:
+            step.tool_name = qualified
 
 
 # -- plan-level numbers -----------------------------------------------------------------------------------
@@ -352,7 +354,7 @@ def _tool_problems(
 
 
 def _unknown_tool_message(name: str, catalog: Catalog, budget: _Budget) -> str:
-    owners = sorted(n for n in catalog if n.rpartition(".")[2] == name and "." in n)
+    owners = sorted(n for n in catalog if n.endswith("." + name))
     if len(owners) > 1:
         listed = ", ".join(repr(o) for o in owners)
         return f"tool {name!r} is offered by several servers ({listed}): use the qualified name"

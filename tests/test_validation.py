@@ -375,3 +375,11 @@ def test_bare_tool_names_are_qualified_when_exactly_one_server_offers_them() -> 
     qualify_tool_names(plan, names)
 
     assert [s.tool_name for s in plan.steps] == ["git.status", "read_file", "echo", "nothing", "git.status"]
+
+
+def test_a_bare_tool_name_containing_a_dot_is_qualified_too() -> None:
+    plan = plan_of(("a", "read.v2", {}))
+
+    qualify_tool_names(plan, ["fs.read.v2", "fs.read"])
+
+    assert plan.steps[0].tool_name == "fs.read.v2"
