@@ -24,6 +24,7 @@ import anyio
 import jsonschema
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from pydantic import BaseModel
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential
 
 from .errors import ParameterError, StepError, StepTimeoutError, ToolCallError
@@ -104,6 +105,13 @@ class _Retrying:
 
 
 _Message = _Finished | _Retrying
+
+
+def _set(model: BaseModel, **values: Any) -> None:
+    """Assign fields without `validate_assignment`: the executor's values already have the declared types,
+    and validating each assignment costs microseconds per field on the per-step hot path."""
+    model.__dict__.update(values)
+    model.__pydantic_fields_set__.update(values)
 
 
 def _ms_between(start: Any, end: Any) -> int | None:
@@ -205,8 +213,7 @@ class Run:
 
     def _skip(self, pos: int, reason: str, changed: list[Step], events: list[Event]) -> None:
         step = self.steps[pos]
-        step.status = StepStatus.SKIPPED
-        step.error = reason
+        _set(step, status=StepStatus.SKIPPED, error=reason)
         changed.append(step)
         events.append(self._event("step_skipped", step, reason=reason))
 
@@ -268,18 +275,30 @@ class Run:
                             )
                             break
                         continue
-                    if isinstance(message, _Retrying):
-                        await self._on_retry(message)
-                        continue
-                    self.running -= 1
-                    self.scopes.pop(message.pos, None)
-                    await self._on_finished(message)
-                    await self._start_ready(tg)
+                    # Outcomes that arrived together are committed together: one transaction per round.
+                    finished: list[_Finished] = []
+                    while message is not None:
+                        if isinstance(message, _Retrying):
+                            await self._on_retry(message)
+                        else:
+                            finished.append(message)
+                        try:
+                            message = receive.receive_nowait()
+                        except anyio.WouldBlock:
+                            message = None
+                    if finished:
+                        self.running -= len(finished)
+                        for done in finished:
+                            self.scopes.pop(done.pos, None)
+                        await self._on_finished(finished)
+                        await self._start_ready(tg)
                 tg.cancel_scope.cancel()  # the heartbeat, and any abandoned call
 
     async def _receive(self, receive: MemoryObjectReceiveStream[_Message]) -> _Message | None:
         self._check_deadline()
         deadline = self.grace_deadline if self.halted else self.deadline
+        if deadline == math.inf:
+            return await receive.receive()
         with anyio.CancelScope(deadline=deadline):
             return await receive.receive()
         self._check_deadline()
@@ -297,15 +316,12 @@ class Run:
             step = self.steps[pos]
             if step.status != StepStatus.PENDING:
                 continue
-            step.status = StepStatus.RUNNING
-            step.started_at = now
-            step.error = None
+            _set(step, status=StepStatus.RUNNING, started_at=now, error=None)
             batch.append(step)
             positions.append(pos)
         if not batch:
             return
-        self.plan.current_step = batch[-1].id
-        self.plan.updated_at = now
+        _set(self.plan, current_step=batch[-1].id, updated_at=now)
         await self._commit(batch, [self._event("step_started", s) for s in batch])
         for pos, step in zip(positions, batch, strict=True):
             await call_hook(self.hooks.on_step_start, self.plan, step)
@@ -319,9 +335,8 @@ class Run:
 
     async def _on_retry(self, message: _Retrying) -> None:
         step = self.steps[message.pos]
-        step.retry_count = message.retry
-        step.error = message.error
-        self.plan.updated_at = utcnow()
+        _set(step, retry_count=message.retry, error=message.error)
+        _set(self.plan, updated_at=utcnow())
         event = self._event(
             "step_retry", step, retry=message.retry, error=message.error, delay_ms=int(message.delay_s * 1000)
         )
@@ -330,48 +345,49 @@ class Run:
         finally:
             message.ack.set()
 
-    async def _on_finished(self, message: _Finished) -> None:
-        pos = message.pos
-        step = self.steps[pos]
+    async def _on_finished(self, batch: list[_Finished]) -> None:
+        """Record finished steps in one commit, then call hooks and release the dependents."""
         now = utcnow()
-        step.completed_at = now
-        step.duration_ms = _ms_between(step.started_at, now)
-        self.plan.updated_at = now
-        changed = [step]
+        _set(self.plan, updated_at=now)
+        changed: list[Step] = []
         events: list[Event] = []
-        if message.result is not None:
-            step.status = StepStatus.COMPLETED
-            step.result = message.result
-            step.error = None
-            events.append(self._event("step_completed", step, duration_ms=step.duration_ms))
-            await self._commit(changed, events)
-            await call_hook(self.hooks.on_step_complete, self.plan, step)
+        completed: list[int] = []
+        failed: list[Step] = []
+        for message in batch:
+            pos = message.pos
+            step = self.steps[pos]
+            _set(step, completed_at=now, duration_ms=_ms_between(step.started_at, now))
+            changed.append(step)
+            if message.result is not None:
+                _set(step, status=StepStatus.COMPLETED, result=message.result, error=None)
+                events.append(self._event("step_completed", step, duration_ms=step.duration_ms))
+                completed.append(pos)
+            elif message.cancelled and self.cancel_reason is not None:
+                self._skip(pos, self.cancel_reason, [], events)
+            elif message.cancelled:
+                self._fail(step, "total timeout exceeded" if self.timed_out else INTERRUPTED_ERROR, events)
+                failed.append(step)
+            else:
+                self._fail(step, message.error or "failed", events)
+                self._after_failure(pos, changed, events)
+                failed.append(step)
+        await self._commit(changed, events)
+        for pos in completed:
+            await call_hook(self.hooks.on_step_complete, self.plan, self.steps[pos])
+        for step in failed:
+            await call_hook(self.hooks.on_step_failed, self.plan, step)
+        for pos in completed:  # only now, with the results committed, may dependents start
             for k in self.dependents[pos]:
                 self.waiting[k] -= 1
                 if self.waiting[k] == 0 and self.steps[k].status == StepStatus.PENDING:
                     heapq.heappush(self.ready, (self.steps[k].index, k))
-            return
-        if message.cancelled and self.cancel_reason is not None:
-            self._skip(pos, self.cancel_reason, [], events)
-            await self._commit(changed, events)
-            return
-        if message.cancelled and self.timed_out:
-            self._fail(step, "total timeout exceeded", events)
-        elif message.cancelled:
-            self._fail(step, INTERRUPTED_ERROR, events)
-        else:
-            self._fail(step, message.error or "failed", events)
-            self._after_failure(pos, changed, events)
-        await self._commit(changed, events)
-        await call_hook(self.hooks.on_step_failed, self.plan, step)
 
     async def _commit(self, changed: list[Step], events: list[Event]) -> None:
         if not self.claim_lost:  # the plan may belong to another process now: write nothing more
             await self.store.save_transition(self.plan, changed, events)
 
     def _fail(self, step: Step, error: str, events: list[Event]) -> None:
-        step.status = StepStatus.FAILED
-        step.error = error
+        _set(step, status=StepStatus.FAILED, error=error)
         events.append(self._event("step_failed", step, error=error, retries=step.retry_count))
 
     # -- workers ------------------------------------------------------------------------------------------
@@ -434,7 +450,10 @@ class Run:
 
         async def attempt() -> StepResult:
             try:
-                with anyio.fail_after(timeout_ms / 1000 if timeout_ms and timeout_ms > 0 else None):
+                if timeout_ms and timeout_ms > 0:
+                    with anyio.fail_after(timeout_ms / 1000):
+                        result = await self.provider.call(step.tool_name, params)
+                else:
                     result = await self.provider.call(step.tool_name, params)
             except TimeoutError as exc:
                 raise StepTimeoutError(
