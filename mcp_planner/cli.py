@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mcp_planner.cli")
 T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
 
 #: How long commands that need tools wait for the downstream servers to connect.
 CONNECT_TIMEOUT = 30.0
@@ -169,6 +170,8 @@ def _configure_logging(verbose: int) -> None:
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
+    for noisy in ("aiosqlite", "asyncio"):  # one line per query otherwise
+        logging.getLogger(noisy).setLevel(max(level, logging.INFO))
 
 
 def _servers_path(settings: Settings) -> Path | None:
@@ -206,13 +209,13 @@ def _fail(message: str, code: ExitCode = ExitCode.ERROR) -> NoReturn:
     raise typer.Exit(int(code))
 
 
-def _planner_error(exc: BaseException) -> PlannerError | None:
-    """The PlannerError behind `exc`, looking inside exception groups (task groups wrap errors)."""
-    if isinstance(exc, PlannerError):
+def _find(exc: BaseException, kind: type[E]) -> E | None:
+    """The first `kind` error behind `exc`, looking inside exception groups (task groups wrap errors)."""
+    if isinstance(exc, kind):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            found = _planner_error(inner)
+            found = _find(inner, kind)
             if found is not None:
                 return found
     return None
@@ -227,16 +230,15 @@ def _run(settings: Settings, fn: Callable[[], Awaitable[T]]) -> T:
     except KeyboardInterrupt:
         _fail("interrupted", ExitCode.INTERRUPTED)
     except BaseException as exc:
-        planner_error = _planner_error(exc)
+        exit_request = _find(exc, typer.Exit)
+        if exit_request is not None:
+            raise exit_request from None
+        planner_error = _find(exc, PlannerError)
         if planner_error is not None:
             if settings.verbose >= 2:
                 log.debug("error", exc_info=exc)
             code = ExitCode.INVALID if isinstance(planner_error, PlanValidationError) else ExitCode.ERROR
             _fail(f"error: {planner_error}", code)
-        if isinstance(exc, BaseExceptionGroup):
-            exits = [e for e in exc.exceptions if isinstance(e, typer.Exit)]
-            if exits:
-                raise exits[0] from None
         if not isinstance(exc, Exception):
             raise
         if settings.verbose:

@@ -1,0 +1,496 @@
+"""The `mcp-planner` command line through its real entry point (`python -m mcp_planner`) in a subprocess.
+
+Plans run against the example downstream servers (`examples/servers.json`) on a fresh SQLite file per
+test; the example servers' state (flaky counters, the workspace) lives under `tmp_path` too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from mcp import Client
+from mcp_types import CallToolResult, TextContent
+
+from mcp_planner.cli import ExitCode
+from mcp_planner.model import PlanSpec, PlanStatus
+from mcp_planner.server import build_server
+from mcp_planner.service import PlannerService
+from mcp_planner.store import PlanStore
+from mcp_planner.tools import LocalTools
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+SERVERS = EXAMPLES / "servers.json"
+CLI_TIMEOUT = 45
+
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MCP_PLANNER_")}
+    env.update(
+        CI_STATE_DIR=str(tmp_path / "ci-state"),
+        CI_DELAY="0.05",
+        WORKSPACE_ROOT=str(tmp_path / "workspace"),
+        COLUMNS="200",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def cli(
+    tmp_path: Path, *args: str | Path, stdin: int | None = subprocess.DEVNULL, db: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m mcp_planner ARGS --db <tmp>/plans.db`; stdin is not a terminal unless given one."""
+    cmd = [sys.executable, "-m", "mcp_planner", *map(str, args)]
+    if db:
+        cmd += ["--db", str(tmp_path / "plans.db")]
+    return subprocess.run(
+        cmd,
+        stdin=stdin,
+        capture_output=True,
+        text=True,
+        env=cli_env(tmp_path),
+        cwd=tmp_path,
+        timeout=CLI_TIMEOUT,
+        check=False,
+    )
+
+
+def write_plan(tmp_path: Path, plan: dict[str, Any], name: str = "plan.json") -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(plan), encoding="utf-8")
+    return path
+
+
+def stored_plans(tmp_path: Path) -> list[dict[str, Any]]:
+    result = cli(tmp_path, "plans", "--json")
+    assert result.returncode == 0, result.stderr
+    plans: list[dict[str, Any]] = json.loads(result.stdout)
+    return plans
+
+
+def show_json(tmp_path: Path, plan_id: str) -> dict[str, Any]:
+    result = cli(tmp_path, "show", plan_id, "--json")
+    assert result.returncode == 0, result.stderr
+    plan: dict[str, Any] = json.loads(result.stdout)
+    return plan
+
+
+def assert_clean_error(result: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stdout
+
+
+# -- run -------------------------------------------------------------------------------------------------
+
+
+def test_run_ci_pipeline_example_completes_and_exits_zero(tmp_path: Path) -> None:
+    result = cli(tmp_path, "run", EXAMPLES / "ci_pipeline.json", "--servers", SERVERS, "--yes")
+
+    assert result.returncode == ExitCode.OK, result.stderr
+    assert "completed: 7/7 completed, 0 failed, 0 skipped" in result.stdout
+    # The flaky suite failed twice and was retried; the progress lines say so.
+    assert "e2e_tests" in result.stdout and "after 2 retries" in result.stdout
+    [plan] = stored_plans(tmp_path)
+    assert plan["status"] == "completed"
+    shown = show_json(tmp_path, plan["plan_id"])
+    assert shown["approved_by"] and shown["metadata"]["approval_method"] == "human-terminal"
+    deploy = next(s for s in shown["steps"] if s["id"] == "deploy")
+    assert deploy["result"]["structured"]["artifact"] == "dist/app-1.4.2.tar.gz"
+
+
+def test_run_data_flow_example_passes_results_between_steps(tmp_path: Path) -> None:
+    result = cli(tmp_path, "run", EXAMPLES / "data_flow.json", "--servers", SERVERS, "--yes")
+
+    assert result.returncode == ExitCode.OK, result.stderr
+    assert "completed: 7/7 completed" in result.stdout
+    note = (tmp_path / "workspace" / "releases" / "v2.0.0.md").read_text()
+    assert note.startswith("# Release v2.0.0\n") and "dist/app-2.0.0.tar.gz" in note
+    summary = (tmp_path / "workspace" / "releases" / "SUMMARY.txt").read_text()
+    assert summary.startswith("v2.0.0 (dist/app-2.0.0.tar.gz): note has 5 lines")
+    assert "title: # Release v2.0.0" in summary
+    manifest = json.loads((tmp_path / "workspace" / "releases" / "manifest.json").read_text())
+    assert manifest["version"] == "2.0.0"
+
+
+def test_invalid_plan_exits_with_the_invalid_code_and_lists_every_problem(tmp_path: Path) -> None:
+    plan = write_plan(
+        tmp_path,
+        {
+            "description": "broken",
+            "steps": [
+                {"id": "a", "tool_name": "ci.checkout", "parameters": {}},
+                {"id": "a", "tool_name": "ci.lint"},
+                {"id": "b", "tool_name": "ci.no_such_tool", "depends_on": ["c"]},
+                {"id": "c", "tool_name": "ci.lint", "depends_on": ["b"]},
+                {"id": "d", "tool_name": "ci.sleep", "parameters": {"seconds": "soon"}, "depends_on": ["x"]},
+            ],
+        },
+    )
+
+    result = cli(tmp_path, "run", plan, "--servers", SERVERS, "--yes")
+
+    assert result.returncode == ExitCode.INVALID
+    assert_clean_error(result)
+    err = result.stderr
+    assert "repo" in err  # ci.checkout's required parameter
+    assert "duplicate" in err.lower()
+    assert "no_such_tool" in err
+    assert "cycle" in err.lower()
+    assert "'x'" in err  # unknown dependency
+    assert "soon" in err or "number" in err  # wrong type for ci.sleep's seconds
+    assert stored_plans(tmp_path) == []
+
+
+def test_malformed_plan_file_exits_with_the_invalid_code(tmp_path: Path) -> None:
+    not_json = tmp_path / "bad.json"
+    not_json.write_text("{not json", encoding="utf-8")
+    unknown_field = write_plan(tmp_path, {"description": "x", "stepz": []}, "fields.json")
+
+    for path, expected in ((not_json, "not valid JSON"), (unknown_field, "stepz")):
+        result = cli(tmp_path, "run", path, "--servers", SERVERS, "--yes")
+        assert result.returncode == ExitCode.INVALID
+        assert expected in result.stderr
+        assert_clean_error(result)
+
+
+def test_run_without_yes_and_without_a_terminal_refuses_and_stores_nothing(tmp_path: Path) -> None:
+    result = cli(tmp_path, "run", EXAMPLES / "ci_pipeline.json", "--servers", SERVERS)
+
+    assert result.returncode == ExitCode.NOT_APPROVED
+    assert "--yes" in result.stderr
+    assert_clean_error(result)
+    assert stored_plans(tmp_path) == []
+
+
+def run_on_a_terminal(
+    tmp_path: Path, args: Sequence[str | Path], answer: str
+) -> subprocess.CompletedProcess[str]:
+    """Run the CLI with a pseudo-terminal as stdin and type `answer` at its prompt."""
+    master, slave = os.openpty()
+    try:
+        os.write(master, answer.encode())
+        return cli(tmp_path, *args, stdin=slave)
+    finally:
+        os.close(slave)
+        os.close(master)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_run_asks_on_a_terminal_and_a_no_rejects_the_plan(tmp_path: Path) -> None:
+    result = run_on_a_terminal(tmp_path, ["run", EXAMPLES / "ci_pipeline.json", "--servers", SERVERS], "n\n")
+
+    assert result.returncode == ExitCode.NOT_APPROVED, result.stderr
+    assert "Run this plan?" in result.stdout
+    [plan] = stored_plans(tmp_path)
+    assert plan["status"] == "cancelled"
+    assert "declined at the terminal" in show_json(tmp_path, plan["plan_id"])["rejection_note"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_run_asks_on_a_terminal_and_a_yes_runs_the_plan(tmp_path: Path) -> None:
+    result = run_on_a_terminal(tmp_path, ["run", EXAMPLES / "ci_pipeline.json", "--servers", SERVERS], "y\n")
+
+    assert result.returncode == ExitCode.OK, result.stderr
+    assert [p["status"] for p in stored_plans(tmp_path)] == ["completed"]
+
+
+def test_failed_plan_exits_with_the_failed_code_and_resume_completes_it(tmp_path: Path) -> None:
+    plan = write_plan(
+        tmp_path,
+        {
+            "description": "a step that fails once, then works",
+            "steps": [
+                {"id": "checkout", "tool_name": "ci.checkout", "parameters": {"repo": "r"}},
+                {"id": "fragile", "tool_name": "ci.flaky", "parameters": {"key": "resume-me", "failures": 1}},
+                {"id": "build", "tool_name": "build", "depends_on": ["fragile"]},
+            ],
+            "options": {"require_approval": False},
+        },
+    )
+
+    first = cli(tmp_path, "run", plan, "--servers", SERVERS, "--yes")
+    assert first.returncode == ExitCode.FAILED, first.stderr
+    assert "transient failure 1 of 1" in first.stdout
+    [stored] = stored_plans(tmp_path)
+    assert stored["status"] == "failed"
+
+    resumed = cli(tmp_path, "resume", stored["plan_id"], "--servers", SERVERS)
+    assert resumed.returncode == ExitCode.OK, resumed.stderr
+    shown = show_json(tmp_path, stored["plan_id"])
+    assert shown["status"] == "completed"
+    # The completed step was kept, not run again.
+    checkout = next(s for s in shown["steps"] if s["id"] == "checkout")
+    assert checkout["started_at"] < shown["steps"][1]["started_at"]
+
+
+def test_partial_plan_exits_with_the_partial_code(tmp_path: Path) -> None:
+    plan = write_plan(
+        tmp_path,
+        {
+            "description": "one good step, one bad deploy",
+            "steps": [
+                {"id": "lint", "tool_name": "ci.lint"},
+                {"id": "deploy", "tool_name": "ci.deploy", "parameters": {"artifact": "bogus"}},
+            ],
+            "options": {"require_approval": False, "continue_on_error": True},
+        },
+    )
+
+    result = cli(tmp_path, "run", plan, "--servers", SERVERS, "--yes")
+
+    assert result.returncode == ExitCode.PARTIAL, result.stderr
+    assert "unknown artifact 'bogus'" in result.stdout
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+async def test_ctrl_c_during_run_cancels_the_plan_cleanly(tmp_path: Path) -> None:
+    plan = write_plan(
+        tmp_path,
+        {
+            "description": "wait a long time",
+            "steps": [
+                {"id": "first", "tool_name": "ci.lint"},
+                {
+                    "id": "long",
+                    "tool_name": "ci.sleep",
+                    "parameters": {"seconds": 300},
+                    "depends_on": ["first"],
+                },
+                {"id": "after", "tool_name": "ci.lint", "depends_on": ["long"]},
+            ],
+        },
+    )
+    cmd = [sys.executable, "-m", "mcp_planner", "run", str(plan), "--servers", str(SERVERS), "--yes"]
+    cmd += ["--db", str(tmp_path / "plans.db")]
+    output = ""
+    with anyio.fail_after(40):
+        async with await anyio.open_process(cmd, env=cli_env(tmp_path), stdin=subprocess.DEVNULL) as proc:
+            assert proc.stdout is not None
+            async for chunk in proc.stdout:
+                output += chunk.decode()
+                if "start   long" in output:
+                    break
+            proc.send_signal(signal.SIGINT)
+            async for chunk in proc.stdout:
+                output += chunk.decode()
+            code = await proc.wait()
+
+    assert code == ExitCode.CANCELLED, output
+    assert "cancelled" in output
+    [stored] = stored_plans(tmp_path)
+    assert stored["status"] == "cancelled"
+    steps = {s["id"]: s["status"] for s in show_json(tmp_path, stored["plan_id"])["steps"]}
+    assert steps == {"first": "completed", "long": "skipped", "after": "skipped"}
+
+
+# -- inspecting ------------------------------------------------------------------------------------------
+
+
+def test_plans_and_show_describe_a_plan_that_ran(tmp_path: Path) -> None:
+    assert cli(tmp_path, "run", EXAMPLES / "ci_pipeline.json", "--servers", SERVERS, "--yes").returncode == 0
+    [plan] = stored_plans(tmp_path)
+
+    listing = cli(tmp_path, "plans")
+    assert listing.returncode == 0
+    assert plan["plan_id"] in listing.stdout and "completed" in listing.stdout
+    assert cli(tmp_path, "plans", "--status", "failed").stdout.startswith("no plans")
+
+    shown = cli(tmp_path, "show", plan["plan_id"])
+    assert shown.returncode == 0, shown.stderr
+    for expected in ("checkout", "e2e_tests", "ci.deploy", "flowchart", "-->", "human-terminal"):
+        assert expected in shown.stdout
+
+
+def test_unknown_plan_id_is_a_one_line_error_without_traceback(tmp_path: Path) -> None:
+    for command in (["show", "nope"], ["approve", "nope", "--yes"], ["cancel", "nope"], ["resume", "nope"]):
+        result = cli(tmp_path, *command)
+        assert result.returncode == ExitCode.ERROR
+        assert "no plan with id 'nope'" in result.stderr
+        assert "mcp-planner plans" in result.stderr  # the CLI names its own command, not the MCP tool
+        assert_clean_error(result)
+
+
+def test_help_documents_the_exit_codes(tmp_path: Path) -> None:
+    result = cli(tmp_path, "--help", db=False)
+    assert result.returncode == 0
+    for text in ("Exit codes", "3 the plan failed", "6 the plan was not approved"):
+        assert text in " ".join(result.stdout.split())
+
+
+def test_tools_lists_the_example_servers_tools(tmp_path: Path) -> None:
+    result = cli(tmp_path, "tools", "--servers", SERVERS, db=False)
+
+    assert result.returncode == 0, result.stderr
+    for name in ("ci.checkout", "ci.flaky", "workspace.write_file", "workspace.read_file", "connected"):
+        assert name in result.stdout
+
+
+def test_tools_reports_a_server_that_fails_to_start_and_lists_the_rest(tmp_path: Path) -> None:
+    config = json.loads(SERVERS.read_text())
+    for server in config["mcpServers"].values():
+        server["args"] = [str(EXAMPLES / arg) for arg in server["args"]]
+        server["cwd"] = str(EXAMPLES)
+    config["mcpServers"]["broken"] = {"command": str(tmp_path / "no-such-program")}
+    servers = tmp_path / "servers.json"
+    servers.write_text(json.dumps(config))
+
+    result = cli(tmp_path, "tools", "--servers", servers, db=False)
+
+    assert result.returncode == ExitCode.ERROR
+    assert "ci.checkout" in result.stdout and "broken" in result.stdout
+    assert "broken" in result.stderr
+    assert_clean_error(result)
+
+
+# -- approving, rejecting, cancelling plans an agent created ------------------------------------------------
+
+
+async def echo(params: dict[str, Any]) -> dict[str, Any]:
+    return dict(params)
+
+
+class Gate:
+    """An in-process tool that blocks until cancelled, to hold a plan in `executing`."""
+
+    def __init__(self) -> None:
+        self.entered = anyio.Event()
+
+    async def __call__(self, params: dict[str, Any]) -> dict[str, Any]:
+        self.entered.set()
+        await anyio.sleep_forever()
+        return {}
+
+
+@asynccontextmanager
+async def planner_over_mcp(
+    tmp_path: Path, approval: str = "human", gate: Gate | None = None
+) -> AsyncIterator[tuple[Client, PlannerService]]:
+    tools = LocalTools({"echo": echo, **({"wait": gate} if gate else {})})
+    async with PlanStore.open(tmp_path / "plans.db") as store:
+        async with PlannerService(store, tools, approval=approval) as service:
+            async with Client(build_server(service)) as client:
+                yield client, service
+
+
+async def acli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    cmd = [sys.executable, "-m", "mcp_planner", *args, "--db", str(tmp_path / "plans.db")]
+    with anyio.fail_after(CLI_TIMEOUT):
+        return await anyio.run_process(cmd, env=cli_env(tmp_path), stdin=subprocess.DEVNULL, check=False)
+
+
+def text(result: CallToolResult) -> str:
+    return "\n".join(block.text for block in result.content if isinstance(block, TextContent))
+
+
+def hello_plan(**options: Any) -> dict[str, Any]:
+    return {
+        "description": "say hello",
+        "steps": [{"id": "hello", "tool_name": "echo", "parameters": {"text": "hello"}}],
+        "options": options,
+    }
+
+
+@pytest.mark.anyio
+async def test_approve_from_the_cli_lets_a_plan_created_over_mcp_execute(tmp_path: Path) -> None:
+    async with planner_over_mcp(tmp_path, approval="human") as (client, _service):
+        created = await client.call_tool("create_plan", hello_plan())
+        assert not created.is_error, text(created)
+        plan_id = created.structured_content["id"]  # type: ignore[index]
+
+        refused = await client.call_tool("approve_plan", {"plan_id": plan_id})
+        assert refused.is_error and f"mcp-planner approve {plan_id}" in text(refused)
+
+        approved = await acli(tmp_path, "approve", plan_id, "--yes")
+        assert approved.returncode == 0, approved.stderr.decode()
+        assert b"approved by" in approved.stdout
+
+        executed = await client.call_tool("execute_plan", {"plan_id": plan_id})
+        assert not executed.is_error, text(executed)
+        assert executed.structured_content["status"] == "completed"  # type: ignore[index]
+
+    shown = show_json(tmp_path, plan_id)
+    assert shown["metadata"]["approval_method"] == "human-terminal"
+
+
+@pytest.mark.anyio
+async def test_approve_without_a_terminal_and_without_yes_leaves_the_plan_pending(tmp_path: Path) -> None:
+    async with planner_over_mcp(tmp_path) as (client, service):
+        created = await client.call_tool("create_plan", hello_plan())
+        plan_id = created.structured_content["id"]  # type: ignore[index]
+
+        result = await acli(tmp_path, "approve", plan_id)
+
+        assert result.returncode == ExitCode.NOT_APPROVED
+        assert b"--yes" in result.stderr
+        assert (await service.get_plan(plan_id)).status == PlanStatus.PENDING_APPROVAL
+
+
+@pytest.mark.anyio
+async def test_reject_from_the_cli_cancels_a_pending_plan_for_good(tmp_path: Path) -> None:
+    async with planner_over_mcp(tmp_path) as (client, service):
+        created = await client.call_tool("create_plan", hello_plan())
+        plan_id = created.structured_content["id"]  # type: ignore[index]
+
+        result = await acli(tmp_path, "reject", plan_id, "--reason", "not today")
+        assert result.returncode == 0, result.stderr.decode()
+
+        plan = await service.get_plan(plan_id)
+        assert plan.status == PlanStatus.CANCELLED and plan.rejection_note == "not today"
+        executed = await client.call_tool("execute_plan", {"plan_id": plan_id})
+        assert executed.is_error
+
+
+@pytest.mark.anyio
+async def test_cancel_from_the_cli_cancels_an_approved_plan(tmp_path: Path) -> None:
+    async with planner_over_mcp(tmp_path, approval="agent") as (client, service):
+        created = await client.call_tool("create_plan", hello_plan(require_approval=False))
+        plan_id = created.structured_content["id"]  # type: ignore[index]
+        assert (await service.get_plan(plan_id)).status == PlanStatus.APPROVED
+
+        result = await acli(tmp_path, "cancel", plan_id, "--reason", "changed my mind")
+        assert result.returncode == 0, result.stderr.decode()
+
+        assert (await service.get_plan(plan_id)).status == PlanStatus.CANCELLED
+
+
+@pytest.mark.anyio
+async def test_cancel_from_the_cli_stops_a_plan_executing_in_another_process(tmp_path: Path) -> None:
+    gate = Gate()
+    async with planner_over_mcp(tmp_path, approval="agent", gate=gate) as (_client, service):
+        plan = await service.create_plan(
+            PlanSpec.model_validate(
+                {
+                    "description": "hold",
+                    "steps": [{"id": "hold", "tool_name": "wait"}, {"id": "next", "tool_name": "echo"}],
+                    "options": {"require_approval": False},
+                }
+            )
+        )
+        outcome: dict[str, Any] = {}
+
+        async def execute() -> None:
+            outcome["summary"] = await service.execute_plan(plan.id, wait_seconds=None)
+
+        # The executing process picks the request up on its next claim heartbeat.
+        with anyio.fail_after(40):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(execute)
+                await gate.entered.wait()
+                result = await acli(tmp_path, "cancel", plan.id, "--reason", "stop it")
+                assert result.returncode == 0, result.stderr.decode()
+
+        assert outcome["summary"].status == PlanStatus.CANCELLED
+        stopped = await service.get_plan(plan.id)
+        assert stopped.status == PlanStatus.CANCELLED
+        assert [s.status for s in stopped.steps] == ["skipped", "skipped"]
