@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 
+from .attempts import SchemaChecker
 from .errors import PlanClaimedError, PlanStateError, PlanValidationError, Problem
 from .model import ExecutionPlan, PlanStatus, PlanSummary, StepStatus, utcnow
 from .scheduling import (
@@ -76,7 +77,7 @@ class Executor:
         self.heartbeat_interval = heartbeat_interval
         self.stale_after = stale_after
         self._runs: dict[str, Run] = {}
-        self._validators: dict[str, Any] = {}
+        self._schemas = SchemaChecker()
 
     def is_running(self, plan_id: str) -> bool:
         """Whether this executor is running the plan now."""
@@ -335,7 +336,7 @@ class Executor:
                 self.owner,
                 heartbeat_interval=self.heartbeat_interval,
                 interrupted=interrupted,
-                validators=self._validators,
+                schemas=self._schemas,
             )
             await self.store.save_plan(plan, [*events, *run.initial_events])
         except BaseException:

@@ -12,6 +12,7 @@ ordered by `Step.index`.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import inspect
 import logging
@@ -21,13 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import jsonschema
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic import BaseModel
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential
 
-from .errors import ParameterError, StepError, StepTimeoutError, ToolCallError
+from .attempts import SchemaChecker, call_step
+from .errors import StepError
 from .model import ExecutionPlan, PlanStatus, Step, StepResult, StepStatus, utcnow
 from .storage import Event, Store
 from .templating import render_parameters
@@ -65,26 +65,6 @@ async def call_hook(hook: Hook | None, *args: Any) -> None:
             await value
     except Exception:
         logger.exception("hook %r raised; the run goes on", getattr(hook, "__name__", hook))
-
-
-def _is_retryable(exc: BaseException) -> bool:
-    return isinstance(exc, StepError) and exc.retryable
-
-
-def retry_policy(step: Step, backoff: float, before_sleep: Callable[[RetryCallState], Any]) -> AsyncRetrying:
-    """The one place retries are configured: from the step's fields and the plan's backoff.
-
-    Attempts: `max_retries + 1`. Wait before retry n: `retry_delay_ms * backoff ** (n - 1)`. Only
-    `StepError`s whose class is `retryable` are retried; anything else (cancellation included) re-raises.
-    """
-    return AsyncRetrying(
-        stop=stop_after_attempt(step.max_retries + 1),
-        wait=wait_exponential(multiplier=step.retry_delay_ms / 1000, exp_base=backoff, min=0),
-        retry=retry_if_exception(_is_retryable),
-        sleep=anyio.sleep,
-        before_sleep=before_sleep,
-        reraise=True,
-    )
 
 
 @dataclass(slots=True)
@@ -138,7 +118,7 @@ class Run:
         *,
         heartbeat_interval: float,
         interrupted: list[str] | None = None,
-        validators: dict[str, Any] | None = None,
+        schemas: SchemaChecker | None = None,
     ) -> None:
         self.plan = plan
         self.steps = plan.steps
@@ -165,7 +145,7 @@ class Run:
         self.grace_deadline = math.inf
         total = plan.options.total_timeout_ms
         self.deadline = anyio.current_time() + total / 1000 if total > 0 else math.inf
-        self._validators = validators if validators is not None else {}
+        self._schemas = schemas if schemas is not None else SchemaChecker()
         self._send: MemoryObjectSendStream[_Message] | None = None
 
         n = len(self.steps)
@@ -400,8 +380,15 @@ class Run:
                 params = render_parameters(
                     step.parameters, {sid: r for sid, r in results.items() if r is not None}
                 )
-                self._check_schema(step, params)
-                outcome.result = await self._call(pos, step, params)
+                self._schemas.check(step, self.catalog.get(step.tool_name), params)
+                outcome.result = await call_step(
+                    self.provider,
+                    step,
+                    params,
+                    step_timeout_ms=self.options.step_timeout_ms,
+                    backoff=self.options.retry_backoff,
+                    on_retry=functools.partial(self._announce_retry, pos),
+                )
             except StepError as exc:
                 outcome.error = str(exc)
             except Exception as exc:  # a provider broke its contract; the run must not
@@ -417,66 +404,11 @@ class Run:
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             pass  # the coordinator gave up on this call (grace expired)
 
-    def _check_schema(self, step: Step, params: dict[str, Any]) -> None:
-        info = self.catalog.get(step.tool_name)
-        schema = info.input_schema if info is not None else None
-        if not schema:
-            return
-        cached = self._validators.get(step.tool_name)
-        if cached is None or cached[0] is not schema:
-            cls = jsonschema.validators.validator_for(schema)
-            try:
-                cls.check_schema(schema)
-            except jsonschema.SchemaError:
-                logger.warning("tool %r has an invalid input schema; parameters not checked", step.tool_name)
-                self._validators[step.tool_name] = cached = (schema, None)
-            else:
-                self._validators[step.tool_name] = cached = (schema, cls(schema))
-        validator = cached[1]
-        if validator is None:
-            return
-        errors = sorted(validator.iter_errors(params), key=lambda e: list(e.absolute_path))
-        if errors:
-            details = "; ".join(
-                f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}" for e in errors[:5]
-            )
-            raise ParameterError(
-                f"rendered parameters of step {step.id!r} do not match the input schema of "
-                f"{step.tool_name!r}: {details}"
-            )
-
-    async def _call(self, pos: int, step: Step, params: dict[str, Any]) -> StepResult:
-        timeout_ms = step.timeout_ms or self.options.step_timeout_ms
-
-        async def attempt() -> StepResult:
-            try:
-                if timeout_ms and timeout_ms > 0:
-                    with anyio.fail_after(timeout_ms / 1000):
-                        result = await self.provider.call(step.tool_name, params)
-                else:
-                    result = await self.provider.call(step.tool_name, params)
-            except TimeoutError as exc:
-                raise StepTimeoutError(
-                    f"step {step.id!r}: the call to {step.tool_name!r} timed out after {timeout_ms} ms"
-                ) from exc
-            except StepError:
-                raise
-            except Exception as exc:
-                raise ToolCallError(f"{type(exc).__name__}: {exc}") from exc
-            return result if isinstance(result, StepResult) else StepResult.from_value(result)
-
-        if step.max_retries <= 0:  # the policy would make exactly one attempt; skip its machinery
-            return await attempt()
-
-        async def before_sleep(state: RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome is not None else None
-            message = _Retrying(pos, state.attempt_number, str(exc), state.upcoming_sleep)
-            assert self._send is not None
-            self._send.send_nowait(message)
-            await message.ack.wait()  # the retry is committed before the next attempt is sent
-
-        result: StepResult = await retry_policy(step, self.options.retry_backoff, before_sleep)(attempt)
-        return result
+    async def _announce_retry(self, pos: int, retry: int, error: str, delay_s: float) -> None:
+        message = _Retrying(pos, retry, error, delay_s)
+        assert self._send is not None
+        self._send.send_nowait(message)
+        await message.ack.wait()  # the retry is committed before the next attempt is sent
 
     # -- claim heartbeat ----------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from tenacity import RetryCallState
 from test_executor_support import Tools, new_plan, statuses
 
 from mcp_planner import Executor, PlanStatus, StepStatus
-from mcp_planner.scheduling import retry_policy
+from mcp_planner.attempts import retry_policy
 
 pytestmark = pytest.mark.anyio
 

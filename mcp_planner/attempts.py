@@ -1,0 +1,124 @@
+"""One step's call: rendered parameters checked against the tool's schema, then attempts, each bounded by the
+step's timeout and retried by the one retry policy.
+
+Whether an error is retried is a property of its class (`StepError.retryable`); nothing here reads messages.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import jsonschema
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential
+
+from .errors import ParameterError, StepError, StepTimeoutError, ToolCallError
+from .model import Step, StepResult
+from .tools import ToolInfo, ToolProvider
+
+logger = logging.getLogger("mcp_planner.executor")
+
+#: Called before each retry with (retry number, the error, seconds until the retry); awaited before it.
+OnRetry = Callable[[int, str, float], Awaitable[None]]
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    return isinstance(exc, StepError) and exc.retryable
+
+
+def retry_policy(step: Step, backoff: float, before_sleep: Callable[[RetryCallState], Any]) -> AsyncRetrying:
+    """The one place retries are configured: from the step's fields and the plan's backoff.
+
+    Attempts: `max_retries + 1`. Wait before retry n: `retry_delay_ms * backoff ** (n - 1)`. Only
+    `StepError`s whose class is `retryable` are retried; anything else (cancellation included) re-raises.
+    """
+    return AsyncRetrying(
+        stop=stop_after_attempt(step.max_retries + 1),
+        wait=wait_exponential(multiplier=step.retry_delay_ms / 1000, exp_base=backoff, min=0),
+        retry=retry_if_exception(_is_retryable),
+        sleep=anyio.sleep,
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+
+
+class SchemaChecker:
+    """Checks rendered parameters against tools' input schemas; one compiled validator per schema."""
+
+    def __init__(self) -> None:
+        self._validators: dict[str, tuple[dict[str, Any], Any]] = {}
+
+    def check(self, step: Step, info: ToolInfo | None, params: dict[str, Any]) -> None:
+        """Raises: ParameterError naming the step, the tool and what does not match."""
+        schema = info.input_schema if info is not None else None
+        if not schema:
+            return
+        cached = self._validators.get(step.tool_name)
+        if cached is None or cached[0] is not schema:
+            cls = jsonschema.validators.validator_for(schema)
+            try:
+                cls.check_schema(schema)
+            except jsonschema.SchemaError:
+                logger.warning("tool %r has an invalid input schema; parameters not checked", step.tool_name)
+                cached = (schema, None)
+            else:
+                cached = (schema, cls(schema))
+            self._validators[step.tool_name] = cached
+        validator = cached[1]
+        if validator is None:
+            return
+        errors = sorted(validator.iter_errors(params), key=lambda e: list(e.absolute_path))
+        if errors:
+            details = "; ".join(
+                f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}" for e in errors[:5]
+            )
+            raise ParameterError(
+                f"rendered parameters of step {step.id!r} do not match the input schema of "
+                f"{step.tool_name!r}: {details}"
+            )
+
+
+async def call_step(
+    provider: ToolProvider,
+    step: Step,
+    params: dict[str, Any],
+    *,
+    step_timeout_ms: int,
+    backoff: float,
+    on_retry: OnRetry,
+) -> StepResult:
+    """Call the step's tool until an attempt succeeds or the retry policy gives up.
+
+    Raises:
+        StepError: the last attempt's error (`StepTimeoutError` for an attempt past its timeout).
+    """
+    timeout_ms = step.timeout_ms or step_timeout_ms
+
+    async def attempt() -> StepResult:
+        try:
+            if timeout_ms and timeout_ms > 0:
+                with anyio.fail_after(timeout_ms / 1000):
+                    result = await provider.call(step.tool_name, params)
+            else:
+                result = await provider.call(step.tool_name, params)
+        except TimeoutError as exc:
+            raise StepTimeoutError(
+                f"step {step.id!r}: the call to {step.tool_name!r} timed out after {timeout_ms} ms"
+            ) from exc
+        except StepError:
+            raise
+        except Exception as exc:  # a provider broke its contract: treat it as the tool failing
+            raise ToolCallError(f"{type(exc).__name__}: {exc}") from exc
+        return result if isinstance(result, StepResult) else StepResult.from_value(result)
+
+    if step.max_retries <= 0:  # the policy would make exactly one attempt; skip its machinery
+        return await attempt()
+
+    async def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        await on_retry(state.attempt_number, str(exc), state.upcoming_sleep)
+
+    result: StepResult = await retry_policy(step, backoff, before_sleep)(attempt)
+    return result
