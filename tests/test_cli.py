@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 import pytest
-from mcp import Client
+from mcp import Client, StdioServerParameters
 from mcp_types import CallToolResult, TextContent
 
 from mcp_planner.cli import ExitCode
@@ -494,3 +494,36 @@ async def test_cancel_from_the_cli_stops_a_plan_executing_in_another_process(tmp
         stopped = await service.get_plan(plan.id)
         assert stopped.status == PlanStatus.CANCELLED
         assert [s.status for s in stopped.steps] == ["skipped", "skipped"]
+
+
+@pytest.mark.anyio
+async def test_no_arguments_serves_stdio_and_execute_runs_a_plan_the_agent_created(tmp_path: Path) -> None:
+    db = str(tmp_path / "plans.db")
+    server = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "mcp_planner", "--servers", str(SERVERS), "--db", db],
+        env=cli_env(tmp_path),
+        cwd=str(tmp_path),
+    )
+    spec = {
+        "description": "check out and lint",
+        "steps": [
+            {"id": "checkout", "tool_name": "checkout", "parameters": {"repo": "example/app"}},
+            {
+                "id": "lint",
+                "tool_name": "lint",
+                "parameters": {"commit": "{{ steps.checkout.result.commit }}"},
+            },
+        ],
+    }
+    with anyio.fail_after(50):
+        async with Client(server, mode="legacy") as client:
+            created = await client.call_tool("create_plan", spec)
+            assert not created.is_error, text(created)
+            plan_id = created.structured_content["id"]  # type: ignore[index]
+
+            executed = await acli(tmp_path, "execute", plan_id, "--yes", "--servers", str(SERVERS))
+            assert executed.returncode == 0, executed.stderr.decode()
+
+            summary = await client.call_tool("get_summary", {"plan_id": plan_id})
+            assert summary.structured_content["status"] == "completed"  # type: ignore[index]
