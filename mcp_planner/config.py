@@ -189,12 +189,28 @@ def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> Serve
     except OSError as exc:
         raise ConfigError(f"cannot read servers config {str(path)!r}: {exc.strerror or exc}") from None
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_refuse_duplicates)
     except json.JSONDecodeError as exc:
         raise ConfigError(
             f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
         ) from None
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: key {exc.args[0]!r} appears twice in one object; keep one") from None
     return ServersConfig.from_dict(data, env, path.resolve().parent, source=path)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of two equal keys; for two servers of one name that hides a mistake.
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
 
 
 def _expand(value: Any, env: Mapping[str, str], *, where: str, server: str, field: str) -> Any:

@@ -306,7 +306,9 @@ class Downstream:
         attempt = server.attempt
         if server.state is ServerState.CONNECTED and attempt is not None and attempt.client is not None:
             return attempt, attempt.client
-        if self._closing or self._tg is None:
+        if self._tg is None:
+            raise DownstreamError("the downstream servers are not started: use Downstream as `async with`")
+        if self._closing:
             raise DownstreamError(
                 f"downstream server {server.name!r} is not available: the planner is shutting down"
             )

@@ -93,6 +93,18 @@ async def test_a_server_that_fails_to_start_is_retried_on_next_use_with_growing_
         assert downstream.status()["broken"]["failures"] == 2
 
 
+async def test_a_server_that_never_answers_the_handshake_fails_after_its_timeout(tmp_path: Path) -> None:
+    config = servers(silent=stdio("silent.py", env={"PID_DIR": str(tmp_path)}, timeout=1))
+    async with Downstream(config) as downstream:
+        assert await downstream.wait_ready(READY)
+        status = downstream.status()["silent"]
+        assert status["state"] == "failed"
+        assert "within 1s" in status["error"]
+        pids = recorded_pids(tmp_path)
+    assert len(pids) == 1
+    assert not alive(pids[0])
+
+
 def test_backoff_grows_and_is_capped() -> None:
     delays = [backoff_delay(n) for n in range(40)]
     assert delays[0] == 0

@@ -171,3 +171,9 @@ def test_the_example_servers_file_loads_with_python_from_the_environment() -> No
     for server in config.servers.values():
         assert server.command == "/usr/bin/python3"
         assert server.cwd == path.parent.resolve()
+
+
+def test_a_server_defined_twice_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, '{"mcpServers": {"a": {"command": "x"}, "a": {"command": "y"}}}')
+    with pytest.raises(ConfigError, match="key 'a' appears twice"):
+        load_config(path, {})
