@@ -1,4 +1,4 @@
-"""Plans executed end to end by the executor through real downstream servers (the examples and test servers)."""
+"""Plans run end to end by the executor through real downstream servers (examples and test servers)."""
 
 from __future__ import annotations
 
