@@ -130,7 +130,10 @@ DbOpt = Annotated[
     ),
 ]
 VerboseOpt = Annotated[
-    int, typer.Option("--verbose", "-v", count=True, help="Log to stderr (-v info, -vv debug).")
+    int,
+    typer.Option(
+        "--verbose", "-v", count=True, show_default=False, help="Log to stderr (-v info, -vv debug)."
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
@@ -330,10 +333,12 @@ def _serve(settings: Settings, transport: str, host: str, port: int, approval: s
     )
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def run(
     ctx: typer.Context,
-    plan_file: Annotated[Path, typer.Argument(help="JSON file with description, steps and options.")],
+    plan_file: Annotated[
+        Path, typer.Argument(metavar="PLAN_FILE", help="JSON file with description, steps and options.")
+    ],
     yes: YesOpt = False,
     servers: ServersOpt = None,
     db: DbOpt = None,
@@ -341,7 +346,7 @@ def run(
 ) -> None:
     """Create a plan from PLAN_FILE, show it, ask y/N (unless --yes), execute it and print the summary.
 
-    Exits 0 only if the plan completed; see the exit codes below.
+    Exits 0 only if the plan completed. Ctrl-C cancels the plan (exit 5).
     """
     settings = _settings(ctx, servers, db, verbose)
     spec = _load_plan_file(plan_file)
@@ -557,7 +562,7 @@ def show(
     out.print(mermaid(plan), markup=False, highlight=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def approve(
     ctx: typer.Context,
     plan_id: Annotated[str, typer.Argument(metavar="ID", help="Plan id.")],
@@ -600,7 +605,7 @@ async def _approve_here(rt: Runtime, plan: ExecutionPlan, yes: bool) -> Executio
     return approved
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def execute(
     ctx: typer.Context,
     plan_id: Annotated[str, typer.Argument(metavar="ID", help="Plan id.")],
@@ -646,7 +651,7 @@ def reject(
     out.print(f"plan {plan.id} rejected: {plan.status.value}", markup=False)
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def resume(
     ctx: typer.Context,
     plan_id: Annotated[str, typer.Argument(metavar="ID", help="Plan id.")],
