@@ -105,7 +105,8 @@ async def call_step(
                 result = await provider.call(step.tool_name, params)
         except TimeoutError as exc:
             raise StepTimeoutError(
-                f"step {step.id!r}: the call to {step.tool_name!r} timed out after {timeout_ms} ms"
+                f"step {step.id!r}: the call to {step.tool_name!r} timed out (attempt timeout of "
+                f"{timeout_ms} ms exceeded)"
             ) from exc
         except StepError:
             raise

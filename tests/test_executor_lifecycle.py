@@ -435,3 +435,55 @@ async def test_a_step_is_stored_running_before_its_call_and_completed_before_dep
         stored = await reader.get_plan(plan.id)
         assert stored.model_dump() == plan.model_dump()
         assert await reader.get_claim(plan.id) is None
+
+
+async def test_an_interrupted_step_left_failed_does_not_hold_up_independent_steps_when_continuing(
+    store: PlanStore, dead_owner: str
+) -> None:
+    tools = Tools()
+    plan = await crashed_plan(store, dead_owner)
+    plan.options.continue_on_error = True
+    plan.plan_hash = plan.compute_hash()  # re-pin the approval of this hand-built plan
+    summary = await Executor(tools, store).resume(plan)
+    assert statuses(plan) == {"a": "completed", "b": "failed", "c": "skipped"}
+    assert summary.status == PlanStatus.PARTIAL
+    assert plan.step("c").error == "dependency b did not complete"
+
+
+class FailingStore(MemoryStore):
+    """Fails the n-th step transition, like a full disk."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.fail_at = fail_at
+        self.transitions = 0
+
+    async def save_transition(self, plan: Any, steps: Any, events: Any = ()) -> None:
+        self.transitions += 1
+        if self.transitions == self.fail_at:
+            raise OSError("disk full")
+        await super().save_transition(plan, steps, events)
+
+
+async def test_a_store_failure_mid_run_raises_and_leaves_the_plan_resumable_not_executing() -> None:
+    tools = Tools()
+    store = FailingStore(fail_at=3)
+    plan = new_plan()
+    plan.add_step("ok", "", {}, step_id="a")
+    plan.add_step("ok", "", {}, step_id="b")
+    with pytest.raises(OSError, match="disk full"):
+        await Executor(tools, store).execute(plan)
+    assert plan.status == PlanStatus.FAILED
+    stored = await store.get_plan(plan.id)
+    assert stored.status == PlanStatus.FAILED
+    assert await store.get_claim(plan.id) is None
+    summary = await Executor(tools, store).resume(stored, rerun_interrupted=True)
+    assert summary.status == PlanStatus.COMPLETED
+
+
+async def test_auto_approve_lets_a_draft_run_without_asking() -> None:
+    plan = ExecutionPlan.new("auto")
+    plan.options.auto_approve = True
+    plan.add_step("ok", "", {})
+    summary = await Executor(Tools()).execute(plan)
+    assert summary.status == PlanStatus.COMPLETED and plan.approved_by == "auto"
