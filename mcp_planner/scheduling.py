@@ -276,7 +276,9 @@ class Run:
 
     async def _receive(self, receive: MemoryObjectReceiveStream[_Message]) -> _Message | None:
         self._check_deadline()
-        deadline = self.grace_deadline if self.halted else self.deadline
+        deadline = self.grace_deadline
+        if not self.timed_out and self.cancel_reason is None:  # still bounds steps that finish after a stop
+            deadline = min(deadline, self.deadline)
         if deadline == math.inf:
             return await receive.receive()
         with anyio.CancelScope(deadline=deadline):
@@ -375,6 +377,10 @@ class Run:
     async def _work(self, pos: int, scope: anyio.CancelScope, results: dict[str, StepResult | None]) -> None:
         step = self.steps[pos]
         outcome = _Finished(pos)
+        if scope.cancel_called:  # cancelled before it started: send nothing (a tool may act before awaiting)
+            outcome.cancelled = True
+            self._report(outcome)
+            return
         with scope:
             try:
                 params = render_parameters(
@@ -398,6 +404,9 @@ class Run:
                 outcome.error = f"{type(exc).__name__}: {exc}"
         if scope.cancel_called and outcome.result is None:
             outcome.cancelled = True
+        self._report(outcome)
+
+    def _report(self, outcome: _Finished) -> None:
         assert self._send is not None
         try:
             self._send.send_nowait(outcome)

@@ -389,3 +389,16 @@ async def test_every_transition_is_recorded_in_the_event_log() -> None:
     ]
     seqs = [e.seq for e in await executor.store.events(plan.id)]
     assert seqs == list(range(1, len(seqs) + 1))
+
+
+async def test_the_total_timeout_still_bounds_steps_left_running_after_a_stop_on_error() -> None:
+    tools = Tools()
+    plan = new_plan(parallel=2, total_timeout_ms=100)
+    plan.add_step("hang", "", {"key": "a"}, step_id="a")
+    plan.add_step("fail", "", {}, step_id="b")
+    plan.add_step("ok", "", {}, step_id="c")
+    with anyio.fail_after(10):
+        summary = await Executor(tools).execute(plan)
+    assert statuses(plan) == {"a": "failed", "b": "failed", "c": "skipped"}
+    assert plan.step("a").error == "total timeout exceeded"
+    assert summary.status == PlanStatus.FAILED

@@ -487,3 +487,23 @@ async def test_auto_approve_lets_a_draft_run_without_asking() -> None:
     plan.add_step("ok", "", {})
     summary = await Executor(Tools()).execute(plan)
     assert summary.status == PlanStatus.COMPLETED and plan.approved_by == "auto"
+
+
+async def test_a_step_cancelled_before_its_call_is_sent_never_reaches_the_tool() -> None:
+    calls: list[dict[str, Any]] = []
+
+    def sync_tool(params: dict[str, Any]) -> str:
+        calls.append(params)
+        return "done"
+
+    async def cancel_on_start(plan: ExecutionPlan, step: Any) -> None:
+        await executor.cancel(plan, "stop before it starts")
+
+    plan = new_plan()
+    plan.add_step("act", "", {}, step_id="a")
+    executor = Executor({"act": sync_tool}, on_step_start=cancel_on_start)
+    await executor.execute(plan)
+    assert calls == []
+    assert plan.step("a").status == StepStatus.SKIPPED
+    assert plan.step("a").error == "stop before it starts"
+    assert plan.status == PlanStatus.CANCELLED
