@@ -280,13 +280,14 @@ async def test_serves_streamable_http(tmp_path: Path) -> None:
         with anyio.fail_after(20):
             while True:
                 try:
-                    async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy") as client:
-                        tools = await client.list_tools()
-                        plan_id = await create(client, sleeper(0))
-                        done = await client.call_tool("execute_plan", {"plan_id": plan_id})
+                    await (await anyio.connect_tcp("127.0.0.1", port)).aclose()
                     break
-                except* OSError:
-                    await anyio.sleep(0.1)  # the server is still binding its port: a bounded retry
+                except OSError:
+                    await anyio.sleep(0.1)  # the server is still binding its port: a bounded poll
+        async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy") as client:
+            tools = await client.list_tools()
+            plan_id = await create(client, sleeper(0))
+            done = await client.call_tool("execute_plan", {"plan_id": plan_id})
         assert len(tools.tools) == 12
         assert done.structured_content is not None and done.structured_content["status"] == "completed"
     finally:
