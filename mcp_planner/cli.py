@@ -255,6 +255,7 @@ class Runtime:
 
     tools: ToolProvider
     service: PlannerService
+    servers: Path | None = None
 
 
 @asynccontextmanager
@@ -280,7 +281,7 @@ async def _runtime(settings: Settings, *, tools: bool) -> AsyncIterator[Runtime]
         service = await stack.enter_async_context(
             PlannerService(store, provider, approval="agent", ready_timeout=CONNECT_TIMEOUT)
         )
-        yield Runtime(tools=provider, service=service)
+        yield Runtime(tools=provider, service=service, servers=servers if tools else None)
 
 
 # -- commands -------------------------------------------------------------------------------------------
@@ -446,6 +447,15 @@ async def _checked_plan(rt: Runtime, spec: PlanSpec) -> ExecutionPlan:
     qualify_tool_names(plan, catalog.keys())
     problems = plan.validate(schema_catalog(rt.tools))
     if problems:
+        if rt.servers is None and any(p.field == "tool_name" for p in problems):
+            problems.append(
+                Problem(
+                    None,
+                    "servers",
+                    "no servers file was given, so there are no downstream tools: pass --servers FILE or "
+                    "set MCP_PLANNER_SERVERS",
+                )
+            )
         for name, state in sorted(rt.service.server_status().items()):
             if state.get("error"):
                 problems.append(
