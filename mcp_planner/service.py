@@ -295,6 +295,11 @@ class PlannerService:
         plan = await self._load(plan_id)
         if plan.status == PlanStatus.APPROVED and plan.is_approved():
             return plan
+        if plan.status == PlanStatus.CANCELLED:
+            why = plan.rejection_note or plan.error or "cancelled"
+            raise PlanStateError(
+                f"plan {plan.id!r} is cancelled ({why}) and can no longer be approved: create a new plan"
+            )
         plan.approve(approved_by, method=method)
         await self.store.save_plan(plan, [_event(plan, "plan_approved", by=approved_by, method=method)])
         return plan

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -489,3 +490,46 @@ async def test_server_answers_tools_list_while_the_service_is_still_starting(tmp
         with anyio.fail_after(5):
             listed = await client.call_tool("list_plans", {})
         assert listed.structured_content == {"plans": []}
+
+
+async def test_plan_not_approved_in_time_is_cancelled_and_cannot_be_approved(tmp_path: Path) -> None:
+    async with planner(tmp_path) as (client, service):
+        plan_id = await create(client, two_step_plan(approval_timeout_ms=60_000))
+        stored = await service.store.get_plan(plan_id)
+        stored.pending_since = datetime.now(UTC) - timedelta(minutes=2)  # as if it had waited two minutes
+        await service.store.save_plan(stored)
+        result = await client.call_tool("approve_plan", {"plan_id": plan_id})
+        assert result.is_error and "approval timed out" in text(result)
+        listed = await client.call_tool("list_plans", {"status": "cancelled"})
+        assert listed.structured_content is not None
+        assert [p["id"] for p in listed.structured_content["plans"]] == [plan_id]
+        assert "approval_expired" in [e.kind for e in await service.events(plan_id)]
+
+
+async def test_every_approval_rejection_and_cancellation_is_an_event_with_who_and_how(tmp_path: Path) -> None:
+    async with planner(tmp_path) as (client, service):
+        approved = await create(client, two_step_plan())
+        await client.call_tool("approve_plan", {"plan_id": approved, "approved_by": "claude"})
+        rejected = await create(client, two_step_plan())
+        await client.call_tool("reject_plan", {"plan_id": rejected, "reason": "wrong target"})
+        cancelled = await create(client, two_step_plan())
+        result = await client.call_tool("cancel_plan", {"plan_id": cancelled, "reason": "not needed"})
+        assert result.structured_content is not None
+        assert result.structured_content["status"] == "cancelled"
+        assert {s["status"] for s in result.structured_content["steps"]} == {"skipped"}
+
+        def last(events: list[Any], kind: str) -> dict[str, Any]:
+            return dict([e for e in events if e.kind == kind][-1].data)
+
+        assert last(await service.events(approved), "plan_approved") == {"by": "claude", "method": "agent"}
+        assert last(await service.events(rejected), "plan_rejected") == {
+            "by": "agent",
+            "reason": "wrong target",
+        }
+        assert last(await service.events(cancelled), "plan_cancelled") == {
+            "by": "agent",
+            "how": "direct",
+            "reason": "not needed",
+        }
+        again = await client.call_tool("cancel_plan", {"plan_id": cancelled})
+        assert again.is_error and "nothing to cancel" in text(again)
