@@ -140,8 +140,11 @@ async def test_agent_creates_approves_through_the_person_and_executes_with_progr
         assert "ci.deploy" in prompt.messages[0].content.text  # type: ignore[union-attr]
 
 
-async def test_declined_plan_is_rejected_and_never_runs(tmp_path: Path) -> None:
-    async with serve(tmp_path, "--approval", "auto", elicitation_callback=decline) as client:
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_declined_plan_is_rejected_and_never_runs(tmp_path: Path, mode: str) -> None:
+    async with serve(tmp_path, "--approval", "auto", elicitation_callback=decline, mode=mode) as client:
+        if mode == "auto":
+            assert client.protocol_version >= "2026-07-28"  # elicitation rides InputRequiredResult rounds
         plan_id = await create(client, RELEASE)
         declined = await client.call_tool("approve_plan", {"plan_id": plan_id})
         assert declined.is_error and "declined" in text(declined)
