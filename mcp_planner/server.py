@@ -1,49 +1,31 @@
-"""The MCP server: planning tools, plan resources and the `plan_task` prompt over `PlannerService`.
+"""The MCP server: the planning tools (`server_tools`), plan resources, and running over stdio or HTTP.
 
-Thin by design: each tool validates its typed arguments (pydantic), calls the service, and returns a
-`CallToolResult` with structured content (the output schema is the presentation model) plus a few lines of
-text a model reads at a glance. Exceptions become error results in exactly one place,
-`PlannerMCPServer.call_tool`, so no traceback, pydantic report or protocol error reaches the client.
+Exceptions become tool error results in exactly one place, `PlannerMCPServer.call_tool`, so no traceback,
+pydantic report or protocol error reaches the client.
 
 The service (store, downstream connections, executions) starts in the background when the server starts:
 `initialize` and `tools/list` are answered at once, and a tool call waits for the service to be ready.
-
-Approval uses MCP elicitation through `Resolve(...)`, which asks the person mid-call on protocol versions
-up to 2025-11-25 and through an `InputRequiredResult` round on 2026-07-28 and later.
 """
-
-# No `from __future__ import annotations`: MCPServer reads tool and resolver signatures at registration.
 
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import anyio
-from mcp.server.elicitation import (
-    AcceptedElicitation,
-    CancelledElicitation,
-    DeclinedElicitation,
-    ElicitationResult,
-)
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
-from mcp.server.mcpserver.resolve import Elicit, Resolve
 from mcp.shared.exceptions import MCPError
-from mcp_types import CallToolResult, InputRequiredResult, TextContent, ToolAnnotations
-from mcp_types.version import is_version_at_least
-from pydantic import BaseModel, Field, ValidationError
+from mcp_types import CallToolResult, InputRequiredResult, TextContent
+from pydantic import ValidationError
 
 from . import presentation as views
-from .errors import PlannerError, PlanNotFoundError, PlanStateError
-from .model import ExecutionOptions, PlanStatus, PlanSummary, Step, StepSpec
+from .errors import PlannerError, PlanNotFoundError
+from .server_tools import ServiceState, register_tools
 from .service import ApprovalPolicy, PlannerService
 
 log = logging.getLogger("mcp_planner.server")
-
-#: How long a tool call waits for the service to finish starting (store open, servers connecting).
-STARTUP_WAIT = 30.0
 
 INSTRUCTIONS = """\
 mcp-planner turns multi-step work into a plan: a DAG of calls to the tools of other MCP servers (see
@@ -57,59 +39,11 @@ completed, failed (stopped at an error or timed out), partial (some steps failed
 cancelled (rejected, cancelled or approval timed out; never runs again). Every result includes
 `next_action`, what to call next."""
 
-PlanId = Annotated[str, Field(min_length=1, max_length=200, description="the plan's id (from create_plan)")]
-WaitSeconds = Annotated[
-    float,
-    Field(
-        ge=0,
-        le=600,
-        description="seconds to wait for the plan to finish before returning its summary; the plan keeps "
-        "running in the server after that (follow it with get_summary)",
-    ),
-]
-
-
-def _hints(*, read_only: bool, destructive: bool, idempotent: bool, open_world: bool) -> ToolAnnotations:
-    return ToolAnnotations(
-        read_only_hint=read_only,
-        destructive_hint=destructive,
-        idempotent_hint=idempotent,
-        open_world_hint=open_world,
-    )
-
-
-_READ_ONLY = _hints(read_only=True, destructive=False, idempotent=True, open_world=False)
-
-
-class ApprovalForm(BaseModel):
-    """What the person approving a plan may add; accepting the form approves, declining rejects."""
-
-    note: str = Field(default="", description="Optional note kept with your decision")
-
-
-class _ServiceState:
-    """The service the tools use; set by the server's lifespan once the service has started."""
-
-    def __init__(self, service: PlannerService | None = None) -> None:
-        self.service = service
-        self.error: BaseException | None = None
-        self.ready: anyio.Event | None = None
-
-    async def get(self) -> PlannerService:
-        if self.service is None and self.ready is not None and self.error is None:
-            with anyio.move_on_after(STARTUP_WAIT):
-                await self.ready.wait()
-        if self.service is not None:
-            return self.service
-        if self.error is not None:
-            raise PlannerError(f"the planner failed to start: {self.error}; check the server log")
-        raise PlannerError("the planner is still starting: call this tool again in a few seconds")
-
 
 class PlannerMCPServer(MCPServer[Any]):
     """`MCPServer` whose tool calls never fail with a traceback or a protocol error."""
 
-    planner: _ServiceState
+    planner: ServiceState
 
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
@@ -161,60 +95,6 @@ def _arguments_message(tool: str, exc: ValidationError) -> str:
     )
 
 
-# -- helpers ---------------------------------------------------------------------------------------------
-
-
-def _result(model: BaseModel, text: str) -> CallToolResult:
-    return CallToolResult(
-        content=[TextContent(type="text", text=text)], structured_content=model.model_dump(mode="json")
-    )
-
-
-def _summary_result(summary: PlanSummary, lead: str | None = None) -> CallToolResult:
-    view = views.summary_view(summary)
-    text = views.summary_text(summary) + f"\nnext: {view.next_action}"
-    return _result(view, f"{lead}\n{text}" if lead else text)
-
-
-def _can_elicit(ctx: Context[Any, Any]) -> bool:
-    """Whether this client can be asked a form question during this call."""
-    caps = ctx.client_capabilities
-    elicitation = caps.elicitation if caps is not None else None
-    # A bare `elicitation: {}` (before modes existed) means form support; url-only does not.
-    if elicitation is None or (elicitation.form is None and elicitation.url is not None):
-        return False
-    version = ctx.protocol_version
-    if version is not None and is_version_at_least(version, "2026-07-28"):
-        return True  # asked through an InputRequiredResult round, no back-channel needed
-    return bool(ctx.session.can_send_request)
-
-
-def _client_name(ctx: Context[Any, Any]) -> str | None:
-    params = ctx.session.client_params
-    return params.client_info.name if params is not None and params.client_info is not None else None
-
-
-async def _ask_person(plan_id: str, ctx: Context[Any, Any]) -> Elicit[ApprovalForm] | None:
-    """Resolver for approve_plan: the elicitation to send, or None when nobody is to be asked."""
-    server = ctx.mcp_server
-    if not isinstance(server, PlannerMCPServer):
-        return None
-    try:
-        service = await server.planner.get()
-        if service.approval == "agent" or not _can_elicit(ctx):
-            return None
-        plan = await service.get_plan(plan_id)
-    except PlannerError:
-        return None  # the tool body reports it
-    if plan.status not in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL):
-        return None
-    message = (
-        views.plan_text(plan) + "\n\nApprove this plan? Accept to let it run (its steps call the tools above "
-        "with these parameters); decline to reject it."
-    )
-    return Elicit(message, ApprovalForm)
-
-
 # -- the server ------------------------------------------------------------------------------------------
 
 
@@ -237,7 +117,7 @@ def build_server(
     """
     if (service is None) == (service_factory is None):
         raise ValueError("pass exactly one of service or service_factory")
-    state = _ServiceState(service)
+    state = ServiceState(service)
 
     @asynccontextmanager
     async def lifespan(app: MCPServer[Any]) -> AsyncIterator[None]:
@@ -255,12 +135,12 @@ def build_server(
 
     server = PlannerMCPServer(name, instructions=INSTRUCTIONS, lifespan=lifespan)
     server.planner = state
-    _register_tools(server, state)
+    register_tools(server, state)
     _register_resources(server, state)
     return server
 
 
-async def _keep_service(factory: ServiceFactory, state: _ServiceState, stop: anyio.Event) -> None:
+async def _keep_service(factory: ServiceFactory, state: ServiceState, stop: anyio.Event) -> None:
     assert state.ready is not None
     try:
         async with factory() as service:
@@ -275,293 +155,7 @@ async def _keep_service(factory: ServiceFactory, state: _ServiceState, stop: any
         state.ready.set()
 
 
-def _register_tools(server: PlannerMCPServer, state: _ServiceState) -> None:
-    @server.tool(
-        description="List the tools that plan steps can call: the tools of the downstream MCP servers this "
-        "planner is connected to, by qualified name (`server.tool`), with description, input schema and "
-        "annotations (readOnlyHint/idempotentHint mean a step is safe to retry). Call this first, before "
-        "writing a plan. Also reports servers that failed to connect.",
-        annotations=_READ_ONLY,
-    )
-    async def list_tools(
-        server: Annotated[str | None, Field(description="only the tools of this downstream server")] = None,
-    ) -> Annotated[CallToolResult, views.ToolCatalog]:
-        service = await state.get()
-        catalog = await service.catalog()
-        tools = [
-            views.CatalogTool(
-                name=info.name,
-                server=info.server,
-                description=info.description,
-                input_schema=info.input_schema,
-                annotations=dict(info.annotations),
-            )
-            for info in sorted(catalog.values(), key=lambda i: i.name)
-            if server is None or info.server == server or info.name.startswith(f"{server}.")
-        ]
-        servers = views.server_views(service.server_status())
-        if server is not None:
-            servers = [s for s in servers if s.name == server]
-            if not tools and not servers:
-                known = sorted({i.server for i in catalog.values() if i.server})
-                raise PlannerError(f"no downstream server named {server!r}; known servers: {known}")
-        result = views.ToolCatalog(tools=tools, servers=servers)
-        return _result(result, views.catalog_text(result))
-
-    @server.tool(
-        description="Ask the client's LLM (MCP sampling) to write a plan for a task, using the tools from "
-        "list_tools; the plan is validated (and repaired up to 3 times) and stored. Returns the plan: show "
-        "it to the user, then call approve_plan and execute_plan. If this client cannot sample, draft the "
-        "plan yourself (the plan_task prompt has the instructions) and call create_plan.",
-        annotations=_hints(read_only=False, destructive=False, idempotent=False, open_world=False),
-    )
-    async def generate_plan(
-        task: Annotated[str, Field(min_length=1, description="what the plan should achieve")],
-        ctx: Context[Any, Any],
-        context: Annotated[str | None, Field(description="background the planner should know")] = None,
-        constraints: Annotated[str | None, Field(description="rules the plan must follow")] = None,
-        options: Annotated[
-            ExecutionOptions | None, Field(description="execution options to apply (only those given)")
-        ] = None,
-    ) -> Annotated[CallToolResult, views.PlanView] | InputRequiredResult:
-        from .generator import PlanRequest
-        from .sampling import generate_with_sampling
-
-        service = await state.get()
-        request = PlanRequest(task=task, context=context, constraints=constraints, options=options)
-        generated = await generate_with_sampling(ctx, await service.catalog(), request)
-        if isinstance(generated, InputRequiredResult):
-            return generated
-        plan = await service.add_plan(generated)
-        return _plan_result(plan, "generated and stored")
-
-    @server.tool(
-        description="Store a plan you wrote: a description and steps, each step calling one tool from "
-        "list_tools with parameters. Steps run in order of their dependencies (`depends_on`: ids of earlier "
-        "steps); a string parameter may use an earlier step's result as `{{ steps.<id>.result }}` (or "
-        "`.result.<field>`, `.text`, `.json`), which also makes it a dependency. Give steps short readable "
-        "ids. Set max_retries for flaky, idempotent calls only. The whole plan is validated against the "
-        "tools' input schemas and refused with every problem listed; fix them all and call again. A new plan "
-        "is pending_approval (call approve_plan) unless options.require_approval is false.",
-        annotations=_hints(read_only=False, destructive=False, idempotent=False, open_world=False),
-    )
-    async def create_plan(
-        description: Annotated[str, Field(description="what the plan achieves, in one sentence")],
-        steps: Annotated[list[StepSpec], Field(description="the steps, in a sensible order")],
-        options: Annotated[
-            ExecutionOptions | None,
-            Field(description="how to approve and run it (parallelism, error handling, timeouts)"),
-        ] = None,
-    ) -> Annotated[CallToolResult, views.PlanView]:
-        from .model import PlanSpec
-
-        service = await state.get()
-        spec = PlanSpec(description=description, steps=steps, options=options or ExecutionOptions())
-        plan = await service.create_plan(spec)
-        return _plan_result(plan, "created")
-
-    @server.tool(
-        description="Replace the description, steps and/or options of a plan that has not started yet "
-        "(draft, pending_approval or approved). The plan is validated again, and any approval is cleared: "
-        "call approve_plan again afterwards. To change a plan that already ran, create a new one.",
-        annotations=_hints(read_only=False, destructive=True, idempotent=True, open_world=False),
-    )
-    async def update_plan(
-        plan_id: PlanId,
-        description: Annotated[str | None, Field(description="new description")] = None,
-        steps: Annotated[list[StepSpec] | None, Field(description="new steps (replace all steps)")] = None,
-        options: Annotated[ExecutionOptions | None, Field(description="new options (replace all)")] = None,
-    ) -> Annotated[CallToolResult, views.PlanView]:
-        service = await state.get()
-        plan = await service.update_plan(plan_id, description=description, steps=steps, options=options)
-        return _plan_result(plan, "updated (any earlier approval was cleared)")
-
-    @server.tool(
-        description="Approve a pending_approval plan so it can be executed. Show the plan to the user "
-        "first. Depending on the server's approval policy the user may be asked to confirm in their client; "
-        "if they decline, the plan is rejected. Approval pins the plan's content: editing it later needs a "
-        "new approval. Next: execute_plan.",
-        annotations=_hints(read_only=False, destructive=False, idempotent=True, open_world=False),
-    )
-    async def approve_plan(
-        plan_id: PlanId,
-        ctx: Context[Any, Any],
-        decision: Annotated[ElicitationResult[ApprovalForm], Resolve(_ask_person)],
-        approved_by: Annotated[
-            str | None, Field(max_length=200, description="who approves (default: agent)")
-        ] = None,
-    ) -> Annotated[CallToolResult, views.ApprovalView]:
-        service = await state.get()
-        if isinstance(decision, DeclinedElicitation):
-            await service.reject_plan(
-                plan_id, "declined by the user when asked to approve", rejected_by="user"
-            )
-            raise PlanStateError(
-                f"the user declined plan {plan_id!r}: it is rejected (cancelled) and will never run. Ask the "
-                "user what to change, then create a new plan"
-            )
-        if isinstance(decision, CancelledElicitation):
-            raise PlanStateError(
-                f"the user dismissed the approval request: plan {plan_id!r} is still pending_approval. Call "
-                "approve_plan again when the user is ready, or reject_plan"
-            )
-        if isinstance(decision, AcceptedElicitation) and isinstance(decision.data, ApprovalForm):
-            client = _client_name(ctx)
-            by = f"user via {client}" if client else "user"
-            plan = await service.approve_plan(plan_id, approved_by=by, method="elicitation")
-            lead = f"plan {plan_id!r} approved by the user"
-        else:
-            if service.approval == "human":
-                current = await service.get_plan(plan_id)
-                if current.status in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL):
-                    raise PlanStateError(
-                        f"plan {plan_id!r} needs a person's approval (approval policy 'human') and this "
-                        f"client cannot ask them: ask the user to run `mcp-planner approve {plan_id}` in a "
-                        "terminal, then call execute_plan"
-                    )
-            plan = await service.approve_plan(plan_id, approved_by=approved_by or "agent", method="agent")
-            lead = f"plan {plan_id!r} approved by {plan.approved_by}"
-        view = views.approval_view(plan)
-        return _result(view, f"{lead}; next: {view.next_action}")
-
-    @server.tool(
-        description="Reject a plan that has not started (draft, pending_approval or approved): it becomes "
-        "cancelled and will never run. To stop a plan that is executing, use cancel_plan.",
-        annotations=_hints(read_only=False, destructive=True, idempotent=True, open_world=False),
-    )
-    async def reject_plan(
-        plan_id: PlanId,
-        reason: Annotated[str, Field(min_length=1, max_length=2000, description="why; kept with the plan")],
-    ) -> Annotated[CallToolResult, views.ApprovalView]:
-        service = await state.get()
-        plan = await service.reject_plan(plan_id, reason)
-        return _result(views.approval_view(plan), f"plan {plan_id!r} rejected: {reason}")
-
-    @server.tool(
-        description="Execute an approved plan: its steps call the downstream tools (real side effects). "
-        "Returns the summary when the plan finishes or after wait_seconds, whichever comes first; a plan "
-        "still executing keeps running in the server: follow it with get_summary, stop it with cancel_plan. "
-        "Sends progress notifications per step when the request has a progress token. Only for a plan that "
-        "is approved (or needs no approval); for a failed or partial plan use resume_plan.",
-        annotations=_hints(read_only=False, destructive=True, idempotent=False, open_world=True),
-    )
-    async def execute_plan(
-        plan_id: PlanId, ctx: Context[Any, Any], wait_seconds: WaitSeconds = 50.0
-    ) -> Annotated[CallToolResult, views.SummaryView]:
-        service = await state.get()
-        summary = await service.execute_plan(plan_id, wait_seconds=wait_seconds, on_progress=_progress(ctx))
-        return _summary_result(summary)
-
-    @server.tool(
-        description="Resume a failed or partial plan, or one left executing by a server that stopped: "
-        "completed steps are kept and never re-run; failed, skipped and pending steps run again. A step "
-        "that was interrupted mid-call (outcome unknown) is re-run only if that is safe (retries allowed, or "
-        "a read-only/idempotent tool) or rerun_interrupted is true; otherwise it fails and the summary says "
-        "so. Returns like execute_plan. Resuming a completed plan just returns its summary.",
-        annotations=_hints(read_only=False, destructive=True, idempotent=False, open_world=True),
-    )
-    async def resume_plan(
-        plan_id: PlanId,
-        ctx: Context[Any, Any],
-        rerun_interrupted: Annotated[
-            bool, Field(description="re-run steps interrupted mid-call even if not known to be safe")
-        ] = False,
-        wait_seconds: WaitSeconds = 50.0,
-    ) -> Annotated[CallToolResult, views.SummaryView]:
-        service = await state.get()
-        summary = await service.resume_plan(
-            plan_id,
-            rerun_interrupted=rerun_interrupted,
-            wait_seconds=wait_seconds,
-            on_progress=_progress(ctx),
-        )
-        return _summary_result(summary)
-
-    @server.tool(
-        description="Cancel a plan. An executing plan stops: running tool calls are cancelled and the steps "
-        "not finished are skipped. A plan not started yet is cancelled too. Cancelled is final: the plan can "
-        "never run or be resumed again.",
-        annotations=_hints(read_only=False, destructive=True, idempotent=True, open_world=False),
-    )
-    async def cancel_plan(
-        plan_id: PlanId,
-        reason: Annotated[
-            str, Field(max_length=2000, description="why; kept with the plan")
-        ] = "cancelled by the agent",
-    ) -> Annotated[CallToolResult, views.SummaryView]:
-        service = await state.get()
-        summary = await service.cancel_plan(plan_id, reason)
-        lead = None
-        if summary.status == PlanStatus.EXECUTING:
-            lead = "cancellation requested: the process executing the plan stops it within seconds"
-        return _summary_result(summary, lead)
-
-    @server.tool(
-        description="A plan's status, step counts, progress (percent of steps completed), duration, and for "
-        "each step its id, tool, status, duration, error and retry count. Cheap: use it to follow an "
-        "executing plan.",
-        annotations=_READ_ONLY,
-    )
-    async def get_summary(plan_id: PlanId) -> Annotated[CallToolResult, views.SummaryView]:
-        service = await state.get()
-        return _summary_result(await service.get_summary(plan_id))
-
-    @server.tool(
-        description="The whole plan: options, approval, every step with parameters, dependencies, status "
-        "and result, and a Mermaid graph of the steps coloured by status. Results over 64 KiB are shown as "
-        "a preview plus a plan:// resource URI to read them in full.",
-        annotations=_READ_ONLY,
-    )
-    async def get_plan(plan_id: PlanId) -> Annotated[CallToolResult, views.PlanView]:
-        service = await state.get()
-        plan = await service.get_plan(plan_id)
-        view = views.plan_view(plan)
-        text = (
-            views.plan_text(plan) + "\n" + views.summary_text(plan.summary()) + f"\nnext: {view.next_action}"
-        )
-        return _result(view, text)
-
-    @server.tool(
-        description="Recent plans, newest first, optionally only those with one status (e.g. "
-        "pending_approval, executing, failed).",
-        annotations=_READ_ONLY,
-    )
-    async def list_plans(
-        status: Annotated[PlanStatus | None, Field(description="only plans with this status")] = None,
-        limit: Annotated[int, Field(ge=1, le=200, description="at most this many plans")] = 20,
-    ) -> Annotated[CallToolResult, views.PlanList]:
-        service = await state.get()
-        plans = views.plan_list(await service.list_plans(status=status, limit=limit))
-        return _result(plans, views.plan_list_text(plans))
-
-    @server.prompt(
-        description="The planning instructions with the tool catalog, for a task: for clients without "
-        "sampling, so the agent drafts the plan itself and calls create_plan."
-    )
-    async def plan_task(task: str, context: str | None = None) -> str:
-        from .generator import render_planning_prompt
-
-        service = await state.get()
-        return render_planning_prompt(await service.catalog(), task, context, None, for_agent=True)
-
-
-def _plan_result(plan: Any, verb: str) -> CallToolResult:
-    view = views.plan_view(plan)
-    head = f"plan {plan.id!r} {verb}; status {plan.status.value}."
-    text = f"{head}\n{views.plan_text(plan)}\nnext: {view.next_action}"
-    return _result(view, text)
-
-
-def _progress(ctx: Context[Any, Any]) -> Callable[[PlanSummary, Step | None], Any]:
-    async def report(summary: PlanSummary, step: Step | None) -> None:
-        done = summary.completed + summary.failed + summary.skipped
-        message = f"step {step.id!r} {step.status.value}" if step is not None else None
-        await ctx.report_progress(done, summary.total_steps, message)
-
-    return report
-
-
-def _register_resources(server: PlannerMCPServer, state: _ServiceState) -> None:
+def _register_resources(server: PlannerMCPServer, state: ServiceState) -> None:
     async def load(plan_id: str) -> Any:
         service = await state.get()
         try:
