@@ -108,6 +108,7 @@ class Downstream:
         self._catalog: dict[str, ToolInfo] | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._closing = False
+        self._live: set[_Attempt] = set()  # holders still running, including lost ones still closing
 
     async def __aenter__(self) -> Downstream:
         self._tg = anyio.create_task_group()
@@ -120,7 +121,7 @@ class Downstream:
     async def __aexit__(self, *exc_info: Any) -> bool | None:
         assert self._tg is not None
         self._closing = True
-        attempts = [s.attempt for s in self._servers.values() if s.attempt is not None]
+        attempts = list(self._live)
         for attempt in attempts:
             attempt.close.set()
         # Let every client close gracefully (stdin closed, process reaped); the SDK bounds each step.
@@ -177,6 +178,8 @@ class Downstream:
         except ValidationError as exc:
             raise DownstreamError(f"{qualified}: server {server.name!r} sent a malformed result") from exc
         except RuntimeError as exc:
+            if attempt.close.is_set():  # the client closed under us (connection lost or shutting down)
+                raise DownstreamError(f"{qualified}: server {server.name!r} is unreachable: {exc}") from exc
             # The SDK's own checks of a result (structured content against the output schema, ...).
             raise ToolCallError(f"{qualified}: {exc}") from exc
         except Exception as exc:
@@ -297,6 +300,7 @@ class Downstream:
     def _start(self, server: _Server) -> _Attempt:
         assert self._tg is not None
         attempt = _Attempt()
+        self._live.add(attempt)
         server.attempt = attempt
         server.state = ServerState.CONNECTING
         self._tg.start_soon(self._hold, server, attempt, name=f"downstream {server.name}")
@@ -399,6 +403,7 @@ class Downstream:
                 self._lost(server, attempt, error or "the connection ended")
             attempt.client = None
             errlog.close()
+            self._live.discard(attempt)
             attempt.settled.set()
             attempt.finished.set()
 
