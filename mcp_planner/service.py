@@ -225,6 +225,7 @@ class PlannerService:
         updated.id = plan.id
         updated.created_at = plan.created_at
         await self._check(updated)
+        self._apply_policy(updated)
         updated.submit()
         changed = [
             name
@@ -273,7 +274,15 @@ class PlannerService:
                 )
         return extra
 
+    def _apply_policy(self, plan: ExecutionPlan) -> None:
+        # Under the `human` policy only a person approves: a plan cannot opt out of approval.
+        if self.approval == "human" and not plan.options.needs_approval:
+            plan.options.require_approval = True
+            plan.options.auto_approve = False
+            plan.metadata = {**plan.metadata, "approval_required_by_policy": True}
+
     async def _store_new(self, plan: ExecutionPlan, *, source: str, by: str) -> ExecutionPlan:
+        self._apply_policy(plan)
         plan.submit()
         events = [_event(plan, "plan_created", by=by, source=source, steps=len(plan.steps))]
         if plan.status == PlanStatus.APPROVED:

@@ -533,3 +533,10 @@ async def test_every_approval_rejection_and_cancellation_is_an_event_with_who_an
         }
         again = await client.call_tool("cancel_plan", {"plan_id": cancelled})
         assert again.is_error and "nothing to cancel" in text(again)
+
+
+async def test_human_policy_does_not_let_a_plan_skip_approval(tmp_path: Path) -> None:
+    async with planner(tmp_path, approval="human") as (client, _):
+        plan_id = await create(client, two_step_plan(require_approval=False, auto_approve=True))
+        refused = await client.call_tool("execute_plan", {"plan_id": plan_id})
+        assert refused.is_error and "approve_plan first" in text(refused)
