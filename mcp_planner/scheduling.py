@@ -85,6 +85,7 @@ class _Retrying:
 
 
 _Message = _Finished | _Retrying
+_Work = tuple[int, anyio.CancelScope, dict[str, StepResult | None]]
 
 
 def _set(model: BaseModel, **values: Any) -> None:
@@ -147,6 +148,9 @@ class Run:
         self.deadline = anyio.current_time() + total / 1000 if total > 0 else math.inf
         self._schemas = schemas if schemas is not None else SchemaChecker()
         self._send: MemoryObjectSendStream[_Message] | None = None
+        self._dispatch: MemoryObjectSendStream[_Work]
+        self._work_queue: MemoryObjectReceiveStream[_Work]
+        self.workers = 0
 
         n = len(self.steps)
         self.pos_of = {s.id: i for i, s in enumerate(self.steps)}
@@ -239,8 +243,10 @@ class Run:
         self.coordinator_task = anyio.get_current_task().id
         send, receive = anyio.create_memory_object_stream[_Message](math.inf)
         self._send = send
-        with send, receive:
+        self._dispatch, work = anyio.create_memory_object_stream[_Work](math.inf)
+        with send, receive, self._dispatch, work:
             async with anyio.create_task_group() as tg:
+                self._work_queue = work
                 tg.start_soon(self._heartbeat)
                 await self._start_ready(tg)
                 while self.running:
@@ -313,7 +319,10 @@ class Run:
                 scope.cancel()
             results = {self.steps[j].id: self.steps[j].result for j in self.deps[pos]}
             self.running += 1
-            tg.start_soon(self._work, pos, scope, results)
+            if self.workers < self.running:  # a pool of at most `slots` workers: no task spawned per step
+                self.workers += 1
+                tg.start_soon(self._worker, self._work_queue)
+            self._dispatch.send_nowait((pos, scope, results))
 
     async def _on_retry(self, message: _Retrying) -> None:
         step = self.steps[message.pos]
@@ -373,6 +382,10 @@ class Run:
         events.append(self._event("step_failed", step, error=error, retries=step.retry_count))
 
     # -- workers ------------------------------------------------------------------------------------------
+
+    async def _worker(self, work: MemoryObjectReceiveStream[_Work]) -> None:
+        async for pos, scope, results in work:
+            await self._work(pos, scope, results)
 
     async def _work(self, pos: int, scope: anyio.CancelScope, results: dict[str, StepResult | None]) -> None:
         step = self.steps[pos]
