@@ -3,6 +3,7 @@ downstream servers (`examples/servers.json`) and a real SQLite file."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -298,3 +299,35 @@ async def test_serves_streamable_http(tmp_path: Path) -> None:
         with anyio.fail_after(10):
             await process.wait()
         await process.aclose()
+
+
+async def test_unreachable_downstream_server_is_reported_and_named_in_errors(tmp_path: Path) -> None:
+    servers = tmp_path / "servers.json"
+    servers.write_text(
+        json.dumps(
+            {
+                "mcpServers": {
+                    "ci": {"command": sys.executable, "args": [str(ROOT / "examples" / "servers" / "ci.py")]},
+                    "vault": {"command": str(tmp_path / "no-such-server")},
+                }
+            }
+        )
+    )
+    launch = params(tmp_path)
+    launch.args[launch.args.index("--servers") + 1] = str(servers)
+    async with Client(launch, mode="legacy") as client:
+        catalog = await client.call_tool("list_tools", {})
+        assert catalog.structured_content is not None
+        states = {s["name"]: s for s in catalog.structured_content["servers"]}
+        assert states["ci"]["state"] == "connected"
+        assert states["vault"]["state"] == "failed" and states["vault"]["error"]
+        assert "vault" in text(catalog)
+        refused = await client.call_tool(
+            "create_plan",
+            {
+                "description": "read a secret",
+                "steps": [{"id": "s", "tool_name": "vault.read", "parameters": {}}],
+            },
+        )
+        assert refused.is_error
+        assert "vault.read" in text(refused) and "'vault' is unreachable" in text(refused)
