@@ -232,6 +232,8 @@ class Run:
             scope.cancel()
 
     def _check_deadline(self) -> None:
+        if self.deadline == math.inf:
+            return
         if not self.timed_out and self.cancel_reason is None and anyio.current_time() >= self.deadline:
             self.timed_out = True
             self._cancel_running()
