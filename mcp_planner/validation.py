@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -372,6 +373,21 @@ def _unknown_tool_message(name: str, catalog: Catalog, budget: _Budget) -> str:
 
 def _validator(schema: dict[str, Any]) -> Any:
     """A validator of the schema's own dialect (`$schema`, default 2020-12); None for a broken schema."""
+    try:
+        key = json.dumps(schema, sort_keys=True)
+    except (TypeError, ValueError):
+        return _compile_validator(schema)
+    return _cached_validator(key)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_validator(key: str) -> Any:
+    # check_schema costs milliseconds per tool: far more than running a one-step plan through a downstream
+    # server, so a schema is checked once per process, not once per validation.
+    return _compile_validator(json.loads(key))
+
+
+def _compile_validator(schema: dict[str, Any]) -> Any:
     try:
         cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
         cls.check_schema(schema)
