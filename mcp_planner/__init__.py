@@ -28,12 +28,17 @@ from .storage import Event, MemoryStore
 from .tools import LocalTools, ToolInfo, ToolProvider
 
 if TYPE_CHECKING:
+    from .config import ServersConfig, load_config
+    from .downstream import Downstream
     from .executor import Executor
     from .generator import Generator, PlanRequest
     from .store import PlanStore
 
 # Imported on first use: `mcp-planner serve` must answer `tools/list` fast, before it needs these.
 _LAZY = {
+    "Downstream": ".downstream",
+    "ServersConfig": ".config",
+    "load_config": ".config",
     "Executor": ".executor",
     "Generator": ".generator",
     "PlanRequest": ".generator",
@@ -50,6 +55,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "Downstream",
     "Event",
     "ExecutionOptions",
     "ExecutionPlan",
@@ -67,6 +73,7 @@ __all__ = [
     "PlanValidationError",
     "PlannerError",
     "Problem",
+    "ServersConfig",
     "Step",
     "StepError",
     "StepResult",
@@ -74,4 +81,5 @@ __all__ = [
     "StepStatus",
     "ToolInfo",
     "ToolProvider",
+    "load_config",
 ]
