@@ -10,28 +10,25 @@ and how.
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 import anyio
-from anyio.abc import TaskGroup
 
-from .errors import PlanClaimedError, PlannerError, PlanStateError, PlanValidationError, Problem
+from .errors import PlanClaimedError, PlanStateError, PlanValidationError, Problem
 from .model import (
     ExecutionOptions,
     ExecutionPlan,
     PlanSpec,
     PlanStatus,
     PlanSummary,
-    Step,
     StepSpec,
     StepStatus,
     utcnow,
 )
+from .runs import ProgressCallback, Run, RunBody, Runs
 from .storage import DEFAULT_STALE_AFTER, Event, Store, claim_is_live, new_owner_id
 from .tools import ToolInfo, ToolProvider, schema_catalog
 
@@ -43,31 +40,10 @@ log = logging.getLogger("mcp_planner.service")
 ApprovalPolicy = Literal["auto", "agent", "human"]
 APPROVAL_POLICIES: tuple[ApprovalPolicy, ...] = ("auto", "agent", "human")
 
-#: Called after each step starts, completes or fails: `(summary, step)`; plain or async.
-ProgressCallback = Callable[[PlanSummary, Step | None], Awaitable[None] | None]
-
-#: How long `execute_plan(wait_seconds=0)` still waits for the run to start, so that refusals (claimed by
-#: another process, not approved) are reported to the caller instead of being lost in the background.
-START_WAIT = 5.0
 #: How long `cancel_plan` waits for a run in this process to wind down.
 CANCEL_WAIT = 10.0
-#: How long a progress listener may take before it is skipped (a slow client must not stall the run).
-LISTENER_WAIT = 2.0
 
 _NOT_STARTED = (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL, PlanStatus.APPROVED)
-
-
-@dataclass(eq=False)
-class _Run:
-    """One execution in this process: the live plan the executor mutates, and who is listening."""
-
-    plan: ExecutionPlan
-    executor: Executor | None = None
-    started: anyio.Event = field(default_factory=anyio.Event)
-    done: anyio.Event = field(default_factory=anyio.Event)
-    summary: PlanSummary | None = None
-    error: Exception | None = None
-    listeners: list[ProgressCallback] = field(default_factory=list)
 
 
 class PlannerService:
@@ -105,24 +81,17 @@ class PlannerService:
         self.owner = owner or new_owner_id()
         self.stale_after = stale_after
         self.ready_timeout = ready_timeout
-        self._runs: dict[str, _Run] = {}
-        self._tg: TaskGroup | None = None
+        self._runs = Runs()
         self._ready = False
 
     async def __aenter__(self) -> Self:
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
+        await self._runs.__aenter__()
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
-        assert self._tg is not None
-        self._tg.cancel_scope.cancel()
-        try:
-            return await self._tg.__aexit__(exc_type, exc, tb)
-        finally:
-            self._tg = None
+        return await self._runs.__aexit__(exc_type, exc, tb)
 
     # -- the tool catalog --------------------------------------------------------------------------------
 
@@ -353,7 +322,7 @@ class PlannerService:
         if problems:
             raise PlanValidationError(problems + self._unreachable(problems), "the plan cannot run")
         run = self._start(plan, lambda ex, p: ex.execute(p))
-        return await self._wait(run, wait_seconds, on_progress)
+        return await run.wait(wait_seconds, on_progress)
 
     async def resume_plan(
         self,
@@ -389,7 +358,7 @@ class PlannerService:
         await self._refuse_running(plan, resuming=True)
         await self._tools_ready()
         run = self._start(plan, lambda ex, p: ex.resume(p, rerun_interrupted=rerun_interrupted))
-        return await self._wait(run, wait_seconds, on_progress)
+        return await run.wait(wait_seconds, on_progress)
 
     async def cancel_plan(
         self, plan_id: str, reason: str = "cancelled", *, cancelled_by: str = "agent"
@@ -453,83 +422,21 @@ class PlannerService:
                 "call resume_plan to recover it"
             )
 
-    def _start(
-        self, plan: ExecutionPlan, go: Callable[[Executor, ExecutionPlan], Awaitable[PlanSummary]]
-    ) -> _Run:
+    def _start(self, plan: ExecutionPlan, body: RunBody) -> Run:
         from .executor import Executor
 
-        if self._tg is None:
-            raise RuntimeError("PlannerService must be entered (async with) before running plans")
-        if plan.id in self._runs:  # re-checked here, with no await since the first check
-            raise PlanStateError(f"plan {plan.id!r} is already executing: call get_summary to follow it")
-        run = _Run(plan=plan)
+        def make_executor(on_step: Any, on_plan_complete: Any) -> Executor:
+            return Executor(
+                self.tools,
+                self.store,
+                on_step_start=on_step,
+                on_step_complete=on_step,
+                on_step_failed=on_step,
+                on_plan_complete=on_plan_complete,
+                owner=self.owner,
+            )
 
-        async def on_step(p: ExecutionPlan, step: Step) -> None:
-            run.started.set()
-            await self._notify(run, step)
-
-        async def on_plan_complete(p: ExecutionPlan) -> None:
-            run.started.set()
-
-        run.executor = Executor(
-            self.tools,
-            self.store,
-            on_step_start=on_step,
-            on_step_complete=on_step,
-            on_step_failed=on_step,
-            on_plan_complete=on_plan_complete,
-            owner=self.owner,
-        )
-        self._runs[plan.id] = run
-        self._tg.start_soon(self._run, run, go, name=f"plan {plan.id}")
-        return run
-
-    async def _run(self, run: _Run, go: Callable[[Executor, ExecutionPlan], Awaitable[PlanSummary]]) -> None:
-        assert run.executor is not None
-        try:
-            run.summary = await go(run.executor, run.plan)
-        except PlannerError as exc:
-            run.error = exc
-        except Exception as exc:  # a bug must not take the other runs down; the caller gets a message
-            log.exception("execution of plan %r crashed", run.plan.id)
-            run.error = exc
-        finally:
-            self._runs.pop(run.plan.id, None)
-            run.started.set()
-            run.done.set()
-
-    async def _wait(
-        self, run: _Run, wait_seconds: float | None, on_progress: ProgressCallback | None
-    ) -> PlanSummary:
-        if on_progress is not None:
-            run.listeners.append(on_progress)
-        try:
-            with anyio.move_on_after(wait_seconds):
-                await run.done.wait()
-            if not run.started.is_set():
-                with anyio.move_on_after(START_WAIT):
-                    await run.started.wait()
-        finally:
-            if on_progress in run.listeners:
-                run.listeners.remove(on_progress)
-        if run.error is not None:
-            raise run.error
-        return run.summary if run.done.is_set() and run.summary is not None else run.plan.summary()
-
-    async def _notify(self, run: _Run, step: Step | None) -> None:
-        if not run.listeners:
-            return
-        summary = run.plan.summary()
-        for listener in list(run.listeners):
-            try:
-                with anyio.move_on_after(LISTENER_WAIT):
-                    result = listener(summary, step)
-                    if inspect.isawaitable(result):
-                        await result
-            except Exception:  # a listener that fails (a client gone) stops listening; the run goes on
-                log.debug("progress listener failed; dropping it", exc_info=True)
-                if listener in run.listeners:
-                    run.listeners.remove(listener)
+        return self._runs.start(plan, make_executor, body)
 
     # -- reading ---------------------------------------------------------------------------------------
 
@@ -569,8 +476,9 @@ class PlannerService:
         return run.plan if run is not None else plan
 
     async def _load(self, plan_id: str) -> ExecutionPlan:
-        if plan_id in self._runs:
-            return self._runs[plan_id].plan
+        run = self._runs.get(plan_id)
+        if run is not None:
+            return run.plan
         plan = await self.store.get_plan(plan_id)
         if plan.expire_approval():
             await self.store.save_plan(plan, [_event(plan, "approval_expired")])
