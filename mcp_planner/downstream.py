@@ -94,13 +94,19 @@ class Downstream:
     Args:
         config: The servers.
         on_catalog_changed: Called with a server's name whenever its tools were (re)listed.
+        on_status_changed: Called with a server's name whenever its state changed (see `status()`).
     """
 
     def __init__(
-        self, config: ServersConfig, *, on_catalog_changed: Callable[[str], None] | None = None
+        self,
+        config: ServersConfig,
+        *,
+        on_catalog_changed: Callable[[str], None] | None = None,
+        on_status_changed: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self._on_catalog_changed = on_catalog_changed
+        self._on_status_changed = on_status_changed
         self._servers = {
             name: _Server(cfg, state=ServerState.DISABLED if cfg.disabled else ServerState.CONNECTING)
             for name, cfg in config.servers.items()
@@ -155,7 +161,10 @@ class Downstream:
             ParameterError: the server refused the arguments at the protocol level.
         """
         server, tool = self._resolve(tool_name)
-        attempt, client = await self._ensure_connected(server)
+        try:
+            attempt, client = await self._ensure_connected(server)
+        except DownstreamError as exc:
+            raise DownstreamError(f"{tool_name}: {exc}") from None
         if server.tools is not None and tool not in server.tools:
             raise self._not_found(tool_name, server)
         qualified = f"{server.name}.{tool}"
@@ -302,7 +311,7 @@ class Downstream:
         attempt = _Attempt()
         self._live.add(attempt)
         server.attempt = attempt
-        server.state = ServerState.CONNECTING
+        self._set_state(server, ServerState.CONNECTING)
         self._tg.start_soon(self._hold, server, attempt, name=f"downstream {server.name}")
         return attempt
 
@@ -344,8 +353,8 @@ class Downstream:
             return full
         attempt.lost = full
         attempt.client = None
-        server.state = ServerState.FAILED
         server.error = f"connection lost: {full}; it is restarted on the next call"
+        self._set_state(server, ServerState.FAILED)
         logger.warning("downstream server %r: %s", server.name, server.error)
         attempt.close.set()
         return full
@@ -394,10 +403,10 @@ class Downstream:
             current = server.attempt is attempt and not self._closing
             if current and not connected:
                 tail = stderr_tail(errlog)
-                server.state = ServerState.FAILED
                 server.error = (error or "failed to start") + (f"; stderr: {tail}" if tail else "")
                 server.failures += 1
                 server.next_start_at = anyio.current_time() + backoff_delay(server.failures)
+                self._set_state(server, ServerState.FAILED)
                 logger.warning("downstream server %r failed to start: %s", server.name, server.error)
             elif current and attempt.lost is None:
                 self._lost(server, attempt, error or "the connection ended")
@@ -412,21 +421,21 @@ class Downstream:
     ) -> None:
         attempt.client = client
         server.tools = tools
-        server.state = ServerState.CONNECTED
         server.error = None
         server.failures = 0
         server.next_start_at = 0.0
+        self._set_state(server, ServerState.CONNECTED)
         attempt.settled.set()
         logger.info("downstream server %r connected (%d tools)", server.name, len(tools))
         self._catalog_changed(server)
 
     def _catalog_changed(self, server: _Server) -> None:
         self._catalog = None
-        if self._on_catalog_changed is not None:
-            try:
-                self._on_catalog_changed(server.name)
-            except Exception:
-                logger.exception("on_catalog_changed callback raised")
+        _notify(self._on_catalog_changed, server.name)
+
+    def _set_state(self, server: _Server, state: ServerState) -> None:
+        server.state = state
+        _notify(self._on_status_changed, server.name)
 
     async def _follow_tool_list(self, server: _Server, attempt: _Attempt, client: Client) -> None:
         """Relist the tools whenever the server says they changed."""
@@ -456,6 +465,14 @@ class Downstream:
                     attempt.refresh.set()
         except Exception as exc:
             logger.info("downstream server %r: no tools/list_changed stream: %r", server.name, exc)
+
+
+def _notify(callback: Callable[[str], None] | None, name: str) -> None:
+    if callback is not None:
+        try:
+            callback(name)
+        except Exception:  # an observer's bug must not break a connection
+            logger.exception("downstream change callback raised")
 
 
 def backoff_delay(failures: int) -> float:

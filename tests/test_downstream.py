@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,25 @@ async def test_a_server_dying_mid_call_fails_the_call_retryably_and_the_next_cal
         assert second_pid != first_pid
         assert downstream.status()["crashy"]["state"] == "connected"
         assert not alive(int(first_pid))
+
+
+async def test_a_server_that_died_while_idle_is_noticed_and_restarted_by_the_next_call() -> None:
+    lost = anyio.Event()
+
+    def on_status(name: str) -> None:
+        if downstream.status()[name]["state"] == "failed":
+            lost.set()
+
+    downstream = Downstream(servers(crashy=stdio("crashy.py")), on_status_changed=on_status)
+    async with downstream:
+        first_pid = int((await downstream.call("crashy.pid", {})).text)
+        os.kill(first_pid, signal.SIGKILL)
+        with anyio.fail_after(10):
+            await lost.wait()
+        assert "connection lost" in downstream.status()["crashy"]["error"]
+        second_pid = int((await downstream.call("crashy.pid", {})).text)
+        assert second_pid != first_pid
+        assert downstream.status()["crashy"]["state"] == "connected"
 
 
 async def test_a_hanging_call_times_out_and_the_server_sees_the_cancellation(tmp_path: Path) -> None:
