@@ -8,61 +8,38 @@ so a plan behaves the same whether an agent or a person drives it.
 
 from __future__ import annotations
 
-import getpass
 import json
 import logging
 import os
-import re
-import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from enum import IntEnum, StrEnum
+from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, TypeVar
 
-import anyio
-import click
 import typer
-from pydantic import ValidationError
-from rich.console import Console
 
 from . import terminal
-from .errors import PlannerError, PlanValidationError, Problem
-from .model import ExecutionPlan, PlanSpec, PlanStatus, PlanSummary, Step
-from .tools import LocalTools, ToolInfo, ToolProvider
+from .cli_runtime import (
+    ExitCode,
+    Runtime,
+    approve_here,
+    execute_with_progress,
+    exit_code,
+    fail,
+    load_plan_file,
+    open_runtime,
+    out,
+    run_async,
+    run_plan,
+    terminal_user,
+)
+from .model import ExecutionPlan, PlanStatus, PlanSummary
+from .tools import ToolInfo
 
-if TYPE_CHECKING:
-    from .service import PlannerService
-
-log = logging.getLogger("mcp_planner.cli")
 T = TypeVar("T")
-E = TypeVar("E", bound=BaseException)
-
-#: How long commands that need tools wait for the downstream servers to connect.
-CONNECT_TIMEOUT = 30.0
-
-
-class ExitCode(IntEnum):
-    """Process exit codes. Stable: scripts and CI jobs rely on them."""
-
-    OK = 0
-    ERROR = 1
-    INVALID = 2
-    FAILED = 3
-    PARTIAL = 4
-    CANCELLED = 5
-    NOT_APPROVED = 6
-    INTERRUPTED = 130
-
-
-STATUS_EXIT = {
-    PlanStatus.COMPLETED: ExitCode.OK,
-    PlanStatus.FAILED: ExitCode.FAILED,
-    PlanStatus.PARTIAL: ExitCode.PARTIAL,
-    PlanStatus.CANCELLED: ExitCode.CANCELLED,
-}
 
 EXIT_CODES_HELP = """\
 Exit codes: 0 the plan completed (or the command succeeded); 1 error (unknown plan, wrong state, bad
@@ -82,26 +59,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-# Off a terminal (CI logs, pipes) rich would wrap tables at 80 columns; logs read better wider.
-_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
-out = Console(highlight=False, width=_WIDTH)
-err = Console(stderr=True, highlight=False, width=_WIDTH)
-
-#: Error messages are written for agents ("call approve_plan"); on the command line, name the command.
-_CLI_EQUIVALENTS = {
-    "list_plans": "`mcp-planner plans`",
-    "approve_plan": "`mcp-planner approve ID`",
-    "resume_plan": "`mcp-planner resume ID`",
-    "cancel_plan": "`mcp-planner cancel ID`",
-    "execute_plan": "`mcp-planner execute ID`",
-    "get_summary": "`mcp-planner show ID`",
-    "get_plan": "`mcp-planner show ID`",
-    "reject_plan": "`mcp-planner reject ID`",
-    "list_tools": "`mcp-planner tools`",
-}
-_TOOL_HINT = re.compile(r"\bcall (" + "|".join(_CLI_EQUIVALENTS) + r")\b")
-
 
 # -- settings -------------------------------------------------------------------------------------------
 
@@ -200,88 +157,14 @@ def _config_env() -> dict[str, str]:
     return {"PYTHON": sys.executable, **os.environ}
 
 
-# -- running async commands with clean errors -----------------------------------------------------------
-
-
-def _for_cli(message: str) -> str:
-    return _TOOL_HINT.sub(lambda m: f"run {_CLI_EQUIVALENTS[m.group(1)]}", message)
-
-
-def _fail(message: str, code: ExitCode = ExitCode.ERROR) -> NoReturn:
-    err.print(_for_cli(message), markup=False, soft_wrap=True)
-    raise typer.Exit(int(code))
-
-
-def _find(exc: BaseException, kind: type[E]) -> E | None:
-    """The first `kind` error behind `exc`, looking inside exception groups (task groups wrap errors)."""
-    if isinstance(exc, kind):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _find(inner, kind)
-            if found is not None:
-                return found
-    return None
+def _runtime(settings: Settings, *, tools: bool) -> AbstractAsyncContextManager[Runtime]:
+    """The application stack for a command; downstream servers only when it needs `tools`."""
+    servers = _servers_path(settings) if tools else None
+    return open_runtime(_db_path(settings), servers, _config_env())
 
 
 def _run(settings: Settings, fn: Callable[[], Awaitable[T]]) -> T:
-    """Run `fn` under anyio; turn planner errors into a message on stderr and an exit code."""
-    try:
-        return anyio.run(fn)
-    except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
-        raise
-    except KeyboardInterrupt:
-        _fail("interrupted", ExitCode.INTERRUPTED)
-    except BaseException as exc:
-        exit_request = _find(exc, typer.Exit)
-        if exit_request is not None:
-            raise exit_request from None
-        planner_error = _find(exc, PlannerError)
-        if planner_error is not None:
-            if settings.verbose >= 2:
-                log.debug("error", exc_info=exc)
-            code = ExitCode.INVALID if isinstance(planner_error, PlanValidationError) else ExitCode.ERROR
-            _fail(f"error: {planner_error}", code)
-        if not isinstance(exc, Exception):
-            raise
-        if settings.verbose:
-            log.error("unexpected error", exc_info=exc)
-        _fail(f"internal error: {type(exc).__name__}: {exc} (run with -v for details)")
-
-
-@dataclass
-class Runtime:
-    """What a command works with: the tools (downstream servers, if any) and the service over the store."""
-
-    tools: ToolProvider
-    service: PlannerService
-    servers: Path | None = None
-
-
-@asynccontextmanager
-async def _runtime(settings: Settings, *, tools: bool) -> AsyncIterator[Runtime]:
-    """Open the store, the downstream servers (when `tools` and a servers file is set) and the service.
-
-    The approval policy is the MCP server's business: here a person at the terminal approves (or
-    passes --yes), so the service records what the command says.
-    """
-    from .service import PlannerService
-    from .store import PlanStore
-
-    async with AsyncExitStack() as stack:
-        store = await stack.enter_async_context(PlanStore.open(_db_path(settings)))
-        provider: ToolProvider = LocalTools({})
-        servers = _servers_path(settings)
-        if tools and servers is not None:
-            from .config import load_config
-            from .downstream import Downstream
-
-            config = load_config(servers, env=_config_env())
-            provider = await stack.enter_async_context(Downstream(config))
-        service = await stack.enter_async_context(
-            PlannerService(store, provider, approval="agent", ready_timeout=CONNECT_TIMEOUT)
-        )
-        yield Runtime(tools=provider, service=service, servers=servers if tools else None)
+    return run_async(fn, verbose=settings.verbose)
 
 
 # -- commands -------------------------------------------------------------------------------------------
@@ -350,166 +233,14 @@ def run(
     Exits 0 only if the plan completed. Ctrl-C cancels the plan (exit 5).
     """
     settings = _settings(ctx, servers, db, verbose)
-    spec = _load_plan_file(plan_file)
-    summary = _run(settings, lambda: _run_plan(settings, spec, yes))
-    raise typer.Exit(int(STATUS_EXIT.get(summary.status, ExitCode.ERROR)))
+    spec = load_plan_file(plan_file)
 
+    async def body() -> PlanSummary:
+        async with _runtime(settings, tools=True) as rt:
+            return await run_plan(rt, spec, yes)
 
-def _load_plan_file(path: Path) -> PlanSpec:
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        _fail(f"error: plan file {str(path)!r} does not exist", ExitCode.INVALID)
-    except (OSError, UnicodeDecodeError) as exc:
-        _fail(f"error: cannot read plan file {str(path)!r}: {exc}", ExitCode.INVALID)
-    except json.JSONDecodeError as exc:
-        _fail(f"error: plan file {str(path)!r} is not valid JSON: {exc}", ExitCode.INVALID)
-    try:
-        return PlanSpec.model_validate(raw)
-    except ValidationError as exc:
-        problems = [_pydantic_problem(e) for e in exc.errors()]
-        _print_problems(f"plan file {str(path)!r} is malformed", problems)
-        raise typer.Exit(int(ExitCode.INVALID)) from None
-
-
-def _pydantic_problem(error: Mapping[str, Any]) -> Problem:
-    loc = [str(part) for part in error.get("loc", ())]
-    step_id = None
-    if len(loc) >= 2 and loc[0] == "steps":
-        step_id = f"#{int(loc[1]) + 1}" if loc[1].isdigit() else loc[1]
-        loc = loc[2:]
-    return Problem(step_id, ".".join(loc) or "plan", str(error.get("msg", "invalid")))
-
-
-def _print_problems(headline: str, problems: list[Problem]) -> None:
-    err.print(f"error: {headline} ({len(problems)} problem(s)):", markup=False, soft_wrap=True)
-    for problem in problems:
-        err.print(f"  - {problem}", markup=False, soft_wrap=True)
-
-
-def _terminal_user() -> str:
-    try:
-        return getpass.getuser()
-    except (OSError, KeyError):
-        return "terminal user"
-
-
-def _ask(question: str) -> bool:
-    """A y/N question on the terminal; Ctrl-C or end of input means no."""
-    # The event loop's SIGINT handler would swallow Ctrl-C while input() blocks; restore the default.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        return bool(typer.confirm(question, default=False))
-    except (KeyboardInterrupt, EOFError, click.exceptions.Abort):
-        out.print()
-        return False
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _can_ask() -> bool:
-    return sys.stdin is not None and sys.stdin.isatty()
-
-
-async def _run_plan(settings: Settings, spec: PlanSpec, yes: bool) -> PlanSummary:
-    async with _runtime(settings, tools=True) as rt:
-        plan = await _checked_plan(rt, spec)
-        terminal.print_plan(out, plan, "Plan")
-        if not yes and not _can_ask():
-            _fail(
-                "refusing to run without confirmation: stdin is not a terminal. Pass --yes to run the plan "
-                "as shown, or run this command in a terminal to be asked.",
-                ExitCode.NOT_APPROVED,
-            )
-        if not yes and not _ask("Run this plan?"):
-            user = _terminal_user()
-            plan = await rt.service.create_plan(spec, created_by=user)
-            await rt.service.reject_plan(plan.id, f"declined at the terminal by {user}", rejected_by=user)
-            _fail(f"not run: plan {plan.id} declined", ExitCode.NOT_APPROVED)
-        plan = await rt.service.create_plan(spec, created_by=_terminal_user())
-        if plan.status in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL):
-            plan = await rt.service.approve_plan(plan.id, _terminal_user(), "human-terminal")
-        out.print(f"plan {plan.id} approved by {plan.approved_by}; executing", markup=False, highlight=False)
-        return await _execute(rt, plan, resume=False, rerun_interrupted=False)
-
-
-async def _checked_plan(rt: Runtime, spec: PlanSpec) -> ExecutionPlan:
-    """The plan as `create_plan` would store it, validated against the catalog, but not stored yet.
-
-    Raises:
-        PlanValidationError: with every problem (and the downstream servers that are unreachable).
-    """
-    from .tools import schema_catalog
-    from .validation import qualify_tool_names
-
-    catalog = await rt.service.catalog()
-    plan = ExecutionPlan.from_spec(spec)
-    qualify_tool_names(plan, catalog.keys())
-    problems = plan.validate(schema_catalog(rt.tools))
-    if problems:
-        if rt.servers is None and any(p.field == "tool_name" for p in problems):
-            problems.append(
-                Problem(
-                    None,
-                    "servers",
-                    "no servers file was given, so there are no downstream tools: pass --servers FILE or "
-                    "set MCP_PLANNER_SERVERS",
-                )
-            )
-        for name, state in sorted(rt.service.server_status().items()):
-            if state.get("error"):
-                problems.append(
-                    Problem(None, "servers", f"downstream server {name!r} is unreachable: {state['error']}")
-                )
-        raise PlanValidationError(problems)
-    return plan
-
-
-async def _execute(rt: Runtime, plan: ExecutionPlan, *, resume: bool, rerun_interrupted: bool) -> PlanSummary:
-    """Execute or resume with a live display; the first Ctrl-C cancels the plan, a second one aborts."""
-    display = terminal.ProgressDisplay(out, plan.summary())
-    interrupts = 0
-
-    def on_progress(summary: PlanSummary, step: Step | None) -> None:
-        display.update(summary)
-
-    async def watch_interrupts(scope: anyio.CancelScope) -> None:
-        nonlocal interrupts
-        with anyio.open_signal_receiver(signal.SIGINT) as signals:
-            async for _ in signals:
-                interrupts += 1
-                if interrupts > 1:
-                    scope.cancel()
-                    return
-                err.print("cancelling the plan (Ctrl-C again to abort without waiting)...", markup=False)
-                await rt.service.cancel_plan(plan.id, "cancelled from the terminal (Ctrl-C)")
-
-    with display:
-        async with anyio.create_task_group() as tg:
-            if sys.platform != "win32":
-                tg.start_soon(watch_interrupts, tg.cancel_scope)
-            if resume:
-                summary: PlanSummary = await rt.service.resume_plan(
-                    plan.id, rerun_interrupted=rerun_interrupted, wait_seconds=None, on_progress=on_progress
-                )
-            else:
-                summary = await rt.service.execute_plan(plan.id, wait_seconds=None, on_progress=on_progress)
-            tg.cancel_scope.cancel()
-        if interrupts > 1:
-            _fail(
-                f"aborted: plan {plan.id} may be left executing; `mcp-planner resume {plan.id}` recovers it"
-            )
-        display.update(summary)
-    _print_summary(summary)
-    return summary
-
-
-def _print_summary(summary: PlanSummary) -> None:
-    if out.is_terminal:
-        out.print(terminal.summary_renderable(summary))
-    else:
-        for line in terminal.summary_lines(summary):
-            out.print(line, markup=False, highlight=False, soft_wrap=True)
+    summary = _run(settings, body)
+    raise typer.Exit(int(exit_code(summary.status)))
 
 
 @app.command()
@@ -585,7 +316,7 @@ def approve(
 
     async def body() -> ExecutionPlan:
         async with _runtime(settings, tools=False) as rt:
-            return await _approve_here(rt, await rt.service.get_plan(plan_id), yes)
+            return await approve_here(rt, await rt.service.get_plan(plan_id), yes)
 
     plan = _run(settings, body)
     out.print(
@@ -593,26 +324,6 @@ def approve(
         f"(or run `mcp-planner execute {plan.id}`)",
         markup=False,
     )
-
-
-async def _approve_here(rt: Runtime, plan: ExecutionPlan, yes: bool) -> ExecutionPlan:
-    """Show the plan and approve it as the person at this terminal, asking y/N unless `yes`."""
-    if plan.status not in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL):
-        # Nothing to ask about: the service says it is approved already, or why it cannot be.
-        done: ExecutionPlan = await rt.service.approve_plan(plan.id, _terminal_user(), "human-terminal")
-        return done
-    terminal.print_plan(out, plan, f"Plan {plan.id} ({plan.status.value})")
-    if not yes:
-        if not _can_ask():
-            _fail(
-                "refusing to approve without confirmation: stdin is not a terminal. Pass --yes to "
-                "approve the plan as shown.",
-                ExitCode.NOT_APPROVED,
-            )
-        if not _ask(f"Approve plan {plan.id}?"):
-            _fail(f"plan {plan.id} not approved (still {plan.status.value})", ExitCode.NOT_APPROVED)
-    approved: ExecutionPlan = await rt.service.approve_plan(plan.id, _terminal_user(), "human-terminal")
-    return approved
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -634,11 +345,11 @@ def execute(
         async with _runtime(settings, tools=True) as rt:
             plan: ExecutionPlan = await rt.service.get_plan(plan_id)
             if plan.status in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL) and plan.options.needs_approval:
-                plan = await _approve_here(rt, plan, yes)
-            return await _execute(rt, plan, resume=False, rerun_interrupted=False)
+                plan = await approve_here(rt, plan, yes)
+            return await execute_with_progress(rt, plan, resume=False, rerun_interrupted=False)
 
     summary = _run(settings, body)
-    raise typer.Exit(int(STATUS_EXIT.get(summary.status, ExitCode.ERROR)))
+    raise typer.Exit(int(exit_code(summary.status)))
 
 
 @app.command()
@@ -654,7 +365,7 @@ def reject(
 
     async def body() -> ExecutionPlan:
         async with _runtime(settings, tools=False) as rt:
-            plan: ExecutionPlan = await rt.service.reject_plan(plan_id, reason, rejected_by=_terminal_user())
+            plan: ExecutionPlan = await rt.service.reject_plan(plan_id, reason, rejected_by=terminal_user())
             return plan
 
     plan = _run(settings, body)
@@ -682,10 +393,10 @@ def resume(
     async def body() -> PlanSummary:
         async with _runtime(settings, tools=True) as rt:
             plan: ExecutionPlan = await rt.service.get_plan(plan_id)
-            return await _execute(rt, plan, resume=True, rerun_interrupted=rerun_interrupted)
+            return await execute_with_progress(rt, plan, resume=True, rerun_interrupted=rerun_interrupted)
 
     summary = _run(settings, body)
-    raise typer.Exit(int(STATUS_EXIT.get(summary.status, ExitCode.ERROR)))
+    raise typer.Exit(int(exit_code(summary.status)))
 
 
 @app.command()
@@ -701,12 +412,20 @@ def cancel(
     """Cancel a plan: stops it if it is executing (in any process on this database), else cancels it."""
     settings = _settings(ctx, None, db, verbose)
 
-    async def body() -> Any:
+    async def body() -> PlanSummary:
         async with _runtime(settings, tools=False) as rt:
-            return await rt.service.cancel_plan(plan_id, reason, cancelled_by=_terminal_user())
+            summary: PlanSummary = await rt.service.cancel_plan(plan_id, reason, cancelled_by=terminal_user())
+            return summary
 
-    _run(settings, body)
-    out.print(f"plan {plan_id}: cancellation requested ({reason})", markup=False)
+    summary = _run(settings, body)
+    if summary.status == PlanStatus.CANCELLED:
+        out.print(f"plan {plan_id} cancelled: {reason}", markup=False)
+    else:
+        out.print(
+            f"plan {plan_id} is executing in another process: asked it to cancel ({reason}); it stops at its "
+            f"next heartbeat. `mcp-planner show {plan_id}` follows it.",
+            markup=False,
+        )
 
 
 @app.command()
@@ -721,7 +440,7 @@ def tools(
     """
     settings = _settings(ctx, servers, None, verbose)
     if _servers_path(settings) is None:
-        _fail("no servers file: pass --servers FILE or set MCP_PLANNER_SERVERS", ExitCode.INVALID)
+        fail("no servers file: pass --servers FILE or set MCP_PLANNER_SERVERS", ExitCode.INVALID)
 
     async def body() -> tuple[dict[str, ToolInfo], dict[str, dict[str, Any]]]:
         async with _runtime(settings, tools=True) as rt:
@@ -732,7 +451,7 @@ def tools(
     out.print(terminal.servers_table(status))
     failed = sorted(name for name, state in status.items() if state.get("error"))
     if failed:
-        _fail(f"error: unreachable downstream server(s): {', '.join(failed)}")
+        fail(f"error: unreachable downstream server(s): {', '.join(failed)}")
 
 
 def main() -> None:

@@ -1,0 +1,357 @@
+"""What the command line's commands run on: the application stack, clean errors, prompts and execution.
+
+`cli.py` resolves the settings (flags and environment) and defines the commands; this module opens the
+store, the downstream servers and `service.PlannerService` for them, turns planner errors into a message
+and an exit code, asks y/N questions, and executes plans with the live display and Ctrl-C handling.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import anyio
+import click
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from . import terminal
+from .errors import PlannerError, PlanValidationError, Problem
+from .model import ExecutionPlan, PlanSpec, PlanStatus, PlanSummary, Step
+from .tools import LocalTools, ToolProvider
+
+if TYPE_CHECKING:
+    from .service import PlannerService
+
+log = logging.getLogger("mcp_planner.cli")
+T = TypeVar("T")
+E = TypeVar("E", bound=BaseException)
+
+#: How long commands that need tools wait for the downstream servers to connect.
+CONNECT_TIMEOUT = 30.0
+#: How the person at the terminal approves, as recorded with the plan.
+METHOD = "human-terminal"
+
+# Off a terminal (CI logs, pipes) rich would wrap tables at 80 columns; logs read better wider.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+
+
+class ExitCode(IntEnum):
+    """Process exit codes. Stable: scripts and CI jobs rely on them."""
+
+    OK = 0
+    ERROR = 1
+    INVALID = 2
+    FAILED = 3
+    PARTIAL = 4
+    CANCELLED = 5
+    NOT_APPROVED = 6
+    INTERRUPTED = 130
+
+
+STATUS_EXIT = {
+    PlanStatus.COMPLETED: ExitCode.OK,
+    PlanStatus.FAILED: ExitCode.FAILED,
+    PlanStatus.PARTIAL: ExitCode.PARTIAL,
+    PlanStatus.CANCELLED: ExitCode.CANCELLED,
+}
+
+
+def exit_code(status: PlanStatus) -> ExitCode:
+    return STATUS_EXIT.get(status, ExitCode.ERROR)
+
+
+#: Error messages are written for agents ("call approve_plan"); on the command line, name the command.
+CLI_EQUIVALENTS = {
+    "list_plans": "`mcp-planner plans`",
+    "approve_plan": "`mcp-planner approve ID`",
+    "resume_plan": "`mcp-planner resume ID`",
+    "cancel_plan": "`mcp-planner cancel ID`",
+    "execute_plan": "`mcp-planner execute ID`",
+    "get_summary": "`mcp-planner show ID`",
+    "get_plan": "`mcp-planner show ID`",
+    "reject_plan": "`mcp-planner reject ID`",
+    "list_tools": "`mcp-planner tools`",
+}
+TOOL_HINT = re.compile(r"\bcall (" + "|".join(CLI_EQUIVALENTS) + r")\b")
+
+
+# -- running async bodies with clean errors ---------------------------------------------------------------
+
+
+def for_cli(message: str) -> str:
+    return TOOL_HINT.sub(lambda m: f"run {CLI_EQUIVALENTS[m.group(1)]}", message)
+
+
+def fail(message: str, code: ExitCode = ExitCode.ERROR) -> NoReturn:
+    err.print(for_cli(message), markup=False, soft_wrap=True)
+    raise typer.Exit(int(code))
+
+
+def find(exc: BaseException, kind: type[E]) -> E | None:
+    """The first `kind` error behind `exc`, looking inside exception groups (task groups wrap errors)."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = find(inner, kind)
+            if found is not None:
+                return found
+    return None
+
+
+def run_async(fn: Callable[[], Awaitable[T]], *, verbose: int = 0) -> T:
+    """Run `fn` under anyio; turn planner errors into a message on stderr and an exit code."""
+    try:
+        return anyio.run(fn)
+    except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+        raise
+    except KeyboardInterrupt:
+        fail("interrupted", ExitCode.INTERRUPTED)
+    except BaseException as exc:
+        exit_request = find(exc, typer.Exit)
+        if exit_request is not None:
+            raise exit_request from None
+        planner_error = find(exc, PlannerError)
+        if planner_error is not None:
+            if verbose >= 2:
+                log.debug("error", exc_info=exc)
+            code = ExitCode.INVALID if isinstance(planner_error, PlanValidationError) else ExitCode.ERROR
+            fail(f"error: {planner_error}", code)
+        if not isinstance(exc, Exception):
+            raise
+        if verbose:
+            log.error("unexpected error", exc_info=exc)
+        fail(f"internal error: {type(exc).__name__}: {exc} (run with -v for details)")
+
+
+@dataclass
+class Runtime:
+    """What a command works with: the tools (downstream servers, if any) and the service over the store."""
+
+    tools: ToolProvider
+    service: PlannerService
+    servers: Path | None = None
+
+
+@asynccontextmanager
+async def open_runtime(db_path: Path, servers: Path | None, env: Mapping[str, str]) -> AsyncIterator[Runtime]:
+    """Open the store, the downstream servers of the `servers` file (if any) and the service.
+
+    The approval policy is the MCP server's business: here a person at the terminal approves (or
+    passes --yes), so the service records what the command says.
+
+    Raises:
+        StoreError: the database cannot be opened.
+        ConfigError: the servers file is unreadable or malformed.
+    """
+    from .service import PlannerService
+    from .store import PlanStore
+
+    async with AsyncExitStack() as stack:
+        store = await stack.enter_async_context(PlanStore.open(db_path))
+        provider: ToolProvider = LocalTools({})
+        if servers is not None:
+            from .config import load_config
+            from .downstream import Downstream
+
+            provider = await stack.enter_async_context(Downstream(load_config(servers, env=env)))
+        service = await stack.enter_async_context(
+            PlannerService(store, provider, approval="agent", ready_timeout=CONNECT_TIMEOUT)
+        )
+        yield Runtime(tools=provider, service=service, servers=servers)
+
+
+# -- plan files, prompts --------------------------------------------------------------------------------
+
+
+def load_plan_file(path: Path) -> PlanSpec:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        fail(f"error: plan file {str(path)!r} does not exist", ExitCode.INVALID)
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"error: cannot read plan file {str(path)!r}: {exc}", ExitCode.INVALID)
+    except json.JSONDecodeError as exc:
+        fail(f"error: plan file {str(path)!r} is not valid JSON: {exc}", ExitCode.INVALID)
+    try:
+        return PlanSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_pydantic_problem(e) for e in exc.errors()]
+        print_problems(f"plan file {str(path)!r} is malformed", problems)
+        raise typer.Exit(int(ExitCode.INVALID)) from None
+
+
+def _pydantic_problem(error: Mapping[str, Any]) -> Problem:
+    loc = [str(part) for part in error.get("loc", ())]
+    step_id = None
+    if len(loc) >= 2 and loc[0] == "steps":
+        step_id = f"#{int(loc[1]) + 1}" if loc[1].isdigit() else loc[1]
+        loc = loc[2:]
+    return Problem(step_id, ".".join(loc) or "plan", str(error.get("msg", "invalid")))
+
+
+def print_problems(headline: str, problems: list[Problem]) -> None:
+    err.print(f"error: {headline} ({len(problems)} problem(s)):", markup=False, soft_wrap=True)
+    for problem in problems:
+        err.print(f"  - {problem}", markup=False, soft_wrap=True)
+
+
+def terminal_user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return "terminal user"
+
+
+def ask(question: str) -> bool:
+    """A y/N question on the terminal; Ctrl-C or end of input means no."""
+    # The event loop's SIGINT handler would swallow Ctrl-C while input() blocks; restore the default.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return bool(typer.confirm(question, default=False))
+    except (KeyboardInterrupt, EOFError, click.exceptions.Abort):
+        out.print()
+        return False
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def can_ask() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+# -- running plans --------------------------------------------------------------------------------------
+
+
+async def run_plan(rt: Runtime, spec: PlanSpec, yes: bool) -> PlanSummary:
+    """What `run` does: validate, show, ask (unless `yes`), create, approve, execute."""
+    plan = await checked_plan(rt, spec)
+    terminal.print_plan(out, plan, "Plan")
+    if not yes and not can_ask():
+        fail(
+            "refusing to run without confirmation: stdin is not a terminal. Pass --yes to run the plan "
+            "as shown, or run this command in a terminal to be asked.",
+            ExitCode.NOT_APPROVED,
+        )
+    if not yes and not ask("Run this plan?"):
+        user = terminal_user()
+        plan = await rt.service.create_plan(spec, created_by=user)
+        await rt.service.reject_plan(plan.id, f"declined at the terminal by {user}", rejected_by=user)
+        fail(f"not run: plan {plan.id} declined", ExitCode.NOT_APPROVED)
+    plan = await rt.service.create_plan(spec, created_by=terminal_user())
+    if plan.status in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL):
+        plan = await rt.service.approve_plan(plan.id, terminal_user(), METHOD)
+    out.print(f"plan {plan.id} approved by {plan.approved_by}; executing", markup=False, highlight=False)
+    return await execute_with_progress(rt, plan, resume=False, rerun_interrupted=False)
+
+
+async def checked_plan(rt: Runtime, spec: PlanSpec) -> ExecutionPlan:
+    """The plan as `create_plan` would store it, validated against the catalog, but not stored yet.
+
+    Raises:
+        PlanValidationError: with every problem (and the downstream servers that are unreachable).
+    """
+    from .tools import schema_catalog
+    from .validation import qualify_tool_names
+
+    catalog = await rt.service.catalog()
+    plan = ExecutionPlan.from_spec(spec)
+    qualify_tool_names(plan, catalog.keys())
+    problems = plan.validate(schema_catalog(rt.tools))
+    if problems:
+        if rt.servers is None and any(p.field == "tool_name" for p in problems):
+            problems.append(
+                Problem(
+                    None,
+                    "servers",
+                    "no servers file was given, so there are no downstream tools: pass --servers FILE or "
+                    "set MCP_PLANNER_SERVERS",
+                )
+            )
+        for name, state in sorted(rt.service.server_status().items()):
+            if state.get("error"):
+                problems.append(
+                    Problem(None, "servers", f"downstream server {name!r} is unreachable: {state['error']}")
+                )
+        raise PlanValidationError(problems)
+    return plan
+
+
+async def execute_with_progress(
+    rt: Runtime, plan: ExecutionPlan, *, resume: bool, rerun_interrupted: bool
+) -> PlanSummary:
+    """Execute or resume with a live display; the first Ctrl-C cancels the plan, a second one aborts."""
+    display = terminal.ProgressDisplay(out, plan.summary())
+    interrupts = 0
+
+    def on_progress(summary: PlanSummary, step: Step | None) -> None:
+        display.update(summary)
+
+    async def watch_interrupts(scope: anyio.CancelScope) -> None:
+        nonlocal interrupts
+        with anyio.open_signal_receiver(signal.SIGINT) as signals:
+            async for _ in signals:
+                interrupts += 1
+                if interrupts > 1:
+                    scope.cancel()
+                    return
+                err.print("cancelling the plan (Ctrl-C again to abort without waiting)...", markup=False)
+                await rt.service.cancel_plan(plan.id, "cancelled from the terminal (Ctrl-C)")
+
+    with display:
+        async with anyio.create_task_group() as tg:
+            if sys.platform != "win32":
+                tg.start_soon(watch_interrupts, tg.cancel_scope)
+            if resume:
+                summary: PlanSummary = await rt.service.resume_plan(
+                    plan.id, rerun_interrupted=rerun_interrupted, wait_seconds=None, on_progress=on_progress
+                )
+            else:
+                summary = await rt.service.execute_plan(plan.id, wait_seconds=None, on_progress=on_progress)
+            tg.cancel_scope.cancel()
+        if interrupts > 1:
+            fail(f"aborted: plan {plan.id} may be left executing; `mcp-planner resume {plan.id}` recovers it")
+        display.update(summary)
+    print_summary(summary)
+    return summary
+
+
+def print_summary(summary: PlanSummary) -> None:
+    if out.is_terminal:
+        out.print(terminal.summary_renderable(summary))
+    else:
+        for line in terminal.summary_lines(summary):
+            out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+async def approve_here(rt: Runtime, plan: ExecutionPlan, yes: bool) -> ExecutionPlan:
+    """Show the plan and approve it as the person at this terminal, asking y/N unless `yes`."""
+    if plan.status not in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL):
+        # Nothing to ask about: the service says it is approved already, or why it cannot be.
+        done: ExecutionPlan = await rt.service.approve_plan(plan.id, terminal_user(), METHOD)
+        return done
+    terminal.print_plan(out, plan, f"Plan {plan.id} ({plan.status.value})")
+    if not yes:
+        if not can_ask():
+            fail(
+                "refusing to approve without confirmation: stdin is not a terminal. Pass --yes to "
+                "approve the plan as shown.",
+                ExitCode.NOT_APPROVED,
+            )
+        if not ask(f"Approve plan {plan.id}?"):
+            fail(f"plan {plan.id} not approved (still {plan.status.value})", ExitCode.NOT_APPROVED)
+    approved: ExecutionPlan = await rt.service.approve_plan(plan.id, terminal_user(), METHOD)
+    return approved
