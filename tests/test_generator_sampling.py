@@ -314,3 +314,27 @@ async def test_declined_sampling_on_2026_07_28_fails_the_call_in_the_client(stor
         with pytest.raises(MCPError, match="user declined"):
             await client.call_tool("generate_plan", {"task": "Save example.com"})
         assert await _stored(client) == []
+
+
+async def test_an_answer_to_an_outdated_question_is_asked_again_on_2026_07_28(store: PlanStore) -> None:
+    # The catalog changes between rounds (a downstream server connected): the recorded question no longer
+    # matches the prompt, so the answer is not used and the new prompt is asked instead.
+    server = MCPServer("changing-catalog")
+    catalogs = [{"files.read": TOOLS["files.read"]}, TOOLS]
+
+    @server.tool()
+    async def generate_plan(task: str, ctx: Context) -> dict[str, Any] | types.InputRequiredResult:
+        tools = catalogs.pop(0) if len(catalogs) > 1 else catalogs[0]
+        outcome = await generate_with_sampling(ctx, tools, PlanRequest(task=task))
+        if isinstance(outcome, types.InputRequiredResult):
+            return outcome
+        return {"tools": [s.tool_name for s in outcome.steps]}
+
+    sampling = ScriptedSampling(json.dumps(GOOD), json.dumps(GOOD))
+    async with Client(server, sampling_callback=sampling, mode="2026-07-28") as client:
+        result = await client.call_tool("generate_plan", {"task": "Save example.com"})
+    assert not result.is_error, _text(result)
+    assert result.structured_content == {"tools": ["web.fetch", "files.write"]}
+    assert len(sampling.requests) == 2
+    assert "## web.fetch" not in sampling.texts(0)[0][1]
+    assert "## web.fetch" in sampling.texts(1)[0][1]
