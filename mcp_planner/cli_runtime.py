@@ -330,8 +330,8 @@ async def execute_with_progress(
 
 
 def print_summary(summary: PlanSummary) -> None:
-    if out.is_terminal:
-        out.print(terminal.summary_renderable(summary))
+    if out.is_terminal:  # the live display left the steps table on screen
+        out.print(terminal.summary_renderable(summary, steps=False))
     else:
         for line in terminal.summary_lines(summary):
             out.print(line, markup=False, highlight=False, soft_wrap=True)

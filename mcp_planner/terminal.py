@@ -137,7 +137,8 @@ def steps_table(summary: PlanSummary, *, title: str | None = None) -> Table:
     return table
 
 
-def summary_renderable(summary: PlanSummary) -> RenderableType:
+def summary_renderable(summary: PlanSummary, *, steps: bool = True) -> RenderableType:
+    """The summary's head line (status, counts, duration), its error, and the steps table if `steps`."""
     head = Text.assemble(
         ("Plan ", "bold"),
         (summary.plan_id, "bold"),
@@ -149,7 +150,7 @@ def summary_renderable(summary: PlanSummary) -> RenderableType:
         f", {summary.pending} pending" if summary.pending else "",
         f" in {duration(summary.duration_ms)}" if summary.duration_ms is not None else "",
     )
-    parts: list[RenderableType] = [steps_table(summary), head]
+    parts: list[RenderableType] = [steps_table(summary), head] if steps else [head]
     if summary.error:
         parts.append(Text(f"error: {summary.error}", style="red"))
     return Group(*parts)
