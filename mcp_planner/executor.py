@@ -126,7 +126,7 @@ class Executor:
             raise PlanValidationError(problems, f"plan {plan.id!r} cannot run: it is invalid")
         events: list[Event] = []
         if status == PlanStatus.DRAFT:
-            plan.approve("auto", method="auto")
+            plan.submit()  # needs no approval: approved by "auto" (approve() applies the approval timeout)
             events.append(Event(plan_id=plan.id, kind="plan_approved", data={"by": "auto", "method": "auto"}))
         await self._claim(plan)
         for step in plan.steps:
@@ -250,7 +250,8 @@ class Executor:
             raise PlanStateError(f"plan {plan.id!r} is already executing; call get_summary to follow it")
 
     async def _expire(self, plan: ExecutionPlan) -> None:
-        if plan.expire_approval():
+        # A plan that needs no approval cannot time out waiting for one.
+        if plan.options.needs_approval and plan.expire_approval():
             await self.store.save_plan(
                 plan, [Event(plan_id=plan.id, kind="plan_cancelled", data={"error": "approval timed out"})]
             )

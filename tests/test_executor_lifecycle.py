@@ -507,3 +507,11 @@ async def test_a_step_cancelled_before_its_call_is_sent_never_reaches_the_tool()
     assert plan.step("a").status == StepStatus.SKIPPED
     assert plan.step("a").error == "stop before it starts"
     assert plan.status == PlanStatus.CANCELLED
+
+
+async def test_an_approval_timeout_does_not_cancel_a_draft_that_needs_no_approval() -> None:
+    plan = new_plan(approval_timeout_ms=1000)
+    plan.add_step("ok", "", {})
+    plan.created_at = utcnow() - timedelta(seconds=5)
+    summary = await Executor(Tools()).execute(plan)
+    assert summary.status == PlanStatus.COMPLETED
