@@ -73,6 +73,7 @@ async def main(runs: int) -> None:
         for round_ in range(runs + 1):
             for name, command in cases.items():
                 elapsed, count = await time_to_tools_list(command, env, tmp)
+                assert count >= 1, f"{name} listed no tools"
                 if round_:
                     times[name].append(elapsed)
         base = statistics.median(times["minimal MCPServer"])
