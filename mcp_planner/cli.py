@@ -40,6 +40,7 @@ from .model import ExecutionPlan, PlanStatus, PlanSummary
 from .tools import ToolInfo
 
 T = TypeVar("T")
+log = logging.getLogger("mcp_planner.cli")
 
 EXIT_CODES_HELP = """\
 Exit codes: 0 the plan completed (or the command succeeded); 1 error (unknown plan, wrong state, bad
@@ -202,19 +203,28 @@ def _serve(settings: Settings, transport: str, host: str, port: int, approval: s
     from . import server
 
     servers = _servers_path(settings)
-    db = _db_path(settings)
-    _run(
-        settings,
-        lambda: server.serve(
+    if transport == "stdio" and sys.stdin.isatty():
+        # Someone typed `mcp-planner` at a prompt: stdout is the protocol, so explain on stderr.
+        print(
+            "mcp-planner: serving MCP over stdio, for an MCP client to launch (Ctrl-C stops). "
+            "`mcp-planner --help` lists the commands.",
+            file=sys.stderr,
+        )
+    if servers is None:
+        log.warning("no servers file (--servers or MCP_PLANNER_SERVERS): plans will have no tools to call")
+
+    async def body() -> None:
+        await server.serve(
             transport=transport,
             host=host,
             port=port,
-            db_path=db,
+            db_path=_db_path(settings),
             servers_file=servers,
             env=_config_env(),
             approval=approval,
-        ),
-    )
+        )
+
+    run_async(body, verbose=settings.verbose, stop_on_interrupt=True)
 
 
 @app.command(epilog=EXIT_CODES_HELP)

@@ -112,13 +112,18 @@ def find(exc: BaseException, kind: type[E]) -> E | None:
     return None
 
 
-def run_async(fn: Callable[[], Awaitable[T]], *, verbose: int = 0) -> T:
-    """Run `fn` under anyio; turn planner errors into a message on stderr and an exit code."""
+def run_async(fn: Callable[[], Awaitable[T]], *, verbose: int = 0, stop_on_interrupt: bool = False) -> T:
+    """Run `fn` under anyio; turn planner errors into a message on stderr and an exit code.
+
+    Ctrl-C exits 130, or 0 with `stop_on_interrupt` (how a server is normally stopped).
+    """
     try:
         return anyio.run(fn)
     except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
         raise
     except KeyboardInterrupt:
+        if stop_on_interrupt:
+            raise typer.Exit(0) from None
         fail("interrupted", ExitCode.INTERRUPTED)
     except BaseException as exc:
         exit_request = find(exc, typer.Exit)
