@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import anyio
+import anyio.to_thread
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.shared.exceptions import MCPError
@@ -219,6 +220,8 @@ def service_factory(
 
     @asynccontextmanager
     async def open_service() -> AsyncIterator[PlannerService]:
+        # Import the heavy modules off the event loop, so initialize and tools/list are answered meanwhile.
+        await anyio.to_thread.run_sync(_import_stack, config is not None)
         from .store import PlanStore
         from .tools import LocalTools, ToolProvider
 
@@ -232,6 +235,13 @@ def service_factory(
             yield await stack.enter_async_context(PlannerService(store, tools, approval=approval))
 
     return open_service
+
+
+def _import_stack(downstream: bool) -> None:
+    import importlib
+
+    for name in ("store", "executor", *(("downstream",) if downstream else ())):
+        importlib.import_module(f"{__package__}.{name}")
 
 
 async def serve(
