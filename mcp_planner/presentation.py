@@ -302,10 +302,10 @@ def summary_text(summary: PlanSummary, *, steps: bool = True, max_steps: int = 5
     return "\n".join(lines)
 
 
-def plan_text(plan: ExecutionPlan, *, max_param_chars: int = 300) -> str:
+def plan_text(plan: ExecutionPlan, *, max_param_chars: int = 300, max_steps: int = 200) -> str:
     """The plan as a person approving it reads it: one line per step with its tool and parameters."""
     lines = [f"Plan {plan.id!r}: {plan.description}", f"{len(plan.steps)} step(s):"]
-    for i, s in enumerate(plan.steps, 1):
+    for i, s in enumerate(plan.steps[:max_steps], 1):
         params = json.dumps(s.parameters, sort_keys=True, default=str)
         if len(params) > max_param_chars:
             params = params[:max_param_chars] + "…"
@@ -313,6 +313,8 @@ def plan_text(plan: ExecutionPlan, *, max_param_chars: int = 300) -> str:
         lines.append(f"{i}. {s.id}: {s.tool_name} {params}{after}")
         if s.description:
             lines.append(f"   {_one_line(s.description)}")
+    if len(plan.steps) > max_steps:
+        lines.append(f"... and {len(plan.steps) - max_steps} more steps (get_plan shows them all)")
     options = plan.options
     mode = f"up to {options.slots} in parallel" if options.allow_parallel else "one at a time"
     stops = options.stop_on_error and not options.continue_on_error
