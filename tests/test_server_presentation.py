@@ -1,0 +1,59 @@
+"""Plan views: Mermaid graphs, large-result previews, and the short text models read."""
+
+from __future__ import annotations
+
+from mcp_planner.model import RESULT_PREVIEW_LIMIT, ExecutionPlan, StepResult, StepStatus
+from mcp_planner.presentation import PREVIEW_CHARS, mermaid, plan_text, plan_view, result_view, summary_text
+
+
+def sample_plan() -> ExecutionPlan:
+    plan = ExecutionPlan.new("ship it")
+    plan.add_step("ci.build", "build", {"version": "1"}, step_id='build "v1"')
+    plan.add_step("ci.test", "test", {}, step_id="test-unit").depends_on = ['build "v1"']
+    plan.add_step("ci.deploy", "deploy", {"artifact": "{{ steps['test-unit'].result }}"}, step_id="deploy")
+    plan.steps[0].status = StepStatus.COMPLETED
+    plan.steps[1].status = StepStatus.FAILED
+    plan.steps[1].error = "3 tests failed\nsee log"
+    plan.steps[2].status = StepStatus.SKIPPED
+    return plan
+
+
+def test_mermaid_colours_nodes_by_status_and_draws_dependency_edges() -> None:
+    graph = mermaid(sample_plan())
+    lines = graph.splitlines()
+    assert lines[0] == "flowchart TD"
+    for status in StepStatus:
+        assert any(line.strip().startswith(f"classDef {status.value} ") for line in lines)
+    assert 's0["build #quot;v1#quot;<br/>ci.build<br/>completed"]:::completed' in graph
+    assert "s1[" in graph and ":::failed" in graph and ":::skipped" in graph
+    assert "  s0 --> s1" in lines and "  s1 --> s2" in lines
+
+
+def test_large_result_is_a_preview_with_the_uri_of_the_whole() -> None:
+    big = StepResult.from_value("y" * (RESULT_PREVIEW_LIMIT + 10))
+    view = result_view("p1", "fetch", big)
+    assert view.truncated and view.uri == "plan://p1/steps/fetch/result"
+    assert len(view.text) == PREVIEW_CHARS and view.structured is None
+    small = result_view("p1", "fetch", StepResult.from_value({"ok": True}))
+    assert not small.truncated and small.uri is None and small.structured == {"ok": True}
+
+
+def test_summary_text_has_one_line_per_step_with_errors_flattened() -> None:
+    plan = sample_plan()
+    text = summary_text(plan.summary())
+    lines = text.splitlines()
+    assert lines[0].startswith("plan ") and "1/3 completed, 1 failed, 1 skipped" in lines[0]
+    assert len(lines) == 4
+    assert lines[2].endswith("failed: 3 tests failed see log")
+
+
+def test_plan_text_lists_tools_parameters_and_dependencies() -> None:
+    text = plan_text(sample_plan())
+    assert '1. build "v1": ci.build {"version": "1"}' in text
+    assert "(after test-unit)" in text
+    assert text.endswith("stop at the first failure.")
+
+
+def test_plan_view_of_an_empty_plan_has_zero_progress() -> None:
+    view = plan_view(ExecutionPlan.new("nothing"))
+    assert view.progress == 0 and view.steps == [] and view.mermaid.startswith("flowchart TD")
