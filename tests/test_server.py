@@ -540,3 +540,16 @@ async def test_human_policy_does_not_let_a_plan_skip_approval(tmp_path: Path) ->
         plan_id = await create(client, two_step_plan(require_approval=False, auto_approve=True))
         refused = await client.call_tool("execute_plan", {"plan_id": plan_id})
         assert refused.is_error and "approve_plan first" in text(refused)
+
+
+async def test_a_service_that_fails_to_start_is_reported_by_every_tool(tmp_path: Path) -> None:
+    @asynccontextmanager
+    async def broken() -> AsyncIterator[PlannerService]:
+        raise OSError("database is read-only")
+        yield  # pragma: no cover
+
+    async with Client(build_server(service_factory=broken)) as client:
+        assert len((await client.list_tools()).tools) == 12
+        result = await client.call_tool("list_plans", {})
+        assert result.is_error
+        assert text(result) == "the planner failed to start: database is read-only; check the server log"
