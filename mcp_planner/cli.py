@@ -262,11 +262,12 @@ def plans(
     ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, help="How many plans.")] = 20,
     as_json: JsonOpt = False,
+    servers: ServersOpt = None,
     db: DbOpt = None,
     verbose: VerboseOpt = 0,
 ) -> None:
     """List recent plans, newest first."""
-    settings = _settings(ctx, None, db, verbose)
+    settings = _settings(ctx, servers, db, verbose)
 
     async def body() -> list[ExecutionPlan]:
         async with _runtime(settings, tools=False) as rt:
@@ -288,11 +289,12 @@ def show(
     ctx: typer.Context,
     plan_id: Annotated[str, typer.Argument(metavar="ID", help="Plan id.")],
     as_json: JsonOpt = False,
+    servers: ServersOpt = None,
     db: DbOpt = None,
     verbose: VerboseOpt = 0,
 ) -> None:
     """Show a plan: its fields, steps with durations and errors, result previews and its Mermaid graph."""
-    settings = _settings(ctx, None, db, verbose)
+    settings = _settings(ctx, servers, db, verbose)
 
     async def body() -> ExecutionPlan:
         async with _runtime(settings, tools=False) as rt:
@@ -318,11 +320,12 @@ def approve(
     ctx: typer.Context,
     plan_id: Annotated[str, typer.Argument(metavar="ID", help="Plan id.")],
     yes: YesOpt = False,
+    servers: ServersOpt = None,
     db: DbOpt = None,
     verbose: VerboseOpt = 0,
 ) -> None:
     """Approve a pending plan as the person at this terminal (what the `human` policy asks for)."""
-    settings = _settings(ctx, None, db, verbose)
+    settings = _settings(ctx, servers, db, verbose)
 
     async def body() -> ExecutionPlan:
         async with _runtime(settings, tools=False) as rt:
@@ -367,11 +370,12 @@ def reject(
     ctx: typer.Context,
     plan_id: Annotated[str, typer.Argument(metavar="ID", help="Plan id.")],
     reason: Annotated[str, typer.Option("--reason", help="Why (kept with the plan).")],
+    servers: ServersOpt = None,
     db: DbOpt = None,
     verbose: VerboseOpt = 0,
 ) -> None:
     """Reject a plan that has not started: it becomes cancelled and never runs."""
-    settings = _settings(ctx, None, db, verbose)
+    settings = _settings(ctx, servers, db, verbose)
 
     async def body() -> ExecutionPlan:
         async with _runtime(settings, tools=False) as rt:
@@ -416,11 +420,12 @@ def cancel(
     reason: Annotated[
         str, typer.Option("--reason", help="Why (kept with the plan).")
     ] = "cancelled from the command line",
+    servers: ServersOpt = None,
     db: DbOpt = None,
     verbose: VerboseOpt = 0,
 ) -> None:
     """Cancel a plan: stops it if it is executing (in any process on this database), else cancels it."""
-    settings = _settings(ctx, None, db, verbose)
+    settings = _settings(ctx, servers, db, verbose)
 
     async def body() -> PlanSummary:
         async with _runtime(settings, tools=False) as rt:
@@ -442,13 +447,14 @@ def cancel(
 def tools(
     ctx: typer.Context,
     servers: ServersOpt = None,
+    db: DbOpt = None,
     verbose: VerboseOpt = 0,
 ) -> None:
     """List the downstream tools plan steps can call, and each server's status.
 
     Exits 1 when a downstream server could not be reached (its error is shown).
     """
-    settings = _settings(ctx, servers, None, verbose)
+    settings = _settings(ctx, servers, db, verbose)
     if _servers_path(settings) is None:
         fail("no servers file: pass --servers FILE or set MCP_PLANNER_SERVERS", ExitCode.INVALID)
 
