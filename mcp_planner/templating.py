@@ -33,7 +33,7 @@ class _DataEnvironment(ImmutableSandboxedEnvironment):
         return super().getattr(obj, attribute)
 
 
-_ENV = _DataEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
+_ENV = _DataEnvironment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
 _LONE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>.*)\}\}\s*$", re.DOTALL)
 _MARKERS = ("{{", "{%", "{#")
 
