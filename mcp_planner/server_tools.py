@@ -272,7 +272,8 @@ def register_tools(server: MCPServer[Any], state: ServiceState) -> None:
         if isinstance(decision, AcceptedElicitation) and isinstance(decision.data, ApprovalForm):
             client = _client_name(ctx)
             by = f"user via {client}" if client else "user"
-            plan = await service.approve_plan(plan_id, approved_by=by, method="elicitation")
+            note = decision.data.note.strip() or None
+            plan = await service.approve_plan(plan_id, approved_by=by, method="elicitation", note=note)
             lead = f"plan {plan_id!r} approved by the user"
         else:
             if service.approval == "human":

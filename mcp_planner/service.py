@@ -262,7 +262,7 @@ class PlannerService:
     # -- approval --------------------------------------------------------------------------------------
 
     async def approve_plan(
-        self, plan_id: str, approved_by: str = "agent", method: str = "agent"
+        self, plan_id: str, approved_by: str = "agent", method: str = "agent", *, note: str | None = None
     ) -> ExecutionPlan:
         """Approve a `draft` or `pending_approval` plan, pinning its hash; `method` says how it was obtained.
 
@@ -279,7 +279,10 @@ class PlannerService:
                 f"plan {plan.id!r} is cancelled ({why}) and can no longer be approved: create a new plan"
             )
         plan.approve(approved_by, method=method)
-        await self.store.save_plan(plan, [_event(plan, "plan_approved", by=approved_by, method=method)])
+        extra = {"note": note} if note else {}
+        await self.store.save_plan(
+            plan, [_event(plan, "plan_approved", by=approved_by, method=method, **extra)]
+        )
         return plan
 
     async def reject_plan(self, plan_id: str, reason: str, *, rejected_by: str = "agent") -> ExecutionPlan:

@@ -166,6 +166,7 @@ async def test_auto_policy_asks_the_person_and_records_the_approval(tmp_path: Pa
         assert "echo" in callback.asked[0] and '"text": "hello"' in callback.asked[0]
         events = [e for e in await service.events(plan_id) if e.kind == "plan_approved"]
         assert events[-1].data["method"] == "elicitation"
+        assert events[-1].data["note"] == "looks good"
 
 
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
