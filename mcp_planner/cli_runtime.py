@@ -29,6 +29,7 @@ from rich.console import Console
 from . import terminal
 from .errors import PlannerError, PlanValidationError, Problem
 from .model import ExecutionPlan, PlanSpec, PlanStatus, PlanSummary, Step
+from .scheduling import INTERRUPTED_ERROR
 from .tools import LocalTools, ToolProvider
 
 if TYPE_CHECKING:
@@ -340,6 +341,13 @@ def print_summary(summary: PlanSummary) -> None:
     else:
         for line in terminal.summary_lines(summary):
             out.print(line, markup=False, highlight=False, soft_wrap=True)
+    if any(step.error == INTERRUPTED_ERROR for step in summary.steps):
+        err.print(
+            f"some steps were interrupted mid-call and their outcome is unknown, so they were not run again: "
+            f"check their effects, then `mcp-planner resume {summary.plan_id} --rerun-interrupted`",
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 async def approve_here(rt: Runtime, plan: ExecutionPlan, yes: bool) -> ExecutionPlan:

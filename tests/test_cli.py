@@ -528,3 +528,46 @@ async def test_no_arguments_serves_stdio_and_execute_runs_a_plan_the_agent_creat
 
             summary = await client.call_tool("get_summary", {"plan_id": plan_id})
             assert summary.structured_content["status"] == "completed"  # type: ignore[index]
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+async def test_resume_recovers_a_plan_whose_cli_process_was_killed(tmp_path: Path) -> None:
+    plan = write_plan(
+        tmp_path,
+        {
+            "description": "killed mid-step",
+            "steps": [
+                {"id": "first", "tool_name": "ci.lint"},
+                {
+                    "id": "slow",
+                    "tool_name": "ci.sleep",
+                    "parameters": {"seconds": 1},
+                    "depends_on": ["first"],
+                },
+                {"id": "after", "tool_name": "ci.lint", "depends_on": ["slow"]},
+            ],
+        },
+    )
+    cmd = [sys.executable, "-m", "mcp_planner", "run", str(plan), "--servers", str(SERVERS), "--yes"]
+    cmd += ["--db", str(tmp_path / "plans.db")]
+    output = ""
+    with anyio.fail_after(40):
+        async with await anyio.open_process(cmd, env=cli_env(tmp_path), stdin=subprocess.DEVNULL) as proc:
+            assert proc.stdout is not None
+            async for chunk in proc.stdout:
+                output += chunk.decode()
+                if "start   slow" in output:
+                    break
+            proc.kill()
+            await proc.wait()
+
+    [stored] = stored_plans(tmp_path)
+    assert stored["status"] == "executing"  # left behind by the dead process
+
+    resumed = cli(tmp_path, "resume", stored["plan_id"], "--servers", SERVERS)
+
+    # `ci.sleep` is read-only, so the interrupted call is safe to send again.
+    assert resumed.returncode == ExitCode.OK, resumed.stdout + resumed.stderr
+    steps = {s["id"]: s["status"] for s in show_json(tmp_path, stored["plan_id"])["steps"]}
+    assert steps == {"first": "completed", "slow": "completed", "after": "completed"}
