@@ -71,6 +71,8 @@ class ServiceState:
         self.service = service
         self.error: BaseException | None = None
         self.ready: anyio.Event | None = None
+        #: request id -> hash of the plan an approval question showed, so what is approved is what was shown.
+        self.shown: dict[str, str] = {}
 
     async def get(self) -> PlannerService:
         if self.service is None and self.ready is not None and self.error is None:
@@ -134,6 +136,9 @@ async def _ask_person(plan_id: str, ctx: Context[Any, Any]) -> Elicit[ApprovalFo
         views.plan_text(plan) + "\n\nApprove this plan? Accept to let it run (its steps call the tools above "
         "with these parameters); decline to reject it."
     )
+    if len(state.shown) > 1000:  # questions never answered (the client gave up): forget them
+        state.shown.clear()
+    state.shown[ctx.request_id] = plan.compute_hash()
     return Elicit(message, ApprovalForm)
 
 
@@ -256,6 +261,7 @@ def register_tools(server: MCPServer[Any], state: ServiceState) -> None:
         ] = None,
     ) -> Annotated[CallToolResult, views.ApprovalView]:
         service = await state.get()
+        shown = state.shown.pop(ctx.request_id, None)
         if isinstance(decision, DeclinedElicitation):
             await service.reject_plan(
                 plan_id, "declined by the user when asked to approve", rejected_by="user"
@@ -273,7 +279,9 @@ def register_tools(server: MCPServer[Any], state: ServiceState) -> None:
             client = _client_name(ctx)
             by = f"user via {client}" if client else "user"
             note = decision.data.note.strip() or None
-            plan = await service.approve_plan(plan_id, approved_by=by, method="elicitation", note=note)
+            plan = await service.approve_plan(
+                plan_id, approved_by=by, method="elicitation", note=note, expected_hash=shown
+            )
             lead = f"plan {plan_id!r} approved by the user"
         else:
             if service.approval == "human":

@@ -262,13 +262,22 @@ class PlannerService:
     # -- approval --------------------------------------------------------------------------------------
 
     async def approve_plan(
-        self, plan_id: str, approved_by: str = "agent", method: str = "agent", *, note: str | None = None
+        self,
+        plan_id: str,
+        approved_by: str = "agent",
+        method: str = "agent",
+        *,
+        note: str | None = None,
+        expected_hash: str | None = None,
     ) -> ExecutionPlan:
         """Approve a `draft` or `pending_approval` plan, pinning its hash; `method` says how it was obtained.
 
+        `expected_hash` is the hash of the plan as the approver saw it: a plan edited since is not approved.
+
         Raises:
             PlanNotFoundError: no such plan.
-            PlanStateError: the plan is in another status, or its approval timed out.
+            PlanStateError: the plan is in another status, its approval timed out, or it changed since the
+                approver saw it.
         """
         plan = await self._load(plan_id)
         if plan.status == PlanStatus.APPROVED and plan.is_approved():
@@ -277,6 +286,11 @@ class PlannerService:
             why = plan.rejection_note or plan.error or "cancelled"
             raise PlanStateError(
                 f"plan {plan.id!r} is cancelled ({why}) and can no longer be approved: create a new plan"
+            )
+        if expected_hash is not None and plan.compute_hash() != expected_hash:
+            raise PlanStateError(
+                f"plan {plan.id!r} changed while it was being approved: call approve_plan again to show the "
+                "current plan"
             )
         plan.approve(approved_by, method=method)
         extra = {"note": note} if note else {}

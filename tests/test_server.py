@@ -554,3 +554,31 @@ async def test_a_service_that_fails_to_start_is_reported_by_every_tool(tmp_path:
         result = await client.call_tool("list_plans", {})
         assert result.is_error
         assert text(result) == "the planner failed to start: database is read-only; check the server log"
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_plan_edited_while_the_person_decides_is_not_approved_unseen(tmp_path: Path, mode: str) -> None:
+    asked: list[str] = []
+    holder: dict[str, Any] = {}
+
+    async def edit_then_accept(context: ClientRequestContext, params: ElicitRequestParams) -> ElicitResult:
+        asked.append(params.message)
+        if len(asked) == 1:  # the agent edits the plan while the person reads the first version
+            await holder["service"].update_plan(holder["plan_id"], description="edited meanwhile")
+        return ElicitResult(action="accept", content={})
+
+    async with planner(tmp_path, approval="human", elicitation_callback=edit_then_accept, mode=mode) as (
+        client,
+        service,
+    ):
+        holder["service"] = service
+        holder["plan_id"] = plan_id = await create(client, two_step_plan())
+        result = await client.call_tool("approve_plan", {"plan_id": plan_id})
+        plan = await service.get_plan(plan_id)
+        if mode == "legacy":
+            assert result.is_error and "changed while it was being approved" in text(result)
+            assert plan.status == "pending_approval"
+        else:  # on 2026-07-28 the question changed, so the person is asked again and sees the edit
+            assert not result.is_error, text(result)
+            assert len(asked) == 2 and "edited meanwhile" in asked[1]
+            assert plan.status == "approved" and plan.description == "edited meanwhile"
