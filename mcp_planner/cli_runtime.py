@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import anyio
+import anyio.abc
 import click
 import typer
 from pydantic import ValidationError
@@ -306,21 +307,29 @@ async def execute_with_progress(
     def on_progress(summary: PlanSummary, step: Step | None) -> None:
         display.update(summary)
 
-    async def watch_interrupts(scope: anyio.CancelScope) -> None:
+    async def cancel() -> None:
+        err.print("cancelling the plan (Ctrl-C again to abort without waiting)...", markup=False)
+        await rt.service.cancel_plan(
+            plan.id, "cancelled from the terminal (Ctrl-C)", cancelled_by=terminal_user()
+        )
+
+    async def watch_interrupts(
+        tg: anyio.abc.TaskGroup, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         nonlocal interrupts
         with anyio.open_signal_receiver(signal.SIGINT) as signals:
+            task_status.started()
             async for _ in signals:
                 interrupts += 1
                 if interrupts > 1:
-                    scope.cancel()
+                    tg.cancel_scope.cancel()
                     return
-                err.print("cancelling the plan (Ctrl-C again to abort without waiting)...", markup=False)
-                await rt.service.cancel_plan(plan.id, "cancelled from the terminal (Ctrl-C)")
+                tg.start_soon(cancel)
 
     with display:
         async with anyio.create_task_group() as tg:
             if sys.platform != "win32":
-                tg.start_soon(watch_interrupts, tg.cancel_scope)
+                await tg.start(watch_interrupts, tg)
             if resume:
                 summary: PlanSummary = await rt.service.resume_plan(
                     plan.id, rerun_interrupted=rerun_interrupted, wait_seconds=None, on_progress=on_progress
