@@ -195,8 +195,12 @@ async def test_invalid_plan_and_wrong_states_are_clean_errors(tmp_path: Path) ->
         assert not_yet.is_error and "approve_plan first" in text(not_yet)
         missing = await client.call_tool("get_plan", {"plan_id": "missing"})
         assert missing.is_error and "list_plans" in text(missing)
-        for result in (bad, no_person, not_yet, missing):
-            assert "Traceback" not in text(result)
+        malformed = await client.call_tool("execute_plan", {"plan_id": 5, "wait_seconds": "soon"})
+        assert malformed.is_error
+        assert "plan_id: Input should be a valid string" in text(malformed)
+        assert "wait_seconds: Input should be a valid number" in text(malformed)
+        for result in (bad, no_person, not_yet, missing, malformed):
+            assert "Traceback" not in text(result) and "pydantic" not in text(result)
 
 
 async def test_cancel_stops_an_executing_plan(tmp_path: Path) -> None:
