@@ -1,0 +1,141 @@
+"""`PlannerService`, the application layer the MCP server and the CLI share, on a real SQLite store."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mcp_planner.errors import PlanClaimedError, PlanStateError, PlanValidationError
+from mcp_planner.model import PlanSpec, PlanStatus, PlanSummary, Step, StepSpec, StepStatus
+from mcp_planner.service import PlannerService
+from mcp_planner.store import PlanStore
+from mcp_planner.tools import LocalTools
+
+pytestmark = pytest.mark.anyio
+
+
+async def echo(params: dict[str, Any]) -> dict[str, Any]:
+    return dict(params)
+
+
+@asynccontextmanager
+async def service(tmp_path: Path, **kwargs: Any) -> AsyncIterator[PlannerService]:
+    async with PlanStore.open(tmp_path / "plans.db") as store:
+        async with PlannerService(store, LocalTools({"echo": echo}), **kwargs) as svc:
+            yield svc
+
+
+def spec(require_approval: bool = False) -> PlanSpec:
+    return PlanSpec.model_validate(
+        {
+            "description": "two echoes",
+            "steps": [
+                {"id": "a", "tool_name": "echo", "parameters": {"n": 1}},
+                {"id": "b", "tool_name": "echo", "parameters": {"n": "{{ steps.a.result.n }}"}},
+            ],
+            "options": {"require_approval": require_approval},
+        }
+    )
+
+
+def dead_pid() -> int:
+    """A pid that no process has: one past the largest pid seen, skipping any that exist."""
+    pid = max(int(p) for p in os.listdir("/proc") if p.isdigit()) + 1000
+    while Path(f"/proc/{pid}").exists():
+        pid += 1
+    return pid
+
+
+async def test_execute_without_wait_limit_runs_to_the_end_and_calls_plain_progress_callbacks(
+    tmp_path: Path,
+) -> None:
+    seen: list[tuple[str, StepStatus]] = []
+
+    def on_progress(summary: PlanSummary, step: Step | None) -> None:
+        if step is not None:
+            seen.append((step.id, step.status))  # a snapshot: the step object keeps changing
+
+    async with service(tmp_path) as svc:
+        plan = await svc.create_plan(spec())
+        assert plan.status == PlanStatus.APPROVED and plan.approved_by == "auto"
+        summary = await svc.execute_plan(plan.id, wait_seconds=None, on_progress=on_progress)
+        assert summary.status == PlanStatus.COMPLETED
+        kinds = [e.kind for e in await svc.events(plan.id)]
+        assert kinds[:2] == ["plan_created", "plan_approved"]
+        stored = await svc.get_plan(plan.id)
+        assert stored.step("b").result is not None and stored.step("b").result.structured == {"n": 1}
+    assert [(i, st) for i, st in seen if st == StepStatus.COMPLETED] == [
+        ("a", StepStatus.COMPLETED),
+        ("b", StepStatus.COMPLETED),
+    ]
+    assert ("a", StepStatus.RUNNING) in seen
+
+
+async def test_create_refuses_an_invalid_plan_with_every_problem_and_stores_nothing(tmp_path: Path) -> None:
+    bad = PlanSpec(description="", steps=[StepSpec(id="x", tool_name="nope", depends_on=["y"])])
+    async with service(tmp_path) as svc:
+        with pytest.raises(PlanValidationError) as caught:
+            await svc.create_plan(bad)
+        fields = {(p.step_id, p.field) for p in caught.value.problems}
+        assert (
+            (None, "description") in fields and ("x", "tool_name") in fields and ("x", "depends_on") in fields
+        )
+        assert await svc.list_plans() == []
+
+
+async def test_a_plan_left_executing_by_a_dead_process_is_refused_by_execute_and_resumed(
+    tmp_path: Path,
+) -> None:
+    async with service(tmp_path) as svc:
+        plan = await svc.create_plan(spec())
+        plan.status = PlanStatus.EXECUTING
+        plan.steps[0].status = StepStatus.RUNNING
+        await svc.store.save_plan(plan)
+        assert await svc.store.claim(plan.id, f"{socket.gethostname()}:{dead_pid()}:gone") is None
+        with pytest.raises(PlanStateError, match="resume_plan"):
+            await svc.execute_plan(plan.id)
+        interrupted = await svc.resume_plan(plan.id, wait_seconds=None)
+        assert interrupted.status == PlanStatus.FAILED  # echo is not known to be safe to re-run
+        assert "interrupted" in (interrupted.steps[0].error or "")
+        done = await svc.resume_plan(plan.id, rerun_interrupted=True, wait_seconds=None)
+        assert done.status == PlanStatus.COMPLETED
+
+
+async def test_a_plan_executing_in_another_live_process_is_cancelled_through_the_store(
+    tmp_path: Path,
+) -> None:
+    async with service(tmp_path) as svc:
+        plan = await svc.create_plan(spec())
+        plan.status = PlanStatus.EXECUTING
+        await svc.store.save_plan(plan)
+        other = f"{socket.gethostname()}:{os.getpid()}:another-server"
+        assert await svc.store.claim(plan.id, other) is None
+        for call in (svc.execute_plan(plan.id), svc.resume_plan(plan.id)):
+            with pytest.raises(PlanClaimedError):
+                await call
+        summary = await svc.cancel_plan(plan.id, "stop it", cancelled_by="alice")
+        assert summary.status == PlanStatus.EXECUTING  # the other process stops it
+        claim = await svc.store.get_claim(plan.id)
+        assert claim is not None and claim.cancel_reason == "stop it"
+        requested = [e for e in await svc.events(plan.id) if e.kind == "cancel_requested"]
+        assert requested[-1].data["by"] == "alice" and requested[-1].data["how"] == "via_store"
+
+
+async def test_update_is_refused_once_a_plan_has_run(tmp_path: Path) -> None:
+    async with service(tmp_path) as svc:
+        plan = await svc.create_plan(spec())
+        await svc.execute_plan(plan.id, wait_seconds=None)
+        with pytest.raises(PlanStateError, match="has not started"):
+            await svc.update_plan(plan.id, description="too late")
+
+
+async def test_unknown_approval_policy_is_refused(tmp_path: Path) -> None:
+    async with PlanStore.open(tmp_path / "plans.db") as store:
+        with pytest.raises(ValueError, match="approval policy"):
+            PlannerService(store, LocalTools({}), approval="sometimes")
