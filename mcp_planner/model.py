@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr
 
 from .errors import PlanStateError, Problem
 from .templating import referenced_steps
@@ -230,6 +230,9 @@ class ExecutionPlan(BaseModel):
     plan_hash: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 
+    _taken_ids: set[str] | None = PrivateAttr(default=None)
+    _taken_key: tuple[int, str | None] = PrivateAttr(default=(0, None))
+
     # -- construction -----------------------------------------------------------------------------------
 
     @classmethod
@@ -261,11 +264,7 @@ class ExecutionPlan(BaseModel):
         """
         parameters = dict(parameters or {})
         if step_id is None:
-            taken = {s.id for s in self.steps}
-            n = len(self.steps) + 1
-            while f"step-{n}" in taken:
-                n += 1
-            step_id = f"step-{n}"
+            step_id = self._next_step_id()
         step = Step(
             id=step_id,
             index=len(self.steps),
@@ -275,8 +274,33 @@ class ExecutionPlan(BaseModel):
             depends_on=sorted(referenced_steps(parameters)),
         )
         self.steps.append(step)
+        if self._taken_ids is not None:
+            self._taken_ids.add(step.id)
+            self._taken_key = (len(self.steps), step.id)
         self.touch()
         return step
+
+    def _next_step_id(self) -> str:
+        # Rebuilding the set of taken ids on every call made building a large plan quadratic; it is
+        # rebuilt only when the steps changed other than by appending through add_step.
+        key = (len(self.steps), self.steps[-1].id if self.steps else None)
+        if self._taken_ids is None or self._taken_key != key:
+            self._taken_ids = {s.id for s in self.steps}
+        n = len(self.steps) + 1
+        while f"step-{n}" in self._taken_ids:
+            n += 1
+        step_id = f"step-{n}"
+        self._taken_ids.add(step_id)
+        self._taken_key = (len(self.steps) + 1, step_id)
+        return step_id
+
+    def __eq__(self, other: object) -> bool:
+        # Field values only: the id cache above is not part of a plan's identity.
+        if not isinstance(other, ExecutionPlan):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]
 
     def step(self, step_id: str) -> Step:
         for s in self.steps:
@@ -365,7 +389,9 @@ class ExecutionPlan(BaseModel):
     def expire_approval(self, now: datetime | None = None) -> bool:
         """Cancel a plan that has waited for approval longer than `approval_timeout_ms`; True if it did."""
         timeout = self.options.approval_timeout_ms
-        if timeout <= 0 or self.status not in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL):
+        if timeout <= 0 or not self.options.needs_approval:
+            return False
+        if self.status not in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL):
             return False
         since = self.pending_since or self.created_at
         if ((now or utcnow()) - since).total_seconds() * 1000 < timeout:

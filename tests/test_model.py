@@ -285,6 +285,27 @@ def test_no_approval_timeout_means_no_expiry() -> None:
     assert plan.status == PlanStatus.PENDING_APPROVAL
 
 
+def test_a_draft_that_needs_no_approval_never_expires() -> None:
+    plan = two_step_plan()
+    plan.options.require_approval = False
+    plan.options.approval_timeout_ms = 1
+
+    assert plan.expire_approval(utcnow() + timedelta(days=1)) is False
+    assert plan.status == PlanStatus.DRAFT
+
+
+def test_building_a_large_plan_with_generated_ids_keeps_ids_unique() -> None:
+    plan = ExecutionPlan.new("big")
+    for _ in range(3):
+        plan.add_step("t", "d", {})
+    plan.add_step("t", "d", {}, step_id="step-5")
+    plan.steps.append(plan.steps[0].model_copy(update={"id": "step-6", "index": 4}))  # behind add_step's back
+    ids = [plan.add_step("t", "d", {}).id for _ in range(3)]
+
+    assert ids == ["step-7", "step-8", "step-9"]
+    assert len({s.id for s in plan.steps}) == len(plan.steps)
+
+
 # -- summary and results ----------------------------------------------------------------------------------
 
 
