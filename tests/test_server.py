@@ -16,6 +16,7 @@ import anyio
 import pytest
 from mcp import Client
 from mcp.client.session import ClientRequestContext
+from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, ElicitRequestParams, ElicitResult, TextContent
 
 from mcp_planner.server import build_server
@@ -582,3 +583,14 @@ async def test_plan_edited_while_the_person_decides_is_not_approved_unseen(tmp_p
             assert not result.is_error, text(result)
             assert len(asked) == 2 and "edited meanwhile" in asked[1]
             assert plan.status == "approved" and plan.description == "edited meanwhile"
+
+
+async def test_reading_a_resource_of_an_unknown_plan_or_step_says_which(tmp_path: Path) -> None:
+    async with planner(tmp_path) as (client, _):
+        plan_id = await create(client, two_step_plan())
+        with pytest.raises(MCPError, match="no plan with id 'ghost'"):
+            await client.read_resource("plan://ghost")
+        with pytest.raises(MCPError, match="has no step 'nope'"):
+            await client.read_resource(f"plan://{plan_id}/steps/nope/result")
+        with pytest.raises(MCPError, match="has no result"):
+            await client.read_resource(f"plan://{plan_id}/steps/hello/result")

@@ -78,10 +78,13 @@ async def echo(params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-async def test_every_tool_answers_malformed_arguments_cleanly_and_keeps_working(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_every_tool_answers_malformed_arguments_cleanly_and_keeps_working(
+    tmp_path: Path, mode: str
+) -> None:
     async with PlanStore.open(tmp_path / "plans.db") as store:
         async with PlannerService(store, LocalTools({"echo": echo}), approval="agent") as service:
-            async with Client(build_server(service)) as client:
+            async with Client(build_server(service), mode=mode) as client:
                 created = await client.call_tool(
                     "create_plan", {"description": "d", "steps": [{"id": "a", "tool_name": "echo"}]}
                 )
