@@ -4,6 +4,9 @@ This is the only module that reads the environment (`MCP_PLANNER_DB`, `MCP_PLANN
 variables a servers file expands). Every command opens the same application layer the MCP server uses
 (`service.PlannerService` over a `store.PlanStore` and, when it needs tools, a `downstream.Downstream`),
 so a plan behaves the same whether an agent or a person drives it.
+
+The terminal rendering (`terminal.py`, rich) is imported inside the commands that print, so `serve`, the
+command agents launch, starts without it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from . import terminal
 from .cli_runtime import (
     ExitCode,
     Runtime,
@@ -267,6 +269,8 @@ def plans(
     verbose: VerboseOpt = 0,
 ) -> None:
     """List recent plans, newest first."""
+    from . import terminal
+
     settings = _settings(ctx, servers, db, verbose)
 
     async def body() -> list[ExecutionPlan]:
@@ -294,6 +298,8 @@ def show(
     verbose: VerboseOpt = 0,
 ) -> None:
     """Show a plan: its fields, steps with durations and errors, result previews and its Mermaid graph."""
+    from . import terminal
+
     settings = _settings(ctx, servers, db, verbose)
 
     async def body() -> ExecutionPlan:
@@ -454,6 +460,8 @@ def tools(
 
     Exits 1 when a downstream server could not be reached (its error is shown).
     """
+    from . import terminal
+
     settings = _settings(ctx, servers, db, verbose)
     if _servers_path(settings) is None:
         fail("no servers file: pass --servers FILE or set MCP_PLANNER_SERVERS", ExitCode.INVALID)

@@ -25,15 +25,14 @@ import anyio.abc
 import click
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 
-from . import terminal
 from .errors import PlannerError, PlanValidationError, Problem
 from .model import ExecutionPlan, PlanSpec, PlanStatus, PlanSummary, Step
-from .scheduling import INTERRUPTED_ERROR
 from .tools import LocalTools, ToolProvider
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from .service import PlannerService
 
 log = logging.getLogger("mcp_planner.cli")
@@ -45,9 +44,31 @@ CONNECT_TIMEOUT = 30.0
 #: How the person at the terminal approves, as recorded with the plan.
 METHOD = "human-terminal"
 
-# Off a terminal (CI logs, pipes) rich would wrap tables at 80 columns; logs read better wider.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+
+class LazyConsole:
+    """A rich `Console` made on first use: `mcp-planner serve` never prints, so it never imports rich."""
+
+    def __init__(self, *, stderr: bool) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            stream = sys.stderr if self._stderr else sys.stdout
+            # Off a terminal (CI logs, pipes) rich would wrap tables at 80 columns; logs read better wider.
+            width = None if stream.isatty() else 160
+            self._console = Console(stderr=self._stderr, highlight=False, width=width)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.console, name)
+
+
+out = LazyConsole(stderr=False)
+err = LazyConsole(stderr=True)
 
 
 class ExitCode(IntEnum):
@@ -245,8 +266,10 @@ def can_ask() -> bool:
 
 async def run_plan(rt: Runtime, spec: PlanSpec, yes: bool) -> PlanSummary:
     """What `run` does: validate, show, ask (unless `yes`), create, approve, execute."""
+    from . import terminal
+
     plan = await checked_plan(rt, spec)
-    terminal.print_plan(out, plan, "Plan")
+    terminal.print_plan(out.console, plan, "Plan")
     if not yes and not can_ask():
         fail(
             "refusing to run without confirmation: stdin is not a terminal. Pass --yes to run the plan "
@@ -301,7 +324,9 @@ async def execute_with_progress(
     rt: Runtime, plan: ExecutionPlan, *, resume: bool, rerun_interrupted: bool
 ) -> PlanSummary:
     """Execute or resume with a live display; the first Ctrl-C cancels the plan, a second one aborts."""
-    display = terminal.ProgressDisplay(out, plan.summary())
+    from . import terminal
+
+    display = terminal.ProgressDisplay(out.console, plan.summary())
     interrupts = 0
 
     def on_progress(summary: PlanSummary, step: Step | None) -> None:
@@ -345,6 +370,9 @@ async def execute_with_progress(
 
 
 def print_summary(summary: PlanSummary) -> None:
+    from . import terminal
+    from .scheduling import INTERRUPTED_ERROR
+
     if out.is_terminal:  # the live display left the steps table on screen
         out.print(terminal.summary_renderable(summary, steps=False))
     else:
@@ -361,11 +389,13 @@ def print_summary(summary: PlanSummary) -> None:
 
 async def approve_here(rt: Runtime, plan: ExecutionPlan, yes: bool) -> ExecutionPlan:
     """Show the plan and approve it as the person at this terminal, asking y/N unless `yes`."""
+    from . import terminal
+
     if plan.status not in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL):
         # Nothing to ask about: the service says it is approved already, or why it cannot be.
         done: ExecutionPlan = await rt.service.approve_plan(plan.id, terminal_user(), METHOD)
         return done
-    terminal.print_plan(out, plan, f"Plan {plan.id} ({plan.status.value})")
+    terminal.print_plan(out.console, plan, f"Plan {plan.id} ({plan.status.value})")
     if not yes:
         if not can_ask():
             fail(
