@@ -108,14 +108,23 @@ CLI_EQUIVALENTS = {
     "reject_plan": "`mcp-planner reject ID`",
     "list_tools": "`mcp-planner tools`",
 }
-TOOL_HINT = re.compile(r"\bcall (" + "|".join(CLI_EQUIVALENTS) + r")\b")
+TOOL_HINT = re.compile(r"\b(call )?(" + "|".join(CLI_EQUIVALENTS) + r")\b")
 
 
 # -- running async bodies with clean errors ---------------------------------------------------------------
 
 
 def for_cli(message: str) -> str:
-    return TOOL_HINT.sub(lambda m: f"run {CLI_EQUIVALENTS[m.group(1)]}", message)
+    """`message` with the MCP tools it names replaced by the equivalent commands (for the plan it names)."""
+    named = re.search(r"\bplan '([\w.-]+)'", message)
+
+    def command(m: re.Match[str]) -> str:
+        text = CLI_EQUIVALENTS[m.group(2)]
+        if named is not None:
+            text = text.replace(" ID", f" {named.group(1)}")
+        return ("run " if m.group(1) else "") + text
+
+    return TOOL_HINT.sub(command, message)
 
 
 def fail(message: str, code: ExitCode = ExitCode.ERROR) -> NoReturn:

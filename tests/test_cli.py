@@ -224,6 +224,9 @@ def test_failed_plan_exits_with_the_failed_code_and_resume_completes_it(tmp_path
     [stored] = stored_plans(tmp_path)
     assert stored["status"] == "failed"
     before = show_json(tmp_path, stored["plan_id"])
+    again = cli(tmp_path, "execute", stored["plan_id"])
+    assert again.returncode == ExitCode.ERROR
+    assert f"run `mcp-planner resume {stored['plan_id']}`" in again.stderr  # the command, not the MCP tool
 
     resumed = cli(tmp_path, "resume", stored["plan_id"], "--servers", SERVERS)
     assert resumed.returncode == ExitCode.OK, resumed.stderr
