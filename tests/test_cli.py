@@ -93,8 +93,17 @@ def assert_clean_error(result: subprocess.CompletedProcess[str]) -> None:
 # -- run -------------------------------------------------------------------------------------------------
 
 
-def test_run_ci_pipeline_example_completes_and_exits_zero(tmp_path: Path) -> None:
-    result = cli(tmp_path, "run", EXAMPLES / "ci_pipeline.json", "--servers", SERVERS, "--yes")
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """The README's main job, run once for the tests that only read what it left behind."""
+    tmp_path = tmp_path_factory.mktemp("ci-run")
+    return tmp_path, cli(tmp_path, "run", EXAMPLES / "ci_pipeline.json", "--servers", SERVERS, "--yes")
+
+
+def test_run_ci_pipeline_example_completes_and_exits_zero(
+    ci_run: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    tmp_path, result = ci_run
 
     assert result.returncode == ExitCode.OK, result.stderr
     assert "completed: 7/7 completed, 0 failed, 0 skipped" in result.stdout
@@ -301,8 +310,11 @@ async def test_ctrl_c_during_run_cancels_the_plan_cleanly(tmp_path: Path) -> Non
 # -- inspecting ------------------------------------------------------------------------------------------
 
 
-def test_plans_and_show_describe_a_plan_that_ran(tmp_path: Path) -> None:
-    assert cli(tmp_path, "run", EXAMPLES / "ci_pipeline.json", "--servers", SERVERS, "--yes").returncode == 0
+def test_plans_and_show_describe_a_plan_that_ran(
+    ci_run: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    tmp_path, result = ci_run
+    assert result.returncode == 0, result.stderr
     [plan] = stored_plans(tmp_path)
 
     listing = cli(tmp_path, "plans")
