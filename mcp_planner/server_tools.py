@@ -71,8 +71,9 @@ class ServiceState:
         self.service = service
         self.error: BaseException | None = None
         self.ready: anyio.Event | None = None
-        #: request id -> hash of the plan an approval question showed, so what is approved is what was shown.
-        self.shown: dict[str, str] = {}
+        #: (request id, plan id) -> hash of the plan an approval question showed, so that what is approved
+        #: is what was shown. Request ids repeat across HTTP sessions; with the plan id a clash is harmless.
+        self.shown: dict[tuple[str, str], str] = {}
 
     async def get(self) -> PlannerService:
         if self.service is None and self.ready is not None and self.error is None:
@@ -138,7 +139,7 @@ async def _ask_person(plan_id: str, ctx: Context[Any, Any]) -> Elicit[ApprovalFo
     )
     if len(state.shown) > 1000:  # questions never answered (the client gave up): forget them
         state.shown.clear()
-    state.shown[ctx.request_id] = plan.compute_hash()
+    state.shown[ctx.request_id, plan_id] = plan.compute_hash()
     return Elicit(message, ApprovalForm)
 
 
@@ -261,7 +262,7 @@ def register_tools(server: MCPServer[Any], state: ServiceState) -> None:
         ] = None,
     ) -> Annotated[CallToolResult, views.ApprovalView]:
         service = await state.get()
-        shown = state.shown.pop(ctx.request_id, None)
+        shown = state.shown.pop((ctx.request_id, plan_id), None)
         if isinstance(decision, DeclinedElicitation):
             await service.reject_plan(
                 plan_id, "declined by the user when asked to approve", rejected_by="user"
