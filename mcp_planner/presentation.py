@@ -61,9 +61,9 @@ def next_action(plan: ExecutionPlan | PlanSummary) -> str:
         PlanStatus.APPROVED: f"call execute_plan({pid!r})",
         PlanStatus.EXECUTING: f"it runs in the background: call get_summary({pid!r}) to follow it",
         PlanStatus.COMPLETED: f"done: call get_plan({pid!r}) to read the results",
-        PlanStatus.FAILED: f"call get_summary({pid!r}) to see what failed, then resume_plan({pid!r}) "
+        PlanStatus.FAILED: f"read the failed steps' errors, fix the cause, then call resume_plan({pid!r}) "
         "to re-run what did not complete",
-        PlanStatus.PARTIAL: f"call get_summary({pid!r}) to see what failed, then resume_plan({pid!r}) "
+        PlanStatus.PARTIAL: f"read the failed steps' errors, fix the cause, then call resume_plan({pid!r}) "
         "to re-run what did not complete",
         PlanStatus.CANCELLED: "nothing: a cancelled plan never runs again; create a new plan if needed",
     }[status]
@@ -284,7 +284,8 @@ def summary_text(summary: PlanSummary, *, steps: bool = True, max_steps: int = 5
     extra = [f"{n} {name}" for n, name in ((summary.failed, "failed"), (summary.skipped, "skipped"))]
     extra += [f"{summary.running} running"] if summary.running else []
     head += "".join(f", {e}" for e in extra if not e.startswith("0 "))
-    head += _duration(summary.duration_ms)
+    if summary.duration_ms is not None:
+        head += f",{_duration(summary.duration_ms)}"
     lines = [head]
     if summary.error:
         lines.append(f"  error: {summary.error}")
@@ -402,7 +403,8 @@ def catalog_text(catalog: ToolCatalog, *, max_tools: int = 100) -> str:
             if tool.annotations.get(key)
         ]
         suffix = f" ({', '.join(hints)})" if hints else ""
-        lines.append(f"  {tool.name}{suffix}: {_one_line(tool.description, 120)}")
+        about = f": {_one_line(tool.description, 120)}" if tool.description else ""
+        lines.append(f"  {tool.name}{suffix}{about}")
     if len(catalog.tools) > max_tools:
         lines.append(f"  ... and {len(catalog.tools) - max_tools} more (see structured content)")
     for server in catalog.servers:
