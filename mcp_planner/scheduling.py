@@ -17,7 +17,7 @@ import heapq
 import inspect
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -278,8 +278,7 @@ class Run:
                         self.running -= len(finished)
                         for done in finished:
                             self.scopes.pop(done.pos, None)
-                        await self._on_finished(finished)
-                        await self._start_ready(tg)
+                        await self._start_ready(tg, finished)
                 tg.cancel_scope.cancel()  # the heartbeat, and any abandoned call
 
     async def _receive(self, receive: MemoryObjectReceiveStream[_Message]) -> _Message | None:
@@ -294,26 +293,25 @@ class Run:
         self._check_deadline()
         return None
 
-    async def _start_ready(self, tg: TaskGroup) -> None:
+    async def _start_ready(self, tg: TaskGroup, finished: Sequence[_Finished] = ()) -> None:
+        """Record `finished` steps and start every ready step a slot allows, in ONE commit.
+
+        The commit holds the finished steps' results and the started steps' `running` state, so a result is
+        durable before any dependent's call is sent, and a step is `running` before its own call is sent.
+        """
+        changed: list[Step] = []
+        events: list[Event] = []
+        completed, failed = self._record_finished(finished, changed, events)
         self._check_deadline()
-        if self.halted:
-            return
-        batch: list[Step] = []
-        positions: list[int] = []
-        now = utcnow()
-        while self.ready and self.running + len(batch) < self.slots:
-            _, pos = heapq.heappop(self.ready)
+        started = [] if self.halted else self._take_ready(changed, events)
+        if changed or events:
+            await self._commit(changed, events)
+        for pos in completed:
+            await call_hook(self.hooks.on_step_complete, self.plan, self.steps[pos])
+        for step in failed:
+            await call_hook(self.hooks.on_step_failed, self.plan, step)
+        for pos in started:
             step = self.steps[pos]
-            if step.status != StepStatus.PENDING:
-                continue
-            _set(step, status=StepStatus.RUNNING, started_at=now, error=None)
-            batch.append(step)
-            positions.append(pos)
-        if not batch:
-            return
-        _set(self.plan, current_step=batch[-1].id, updated_at=now)
-        await self._commit(batch, [self._event("step_started", s) for s in batch])
-        for pos, step in zip(positions, batch, strict=True):
             await call_hook(self.hooks.on_step_start, self.plan, step)
             scope = anyio.CancelScope()
             self.scopes[pos] = scope
@@ -325,6 +323,23 @@ class Run:
                 self.workers += 1
                 tg.start_soon(self._worker, self._work_queue)
             self._dispatch.send_nowait((pos, scope, results))
+
+    def _take_ready(self, changed: list[Step], events: list[Event]) -> list[int]:
+        """Mark the ready steps that fit in the free slots `running` (in memory; the caller commits)."""
+        positions: list[int] = []
+        now = utcnow()
+        while self.ready and self.running + len(positions) < self.slots:
+            _, pos = heapq.heappop(self.ready)
+            step = self.steps[pos]
+            if step.status != StepStatus.PENDING:
+                continue
+            _set(step, status=StepStatus.RUNNING, started_at=now, error=None)
+            changed.append(step)
+            events.append(self._event("step_started", step))
+            positions.append(pos)
+        if positions:
+            _set(self.plan, current_step=self.steps[positions[-1]].id, updated_at=now)
+        return positions
 
     async def _on_retry(self, message: _Retrying) -> None:
         step = self.steps[message.pos]
@@ -338,14 +353,17 @@ class Run:
         finally:
             message.ack.set()
 
-    async def _on_finished(self, batch: list[_Finished]) -> None:
-        """Record finished steps in one commit, then call hooks and release the dependents."""
-        now = utcnow()
-        _set(self.plan, updated_at=now)
-        changed: list[Step] = []
-        events: list[Event] = []
+    def _record_finished(
+        self, batch: Sequence[_Finished], changed: list[Step], events: list[Event]
+    ) -> tuple[list[int], list[Step]]:
+        """Apply finished steps' outcomes in memory and release their dependents; returns (completed
+        positions, failed steps) for the hooks. The caller commits before any released dependent starts."""
         completed: list[int] = []
         failed: list[Step] = []
+        if not batch:
+            return completed, failed
+        now = utcnow()
+        _set(self.plan, updated_at=now)
         for message in batch:
             pos = message.pos
             step = self.steps[pos]
@@ -364,16 +382,12 @@ class Run:
                 self._fail(step, message.error or "failed", events)
                 self._after_failure(pos, changed, events)
                 failed.append(step)
-        await self._commit(changed, events)
         for pos in completed:
-            await call_hook(self.hooks.on_step_complete, self.plan, self.steps[pos])
-        for step in failed:
-            await call_hook(self.hooks.on_step_failed, self.plan, step)
-        for pos in completed:  # only now, with the results committed, may dependents start
             for k in self.dependents[pos]:
                 self.waiting[k] -= 1
                 if self.waiting[k] == 0 and self.steps[k].status == StepStatus.PENDING:
                     heapq.heappush(self.ready, (self.steps[k].index, k))
+        return completed, failed
 
     async def _commit(self, changed: list[Step], events: list[Event]) -> None:
         if not self.claim_lost:  # the plan may belong to another process now: write nothing more
