@@ -58,16 +58,26 @@ class ExecutionOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    require_approval: bool = True
-    auto_approve: bool = False
-    approval_timeout_ms: int = 0
-    stop_on_error: bool = True
-    continue_on_error: bool = False
-    allow_parallel: bool = False
-    max_parallel_steps: int = DEFAULT_PARALLEL
-    step_timeout_ms: int = 0
-    total_timeout_ms: int = 0
-    retry_backoff: float = 1.0
+    require_approval: bool = Field(
+        default=True, description="a new plan waits in pending_approval until approved"
+    )
+    auto_approve: bool = Field(
+        default=False, description="approve at creation even if require_approval is set"
+    )
+    approval_timeout_ms: int = Field(
+        default=0, description="cancel a plan still pending after this long; 0 = never"
+    )
+    stop_on_error: bool = Field(default=True, description="after a step fails, start no new step")
+    continue_on_error: bool = Field(
+        default=False, description="run everything that can still run after a failure"
+    )
+    allow_parallel: bool = Field(default=False, description="run independent steps at the same time")
+    max_parallel_steps: int = Field(
+        default=DEFAULT_PARALLEL, description="steps at once when parallel (1-64)"
+    )
+    step_timeout_ms: int = Field(default=0, description="default bound on each attempt of a step; 0 = none")
+    total_timeout_ms: int = Field(default=0, description="bound on the whole run; 0 = none")
+    retry_backoff: float = Field(default=1.0, description="delay multiplier per retry: 1 fixed, 2 doubles")
 
     @property
     def needs_approval(self) -> bool:
@@ -161,14 +171,30 @@ class StepSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    id: str | None = None
-    tool_name: str = Field(validation_alias=AliasChoices("tool_name", "tool"))
-    description: str = ""
-    parameters: dict[str, Any] = Field(default_factory=dict)
-    depends_on: list[str] = Field(default_factory=list)
-    max_retries: int = 0
-    retry_delay_ms: int = 1000
-    timeout_ms: int | None = None
+    id: str | None = Field(
+        default=None, description="readable unique id, e.g. 'build'; default step-1, step-2, ..."
+    )
+    tool_name: str = Field(
+        validation_alias=AliasChoices("tool_name", "tool"),
+        description="downstream tool as 'server.tool' (see list_tools); bare if only one server has it",
+    )
+    description: str = Field(default="", description="what the step does, for the person approving")
+    parameters: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the tool's arguments; a string may use {{ steps.<id>.result }} (or .text, .json) "
+        "to pass an earlier step's output",
+    )
+    depends_on: list[str] = Field(
+        default_factory=list,
+        description="ids of steps that must complete first (template references add theirs)",
+    )
+    max_retries: int = Field(
+        default=0, description="retries after a failed attempt; keep 0 for non-idempotent calls"
+    )
+    retry_delay_ms: int = Field(default=1000, description="wait before the first retry")
+    timeout_ms: int | None = Field(
+        default=None, description="bound on each attempt; overrides step_timeout_ms"
+    )
 
 
 class PlanSpec(BaseModel):
