@@ -559,7 +559,7 @@ async def test_resume_recovers_a_plan_whose_cli_process_was_killed(tmp_path: Pat
                 {
                     "id": "slow",
                     "tool_name": "ci.sleep",
-                    "parameters": {"seconds": 1},
+                    "parameters": {"seconds": 3},
                     "depends_on": ["first"],
                 },
                 {"id": "after", "tool_name": "ci.lint", "depends_on": ["slow"]},
