@@ -11,12 +11,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-import jsonschema
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential
 
 from .errors import ParameterError, StepError, StepTimeoutError, ToolCallError
 from .model import Step, StepResult
 from .tools import ToolInfo, ToolProvider
+from .validation import compiled_validator
 
 logger = logging.getLogger("mcp_planner.executor")
 
@@ -44,40 +44,25 @@ def retry_policy(step: Step, backoff: float, before_sleep: Callable[[RetryCallSt
     )
 
 
-class SchemaChecker:
-    """Checks rendered parameters against tools' input schemas; one compiled validator per schema."""
+def check_parameters(step: Step, info: ToolInfo | None, params: dict[str, Any]) -> None:
+    """Check rendered parameters against the tool's input schema (compiled once per process).
 
-    def __init__(self) -> None:
-        self._validators: dict[str, tuple[dict[str, Any], Any]] = {}
-
-    def check(self, step: Step, info: ToolInfo | None, params: dict[str, Any]) -> None:
-        """Raises: ParameterError naming the step, the tool and what does not match."""
-        schema = info.input_schema if info is not None else None
-        if not schema:
-            return
-        cached = self._validators.get(step.tool_name)
-        if cached is None or cached[0] is not schema:
-            cls = jsonschema.validators.validator_for(schema)
-            try:
-                cls.check_schema(schema)
-            except jsonschema.SchemaError:
-                logger.warning("tool %r has an invalid input schema; parameters not checked", step.tool_name)
-                cached = (schema, None)
-            else:
-                cached = (schema, cls(schema))
-            self._validators[step.tool_name] = cached
-        validator = cached[1]
-        if validator is None:
-            return
-        errors = sorted(validator.iter_errors(params), key=lambda e: list(e.absolute_path))
-        if errors:
-            details = "; ".join(
-                f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}" for e in errors[:5]
-            )
-            raise ParameterError(
-                f"rendered parameters of step {step.id!r} do not match the input schema of "
-                f"{step.tool_name!r}: {details}"
-            )
+    Raises:
+        ParameterError: naming the step, the tool and what does not match.
+    """
+    schema = info.input_schema if info is not None else None
+    validator = compiled_validator(schema) if schema else None
+    if validator is None:
+        return
+    errors = sorted(validator.iter_errors(params), key=lambda e: list(e.absolute_path))
+    if errors:
+        details = "; ".join(
+            f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}" for e in errors[:5]
+        )
+        raise ParameterError(
+            f"rendered parameters of step {step.id!r} do not match the input schema of "
+            f"{step.tool_name!r}: {details}"
+        )
 
 
 async def call_step(

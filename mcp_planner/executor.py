@@ -13,7 +13,6 @@ from typing import Any
 
 import anyio
 
-from .attempts import SchemaChecker
 from .errors import PlanClaimedError, PlanStateError, PlanValidationError, Problem
 from .model import ExecutionPlan, PlanStatus, PlanSummary, StepStatus, utcnow
 from .scheduling import (
@@ -77,7 +76,6 @@ class Executor:
         self.heartbeat_interval = heartbeat_interval
         self.stale_after = stale_after
         self._runs: dict[str, Run] = {}
-        self._schemas = SchemaChecker()
 
     def is_running(self, plan_id: str) -> bool:
         """Whether this executor is running the plan now."""
@@ -337,7 +335,6 @@ class Executor:
                 self.owner,
                 heartbeat_interval=self.heartbeat_interval,
                 interrupted=interrupted,
-                schemas=self._schemas,
             )
             await self.store.save_plan(plan, [*events, *run.initial_events])
         except BaseException:

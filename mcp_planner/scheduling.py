@@ -26,7 +26,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic import BaseModel
 
-from .attempts import SchemaChecker, call_step
+from .attempts import call_step, check_parameters
 from .errors import StepError
 from .model import ExecutionPlan, PlanStatus, Step, StepResult, StepStatus, utcnow
 from .storage import Event, Store
@@ -119,7 +119,6 @@ class Run:
         *,
         heartbeat_interval: float,
         interrupted: list[str] | None = None,
-        schemas: SchemaChecker | None = None,
     ) -> None:
         self.plan = plan
         self.steps = plan.steps
@@ -146,7 +145,6 @@ class Run:
         self.grace_deadline = math.inf
         total = plan.options.total_timeout_ms
         self.deadline = anyio.current_time() + total / 1000 if total > 0 else math.inf
-        self._schemas = schemas if schemas is not None else SchemaChecker()
         self._send: MemoryObjectSendStream[_Message] | None = None
         self._dispatch: MemoryObjectSendStream[_Work]
         self._work_queue: MemoryObjectReceiveStream[_Work]
@@ -415,7 +413,7 @@ class Run:
                 params = render_parameters(
                     step.parameters, {sid: r for sid, r in results.items() if r is not None}
                 )
-                self._schemas.check(step, self.catalog.get(step.tool_name), params)
+                check_parameters(step, self.catalog.get(step.tool_name), params)
                 outcome.result = await call_step(
                     self.provider,
                     step,

@@ -349,7 +349,7 @@ def _tool_problems(
     if schema is None:
         return
     if name not in validators:
-        validators[name] = _validator(schema)
+        validators[name] = compiled_validator(schema)
     if validators[name] is not None:
         yield from _schema_problems(step, validators[name])
 
@@ -371,7 +371,7 @@ def _unknown_tool_message(name: str, catalog: Catalog, budget: _Budget) -> str:
     return f"unknown tool {name!r}{hint or ': call list_tools to see the available tools'}"
 
 
-def _validator(schema: dict[str, Any]) -> Any:
+def compiled_validator(schema: dict[str, Any]) -> Any:
     """A validator of the schema's own dialect (`$schema`, default 2020-12); None for a broken schema."""
     try:
         key = json.dumps(schema, sort_keys=True)
