@@ -359,7 +359,10 @@ def _transition(before: StepSummary | None, now: StepSummary) -> str | None:
             return f"retry   {now.id} (retry {now.retry_count})"
         return f"start   {now.id} -> {now.tool_name}"
     if now.status == StepStatus.COMPLETED:
-        return f"done    {now.id} ({duration(now.duration_ms)})"
+        retries = (
+            f", {now.retry_count} retr{'y' if now.retry_count == 1 else 'ies'}" if now.retry_count else ""
+        )
+        return f"done    {now.id} ({duration(now.duration_ms)}{retries})"
     if now.status == StepStatus.FAILED:
         return f"FAILED  {now.id}: {now.error or 'no error message'}"
     if now.status == StepStatus.SKIPPED:
