@@ -24,6 +24,7 @@ from .scheduling import (
     Hook,
     Hooks,
     Run,
+    _set,
 )
 from .storage import DEFAULT_STALE_AFTER, Event, MemoryStore, Store, claim_is_live, new_owner_id
 from .tools import ToolInfo, ToolProvider, as_provider
@@ -132,7 +133,7 @@ class Executor:
                 step.reset()
         metadata = {k: v for k, v in plan.metadata.items() if k != INTERRUPTED_KEY}
         if metadata != plan.metadata:
-            plan.metadata = metadata
+            _set(plan, metadata=metadata)
         events.append(Event(plan_id=plan.id, kind="plan_started", data={"owner": self.owner}))
         return await self._run(plan, catalog, events, interrupted=[])
 
@@ -319,13 +320,16 @@ class Executor:
         """Mark the plan executing, commit, drive the run to its end and save the final state."""
         try:
             now = utcnow()
-            plan.status = PlanStatus.EXECUTING
-            plan.error = None
-            plan.started_at = now
-            plan.completed_at = None
-            plan.total_duration_ms = None
-            plan.current_step = None
-            plan.updated_at = now
+            _set(
+                plan,
+                status=PlanStatus.EXECUTING,
+                error=None,
+                started_at=now,
+                completed_at=None,
+                total_duration_ms=None,
+                current_step=None,
+                updated_at=now,
+            )
             run = Run(
                 plan,
                 self.provider,

@@ -493,16 +493,19 @@ class Run:
         else:
             metadata.pop(INTERRUPTED_KEY, None)
         if metadata != self.plan.metadata:
-            self.plan.metadata = metadata
+            _set(self.plan, metadata=metadata)
 
         status, error = self._final_status(exc)
         plan = self.plan
         now = utcnow()
-        plan.status = status
-        plan.error = error
-        plan.completed_at = now
-        plan.total_duration_ms = _ms_between(plan.started_at, now)
-        plan.updated_at = now
+        _set(
+            plan,
+            status=status,
+            error=error,
+            completed_at=now,
+            total_duration_ms=_ms_between(plan.started_at, now),
+            updated_at=now,
+        )
         events.append(self._event(f"plan_{status.value}", status=status.value, error=error))
         return changed, events
 
