@@ -131,6 +131,7 @@ class Run:
         self.heartbeat_interval = heartbeat_interval
         self.interrupted = list(interrupted or [])
         self.done = anyio.Event()
+        self._stopped = anyio.Event()
         self.coordinator_task: int | None = None
 
         self.slots = plan.options.slots
@@ -277,7 +278,11 @@ class Run:
                         for done in finished:
                             self.scopes.pop(done.pos, None)
                         await self._start_ready(tg, finished)
-                tg.cancel_scope.cancel()  # the heartbeat, and any abandoned call
+                if self.running:
+                    tg.cancel_scope.cancel()  # the abandoned calls, and the heartbeat
+                else:  # the heartbeat and the idle workers end on their own: no cancellation to deliver
+                    self._stopped.set()
+                    self._dispatch.close()
 
     async def _receive(self, receive: MemoryObjectReceiveStream[_Message]) -> _Message | None:
         self._check_deadline()
@@ -450,7 +455,10 @@ class Run:
 
     async def _heartbeat(self) -> None:
         while True:
-            await anyio.sleep(self.heartbeat_interval)
+            with anyio.move_on_after(self.heartbeat_interval):
+                await self._stopped.wait()
+            if self._stopped.is_set():
+                return
             claim = None
             try:
                 with anyio.fail_after(max(self.heartbeat_interval, 5.0)):
