@@ -286,6 +286,10 @@ class Run:
 
     async def _receive(self, receive: MemoryObjectReceiveStream[_Message]) -> _Message | None:
         self._check_deadline()
+        try:  # `receive()` always yields to the loop first (a checkpoint): a whole loop cycle per message
+            return receive.receive_nowait()
+        except anyio.WouldBlock:
+            pass
         deadline = self.grace_deadline
         if not self.timed_out and self.cancel_reason is None:  # still bounds steps that finish after a stop
             deadline = min(deadline, self.deadline)
@@ -403,7 +407,16 @@ class Run:
     # -- workers ------------------------------------------------------------------------------------------
 
     async def _worker(self, work: MemoryObjectReceiveStream[_Work]) -> None:
-        async for pos, scope, results in work:
+        while True:
+            try:  # work already queued is taken without the checkpoint `receive()` makes first
+                pos, scope, results = work.receive_nowait()
+            except anyio.WouldBlock:
+                try:
+                    pos, scope, results = await work.receive()
+                except anyio.EndOfStream:
+                    return
+            except anyio.EndOfStream:
+                return
             await self._work(pos, scope, results)
 
     async def _work(self, pos: int, scope: anyio.CancelScope, results: dict[str, StepResult | None]) -> None:
