@@ -107,7 +107,19 @@ def _timestamp(value: datetime) -> str:
     """A fixed-width UTC ISO string, so text order is time order (pydantic drops zero microseconds)."""
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    elif value.utcoffset():
+        value = value.astimezone(UTC)
+    # What strftime("%Y-%m-%dT%H:%M:%S.%fZ") gives (glibc does not pad %Y), at less than half its cost:
+    # several of these are written per commit on the executor's hot path.
+    return "%d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (  # noqa: UP031 (an f-string with format specs is slower)
+        value.year,
+        value.month,
+        value.day,
+        value.hour,
+        value.minute,
+        value.second,
+        value.microsecond,
+    )
 
 
 def _parse_timestamp(text: str) -> datetime:
@@ -137,6 +149,10 @@ def _step_rows(plan_id: str, steps: Sequence[Step]) -> list[tuple[str, str, int,
     return [(plan_id, s.id, s.index, s.status.value, s.model_dump_json()) for s in steps]
 
 
+#: `json.dumps(data, default=str)` without building an encoder per call (the same output).
+_encode_data = json.JSONEncoder(default=str).encode
+
+
 def _event_rows(events: Sequence[Event]) -> list[dict[str, Any]]:
     return [
         {
@@ -144,7 +160,7 @@ def _event_rows(events: Sequence[Event]) -> list[dict[str, Any]]:
             "at": _timestamp(e.at),
             "kind": e.kind,
             "step_id": e.step_id,
-            "data": json.dumps(e.data, default=str),
+            "data": _encode_data(e.data),
         }
         for e in events
     ]
