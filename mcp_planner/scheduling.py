@@ -313,13 +313,17 @@ class Run:
         started = [] if self.halted else self._take_ready(changed, events)
         if changed or events:
             await self._commit(changed, events)
-        for pos in completed:
-            await call_hook(self.hooks.on_step_complete, self.plan, self.steps[pos])
-        for step in failed:
-            await call_hook(self.hooks.on_step_failed, self.plan, step)
+        hooks = self.hooks  # a missing hook costs no coroutine per step
+        if hooks.on_step_complete is not None:
+            for pos in completed:
+                await call_hook(hooks.on_step_complete, self.plan, self.steps[pos])
+        if hooks.on_step_failed is not None:
+            for step in failed:
+                await call_hook(hooks.on_step_failed, self.plan, step)
         for pos in started:
             step = self.steps[pos]
-            await call_hook(self.hooks.on_step_start, self.plan, step)
+            if hooks.on_step_start is not None:
+                await call_hook(hooks.on_step_start, self.plan, step)
             scope = anyio.CancelScope()
             self.scopes[pos] = scope
             if self.halted:  # cancelled while committing: the worker reports it at once, no call is sent
@@ -374,13 +378,22 @@ class Run:
         for message in batch:
             pos = message.pos
             step = self.steps[pos]
-            _set(step, completed_at=now, duration_ms=_ms_between(step.started_at, now))
+            duration_ms = _ms_between(step.started_at, now)
             changed.append(step)
             if message.result is not None:
-                _set(step, status=StepStatus.COMPLETED, result=message.result, error=None)
+                _set(
+                    step,
+                    completed_at=now,
+                    duration_ms=duration_ms,
+                    status=StepStatus.COMPLETED,
+                    result=message.result,
+                    error=None,
+                )
                 events.append(self._event("step_completed", step, duration_ms=step.duration_ms))
                 completed.append(pos)
-            elif message.cancelled and self.cancel_reason is not None:
+                continue
+            _set(step, completed_at=now, duration_ms=duration_ms)
+            if message.cancelled and self.cancel_reason is not None:
                 self._skip(pos, self.cancel_reason, [], events)
             elif message.cancelled:
                 self._fail(step, "total timeout exceeded" if self.timed_out else INTERRUPTED_ERROR, events)
