@@ -371,13 +371,24 @@ def _unknown_tool_message(name: str, catalog: Catalog, budget: _Budget) -> str:
     return f"unknown tool {name!r}{hint or ': call list_tools to see the available tools'}"
 
 
+#: The same schema object (a catalog entry) maps straight to its validator, skipping the canonical-JSON
+#: key, which costs as much as a small step. Holding the schema keeps its id from being reused.
+_BY_IDENTITY: dict[int, tuple[dict[str, Any], Any]] = {}
+
+
 def compiled_validator(schema: dict[str, Any]) -> Any:
     """A validator of the schema's own dialect (`$schema`, default 2020-12); None for a broken schema."""
+    hit = _BY_IDENTITY.get(id(schema))
+    if hit is not None and hit[0] is schema:
+        return hit[1]
     try:
-        key = json.dumps(schema, sort_keys=True)
+        validator = _cached_validator(json.dumps(schema, sort_keys=True))
     except (TypeError, ValueError):
         return _compile_validator(schema)
-    return _cached_validator(key)
+    if len(_BY_IDENTITY) >= 1024:
+        _BY_IDENTITY.clear()
+    _BY_IDENTITY[id(schema)] = (schema, validator)
+    return validator
 
 
 @functools.lru_cache(maxsize=1024)
