@@ -196,6 +196,11 @@ class StepSpec(BaseModel):
         default=None, description="bound on each attempt; overrides step_timeout_ms"
     )
 
+    @classmethod
+    def from_step(cls, step: Step) -> StepSpec:
+        """What a caller would write to get `step` again: its definition, none of its run state."""
+        return cls.model_validate(step.model_dump(include=set(cls.model_fields)))
+
 
 class PlanSpec(BaseModel):
     """A plan as a caller writes it: what `create_plan` takes and what a plan file holds."""

@@ -170,19 +170,7 @@ class PlannerService:
                 "create a new plan instead"
             )
         if steps is None:
-            steps = [
-                StepSpec(
-                    id=s.id,
-                    tool_name=s.tool_name,
-                    description=s.description,
-                    parameters=s.parameters,
-                    depends_on=s.depends_on,
-                    max_retries=s.max_retries,
-                    retry_delay_ms=s.retry_delay_ms,
-                    timeout_ms=s.timeout_ms,
-                )
-                for s in plan.steps
-            ]
+            steps = [StepSpec.from_step(s) for s in plan.steps]
         metadata = {k: v for k, v in plan.metadata.items() if k != "approval_method"}
         spec = PlanSpec(
             description=plan.description if description is None else description,
