@@ -106,6 +106,16 @@ class PlanRequest(BaseModel):
     constraints: str | None = None
     options: ExecutionOptions | None = None
 
+    def __init__(
+        self,
+        task: str,
+        context: str | None = None,
+        constraints: str | None = None,
+        options: ExecutionOptions | dict[str, Any] | None = None,
+    ) -> None:
+        # Positional too, as the seed's API is written: PlanRequest(task, context, constraints, options).
+        super().__init__(task=task, context=context, constraints=constraints, options=options)
+
     @field_validator("task")
     @classmethod
     def _task_not_blank(cls, value: str) -> str:

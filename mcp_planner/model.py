@@ -237,6 +237,12 @@ class PlanSummary(BaseModel):
     error: str | None = None
     steps: list[StepSummary] = Field(default_factory=list)
 
+    def __getitem__(self, key: str) -> Any:
+        """`summary["progress"]` as well as `summary.progress`, for callers used to the seed's map."""
+        if key not in type(self).model_fields:
+            raise KeyError(key)
+        return getattr(self, key)
+
 
 class ExecutionPlan(BaseModel):
     model_config = ConfigDict(validate_assignment=True)

@@ -377,3 +377,10 @@ def test_any_plan_object_survives_prose_and_fences_around_it(
     body = json.dumps(plan, indent=2 if fenced else None)
     text = f"{before}\n```json\n{body}\n```\n{after}" if fenced else f"{before} {body} {after}"
     assert extract_json_object(text) == plan
+
+
+def test_a_plan_request_takes_its_fields_in_the_seed_order() -> None:
+    request = PlanRequest("ship it", "a repo", "no deploys", {"allow_parallel": True})
+
+    assert (request.task, request.context, request.constraints) == ("ship it", "a repo", "no deploys")
+    assert request.options is not None and request.options.model_fields_set == {"allow_parallel"}

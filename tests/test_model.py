@@ -388,3 +388,12 @@ def test_a_plan_round_trips_through_json_without_loss() -> None:
     assert again.is_approved()
     assert again.steps[0].result == first.result
     assert again.summary() == plan.summary()
+
+
+def test_a_summary_reads_by_key_as_well_as_by_attribute() -> None:
+    summary = ExecutionPlan.new("empty").summary()
+
+    assert summary["progress"] == summary.progress == 0.0
+    assert summary["skipped"] == 0
+    with pytest.raises(KeyError):
+        summary["nope"]
