@@ -41,7 +41,7 @@ LISTENER_WAIT = 2.0
 
 
 @dataclass(eq=False)
-class Run:
+class BackgroundRun:
     """One execution in this process: the live plan the executor mutates, and who is listening."""
 
     plan: ExecutionPlan
@@ -94,7 +94,7 @@ class Runs:
     every run (a plan cut short that way is left `executing` or `failed`, and can be resumed)."""
 
     def __init__(self) -> None:
-        self._runs: dict[str, Run] = {}
+        self._runs: dict[str, BackgroundRun] = {}
         self._tg: TaskGroup | None = None
 
     async def __aenter__(self) -> Self:
@@ -115,10 +115,10 @@ class Runs:
     def __contains__(self, plan_id: str) -> bool:
         return plan_id in self._runs
 
-    def get(self, plan_id: str) -> Run | None:
+    def get(self, plan_id: str) -> BackgroundRun | None:
         return self._runs.get(plan_id)
 
-    def start(self, plan: ExecutionPlan, make_executor: ExecutorFactory, body: RunBody) -> Run:
+    def start(self, plan: ExecutionPlan, make_executor: ExecutorFactory, body: RunBody) -> BackgroundRun:
         """Start `body(executor, plan)` in the background and return its run.
 
         Raises:
@@ -129,7 +129,7 @@ class Runs:
             raise RuntimeError("PlannerService must be entered (async with) before running plans")
         if plan.id in self._runs:
             raise PlanStateError(f"plan {plan.id!r} is already executing: call get_summary to follow it")
-        run = Run(plan=plan)
+        run = BackgroundRun(plan=plan)
 
         async def on_step(p: ExecutionPlan, step: Step) -> None:
             run.started.set()
@@ -143,7 +143,7 @@ class Runs:
         self._tg.start_soon(self._run, run, body, name=f"plan {plan.id}")
         return run
 
-    async def _run(self, run: Run, body: RunBody) -> None:
+    async def _run(self, run: BackgroundRun, body: RunBody) -> None:
         assert run.executor is not None
         try:
             run.summary = await body(run.executor, run.plan)

@@ -28,7 +28,7 @@ from .model import (
     StepStatus,
     utcnow,
 )
-from .runs import ProgressCallback, Run, RunBody, Runs
+from .runs import BackgroundRun, ProgressCallback, RunBody, Runs
 from .storage import DEFAULT_STALE_AFTER, Event, Store, claim_is_live, new_owner_id
 from .tools import ToolInfo, ToolProvider, schema_catalog
 
@@ -427,7 +427,7 @@ class PlannerService:
                 "call resume_plan to recover it"
             )
 
-    def _start(self, plan: ExecutionPlan, body: RunBody) -> Run:
+    def _start(self, plan: ExecutionPlan, body: RunBody) -> BackgroundRun:
         from .executor import Executor
 
         def make_executor(on_step: Any, on_plan_complete: Any) -> Executor:
