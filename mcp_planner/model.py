@@ -326,10 +326,7 @@ class ExecutionPlan(BaseModel):
         n = len(self.steps) + 1
         while f"step-{n}" in self._taken_ids:
             n += 1
-        step_id = f"step-{n}"
-        self._taken_ids.add(step_id)
-        self._taken_key = (len(self.steps) + 1, step_id)
-        return step_id
+        return f"step-{n}"
 
     def __eq__(self, other: object) -> bool:
         # Field values only: the id cache above is not part of a plan's identity.
