@@ -46,8 +46,10 @@ class Executor:
         tools: a `ToolProvider` (e.g. `Downstream`), or a mapping of tool name to a plain or async function
             taking the parameters dict.
         store: where every transition is committed; an in-memory store when omitted.
-        on_step_start, on_step_complete, on_step_failed: called with `(plan, step)`; plain or async. A hook
-            that raises is logged and ignored.
+        on_step_start, on_step_complete: called with `(plan, step)`; plain or async. A hook that raises is
+            logged and ignored (this holds for every hook).
+        on_step_failed: called with `(plan, step, err)`, as the seed's `func(plan, step, err)`: `err` is a
+            `StepError` whose message is the step's final error (`str(err) == step.error`).
         on_plan_complete: called with `(plan)` once the run has ended and its final state is saved.
         owner: this executor's claim owner id (default: host, pid and a nonce).
         heartbeat_interval: seconds between claim heartbeats; each one also picks up a cancel requested by

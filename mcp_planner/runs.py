@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Self
 import anyio
 from anyio.abc import TaskGroup
 
-from .errors import PlannerError, PlanStateError
+from .errors import PlannerError, PlanStateError, StepError
 from .model import ExecutionPlan, PlanSummary, Step
 
 if TYPE_CHECKING:
@@ -131,7 +131,7 @@ class Runs:
             raise PlanStateError(f"plan {plan.id!r} is already executing: call get_summary to follow it")
         run = BackgroundRun(plan=plan)
 
-        async def on_step(p: ExecutionPlan, step: Step) -> None:
+        async def on_step(p: ExecutionPlan, step: Step, err: StepError | None = None) -> None:  # all 3 hooks
             run.started.set()
             await run.notify(step)
 

@@ -320,7 +320,7 @@ class Run:
                 await call_hook(hooks.on_step_complete, self.plan, self.steps[pos])
         if hooks.on_step_failed is not None:
             for step in failed:
-                await call_hook(hooks.on_step_failed, self.plan, step)
+                await call_hook(hooks.on_step_failed, self.plan, step, StepError(step.error or "failed"))
         for pos in started:
             step = self.steps[pos]
             if hooks.on_step_start is not None:

@@ -12,6 +12,7 @@ from test_executor_support import Tools, new_plan, statuses
 
 from mcp_planner import Executor, PlanStatus, StepStatus
 from mcp_planner.attempts import retry_policy
+from mcp_planner.errors import StepError
 
 pytestmark = pytest.mark.anyio
 
@@ -101,7 +102,7 @@ async def test_stop_on_error_lets_running_steps_finish_and_skips_every_step_not_
     plan.add_step("fail", "", {}, step_id="b")
     plan.add_step("ok", "", {}, step_id="c")
     plan.add_step("ok", "", {}, step_id="d").depends_on = ["a"]
-    executor = Executor(tools, on_step_failed=lambda plan, step: failed.set())
+    executor = Executor(tools, on_step_failed=lambda plan, step, err: failed.set())
     async with anyio.create_task_group() as tg:
         tg.start_soon(executor.execute, plan)
         with anyio.fail_after(5):
@@ -314,8 +315,8 @@ async def test_rendered_parameters_are_checked_against_the_tool_input_schema() -
 # -- hooks and events ---------------------------------------------------------------------------------------
 
 
-async def test_plain_and_async_hooks_see_every_step_and_the_plan_end() -> None:
-    seen: list[tuple[str, str]] = []
+async def test_plain_and_async_hooks_see_every_step_a_failed_steps_error_and_the_plan_end() -> None:
+    seen: list[tuple[str, ...]] = []
 
     def on_start(plan: Any, step: Any) -> None:
         seen.append(("start", step.id))
@@ -324,15 +325,16 @@ async def test_plain_and_async_hooks_see_every_step_and_the_plan_end() -> None:
         await anyio.lowlevel.checkpoint()
         seen.append(("complete", step.id))
 
-    async def on_failed(plan: Any, step: Any) -> None:
-        seen.append(("failed", step.id))
+    async def on_failed(plan: Any, step: Any, err: StepError) -> None:
+        assert isinstance(err, StepError)
+        seen.append(("failed", step.id, str(err)))
 
     def on_plan(plan: Any) -> None:
         seen.append(("plan", plan.status.value))
 
     plan = new_plan(continue_on_error=True)
     plan.add_step("ok", "", {}, step_id="a")
-    plan.add_step("fail", "", {}, step_id="b")
+    plan.add_step("fail", "", {"message": "disk full"}, step_id="b")
     executor = Executor(
         Tools(),
         on_step_start=on_start,
@@ -341,7 +343,14 @@ async def test_plain_and_async_hooks_see_every_step_and_the_plan_end() -> None:
         on_plan_complete=on_plan,
     )
     await executor.execute(plan)
-    assert seen == [("start", "a"), ("complete", "a"), ("start", "b"), ("failed", "b"), ("plan", "partial")]
+    assert seen == [
+        ("start", "a"),
+        ("complete", "a"),
+        ("start", "b"),
+        ("failed", "b", "disk full"),
+        ("plan", "partial"),
+    ]
+    assert plan.step("b").error == "disk full"
 
 
 async def test_a_hook_that_raises_is_logged_and_does_not_break_the_run(
