@@ -15,14 +15,14 @@ from __future__ import annotations
 import inspect
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import anyio
 import jinja2
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from .errors import GenerationError, Problem
@@ -95,22 +95,24 @@ class LLMProvider(Protocol):
 class PlanRequest(BaseModel):
     """What `generate_plan` takes.
 
-    `options` override what the LLM proposes: only the fields given (dict keys, or the fields explicitly set
-    on an `ExecutionOptions`) are applied, so `{"allow_parallel": True}` keeps everything else as planned.
+    `constraints` is a list of rules, as the seed's `Constraints []string`; a single string is taken as a
+    list of one, and blank rules are dropped. `options` override what the LLM proposes: only the fields given
+    (dict keys, or the fields explicitly set on an `ExecutionOptions`) are applied, so
+    `{"allow_parallel": True}` keeps everything else as planned.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     task: str
     context: str | None = None
-    constraints: str | None = None
+    constraints: list[str] = Field(default_factory=list)
     options: ExecutionOptions | None = None
 
     def __init__(
         self,
         task: str,
         context: str | None = None,
-        constraints: str | None = None,
+        constraints: Sequence[str] | str | None = None,
         options: ExecutionOptions | dict[str, Any] | None = None,
     ) -> None:
         # Positional too, as the seed's API is written: PlanRequest(task, context, constraints, options).
@@ -122,6 +124,18 @@ class PlanRequest(BaseModel):
         if not value.strip():
             raise ValueError("the task is empty: say what the plan should achieve")
         return value
+
+    @field_validator("constraints", mode="before")
+    @classmethod
+    def _constraints_as_list(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("constraints")
+    @classmethod
+    def _drop_blank_constraints(cls, value: list[str]) -> list[str]:
+        return _constraint_list(value)
 
     @field_validator("options", mode="before")
     @classmethod
@@ -349,7 +363,7 @@ def render_planning_prompt(
     tools: Mapping[str, ToolInfo],
     task: str,
     context: str | None = None,
-    constraints: str | None = None,
+    constraints: Sequence[str] | str | None = None,
     *,
     for_agent: bool = True,
 ) -> str:
@@ -359,7 +373,7 @@ def render_planning_prompt(
         tools: The catalog, by name.
         task: What the plan should achieve.
         context: Background the planner should know.
-        constraints: Rules the plan must follow.
+        constraints: Rules the plan must follow: a list, or one string (a list of one).
         for_agent: True for an agent that will call `create_plan` itself (the `plan_task` prompt), False for
             an LLM answering a sampling request with the JSON alone.
     """
@@ -367,11 +381,20 @@ def render_planning_prompt(
     return template.render(
         task=task.strip(),
         context=(context or "").strip(),
-        constraints=(constraints or "").strip(),
+        constraints=_constraint_list(constraints),
         tools=[_tool_view(tools[name]) for name in sorted(tools)],
         options=_OPTION_HELP,
         for_agent=for_agent,
     ).strip()
+
+
+def _constraint_list(constraints: Sequence[str] | str | None) -> list[str]:
+    """Rules as a list: one string is one rule; blank rules are dropped."""
+    if constraints is None:
+        return []
+    if isinstance(constraints, str):
+        constraints = [constraints]
+    return [rule.strip() for rule in constraints if rule.strip()]
 
 
 def render_repair_prompt(problems: list[Problem], previous: str) -> str:

@@ -189,7 +189,9 @@ def register_tools(server: MCPServer[Any], state: ServiceState) -> None:
         task: Annotated[str, Field(min_length=1, description="what the plan should achieve")],
         ctx: Context[Any, Any],
         context: Annotated[str | None, Field(description="background the planner should know")] = None,
-        constraints: Annotated[str | None, Field(description="rules the plan must follow")] = None,
+        constraints: Annotated[
+            list[str] | str | None, Field(description="rules the plan must follow: a list, or one string")
+        ] = None,
         options: Annotated[
             ExecutionOptions | None, Field(description="execution options to apply (only those given)")
         ] = None,

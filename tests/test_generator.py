@@ -151,7 +151,7 @@ def test_planning_prompt_holds_task_context_constraints_and_the_output_format() 
     prompt = render_planning_prompt(_tools(), "Save example.com", "We run nightly", "Never delete files")
     assert "# Task\nSave example.com" in prompt
     assert "# Context\nWe run nightly" in prompt
-    assert "# Constraints\nNever delete files" in prompt
+    assert "# Constraints\n- Never delete files\n\n" in prompt
     for needle in (
         '"depends_on"',
         '"tool_name"',
@@ -166,9 +166,17 @@ def test_planning_prompt_holds_task_context_constraints_and_the_output_format() 
     assert "create_plan" not in sampling and "nothing else" in sampling
 
 
+def test_planning_prompt_lists_each_constraint_and_drops_blank_ones() -> None:
+    prompt = render_planning_prompt(
+        _tools(), "task", None, ["Never delete files", " ", "Ask first\nthen act"]
+    )
+    assert "# Constraints\n- Never delete files\n- Ask first\n  then act\n\n# Tools" in prompt
+
+
 def test_planning_prompt_without_context_has_no_empty_sections() -> None:
-    prompt = render_planning_prompt(_tools(), "task")
-    assert "# Context" not in prompt and "# Constraints" not in prompt
+    for constraints in (None, [], "", ["  "]):
+        prompt = render_planning_prompt(_tools(), "task", None, constraints)
+        assert "# Context" not in prompt and "# Constraints" not in prompt
 
 
 def test_tool_without_a_schema_is_listed_as_undeclared() -> None:
@@ -251,6 +259,21 @@ async def test_good_answer_becomes_a_validated_submitted_plan() -> None:
     assert plan.metadata["generation"]["attempts"] == 1
     assert llm.calls[0][0] == SYSTEM_PROMPT
     assert llm.calls[0][1][0][0] == "user" and "## web.fetch" in llm.calls[0][1][0][1]
+
+
+@pytest.mark.parametrize(
+    ("constraints", "rules"),
+    [(["no deletes", "ask first"], ["no deletes", "ask first"]), ("no deletes", ["no deletes"])],
+    ids=["list", "string"],
+)
+async def test_constraints_as_a_list_or_one_string_reach_the_prompt_and_the_metadata(
+    constraints: list[str] | str, rules: list[str]
+) -> None:
+    llm = ScriptedLLM(json.dumps(GOOD_PLAN))
+    plan = await Generator(llm, _tools()).generate(PlanRequest("Save example.com", None, constraints))
+    prompt = llm.calls[0][1][0][1]
+    assert "# Constraints\n" + "".join(f"- {rule}\n" for rule in rules) + "\n" in prompt
+    assert plan.metadata["generation"]["constraints"] == rules
 
 
 async def test_invalid_answer_is_repaired_with_every_problem_sent_back() -> None:
@@ -382,5 +405,5 @@ def test_any_plan_object_survives_prose_and_fences_around_it(
 def test_a_plan_request_takes_its_fields_in_the_seed_order() -> None:
     request = PlanRequest("ship it", "a repo", "no deploys", {"allow_parallel": True})
 
-    assert (request.task, request.context, request.constraints) == ("ship it", "a repo", "no deploys")
+    assert (request.task, request.context, request.constraints) == ("ship it", "a repo", ["no deploys"])
     assert request.options is not None and request.options.model_fields_set == {"allow_parallel"}

@@ -222,6 +222,26 @@ async def test_generate_plan_applies_requested_options(mode: str, tmp_path: Path
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("constraints", "expected"),
+    [
+        (["never overwrite", "read first"], "- never overwrite\n- read first\n"),
+        ("never overwrite", "- never overwrite\n"),
+    ],
+    ids=["list", "string"],
+)
+async def test_generate_plan_takes_constraints_as_a_list_or_one_string(
+    mode: str, constraints: list[str] | str, expected: str, tmp_path: Path
+) -> None:
+    sampling = ScriptedSampling(json.dumps(GOOD))
+    async with planner(tmp_path, NotesTools(), sampling_callback=sampling, mode=mode) as client:
+        args = {"task": "back up my todo note", "constraints": constraints}
+        result = await client.call_tool("generate_plan", args)
+        assert not result.is_error, _text(result)
+    assert "# Constraints\n" + expected + "\n# Tools" in sampling.last_message(0)
+
+
+@pytest.mark.parametrize("mode", MODES)
 async def test_plan_task_prompt_renders_the_same_planning_prompt(mode: str, tmp_path: Path) -> None:
     tools = NotesTools()
     async with planner(tmp_path, tools, mode=mode) as client:
