@@ -15,6 +15,10 @@
 environment mapping the caller passes in; this module never reads `os.environ` (the CLI does). A relative
 `cwd` is resolved against the config file's directory. Every problem becomes a `ConfigError` naming the
 file, the server and the field.
+
+What a `${VAR}` expanded to may be a secret (a token in a URL or a header), so the config remembers those
+values and `redact()` puts `${VAR}` back in any text bound for an error, a log or the store; the repr of a
+config never shows them either.
 """
 
 from __future__ import annotations
@@ -22,11 +26,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from .errors import ConfigError
 
@@ -37,6 +43,9 @@ DEFAULT_CONNECT_TIMEOUT = 30.0
 
 DEFAULT_CALL_TIMEOUT = 300.0
 """Seconds one tool call may take when the step sets no tighter timeout."""
+
+#: Shorter expansions ("1", "on", "dev") are not treated as secrets: replacing them would garble messages.
+MIN_SECRET_LENGTH = 4
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _EXPANDED_FIELDS = ("command", "args", "env", "cwd", "url", "headers")
@@ -56,6 +65,51 @@ _KNOWN_KEYS = {
     "callTimeout",
     "protocol",
 }
+
+
+@dataclass(frozen=True)
+class Redactor:
+    """Replaces the values `${VAR}` references expanded to with `${VAR}`.
+
+    `${VAR:-default}` defaults are written in the file, so they are not secret and not replaced.
+    """
+
+    values: tuple[tuple[str, str], ...] = ()
+    """(value, variable) pairs, longest value first, so a secret containing another is replaced whole."""
+
+    @classmethod
+    def of(cls, expanded: Mapping[str, str]) -> Redactor:
+        """From `{value: variable}`: each value also in its URL-encoded forms, as URLs and logs carry it."""
+        pairs: dict[str, str] = {}
+        for value, var in expanded.items():
+            if len(value) >= MIN_SECRET_LENGTH:
+                for form in (value, quote(value, safe=""), quote(value)):
+                    pairs.setdefault(form, var)
+        return cls._sorted(pairs)
+
+    @classmethod
+    def merge(cls, redactors: Iterable[Redactor]) -> Redactor:
+        pairs: dict[str, str] = {}
+        for redactor in redactors:
+            for value, var in redactor.values:
+                pairs.setdefault(value, var)
+        return cls._sorted(pairs)
+
+    @classmethod
+    def _sorted(cls, pairs: Mapping[str, str]) -> Redactor:
+        return cls(tuple(sorted(pairs.items(), key=lambda pair: -len(pair[0]))))
+
+    def __call__(self, text: str) -> str:
+        for value, var in self.values:
+            if value in text:
+                text = text.replace(value, f"${{{var}}}")
+        return text
+
+    def __bool__(self) -> bool:
+        return bool(self.values)
+
+    def __repr__(self) -> str:
+        return f"Redactor({len(self.values)} values)"
 
 
 class ServerConfig(BaseModel):
@@ -83,6 +137,21 @@ class ServerConfig(BaseModel):
     timeout: float = Field(DEFAULT_CONNECT_TIMEOUT, gt=0)
     call_timeout: float = Field(DEFAULT_CALL_TIMEOUT, gt=0, alias="callTimeout")
     protocol: Literal["legacy", "auto"] = "legacy"
+    _redactor: Redactor = PrivateAttr(default_factory=Redactor)
+
+    @property
+    def redactor(self) -> Redactor:
+        """Puts `${VAR}` back for what this server's `${VAR}` references expanded to."""
+        return self._redactor
+
+    def redact(self, text: str) -> str:
+        return self._redactor(text)
+
+    def __repr__(self) -> str:
+        return self._redactor(super().__repr__())
+
+    def __str__(self) -> str:
+        return self._redactor(super().__str__())
 
     @model_validator(mode="before")
     @classmethod
@@ -118,10 +187,29 @@ class ServersConfig(BaseModel):
 
     servers: dict[str, ServerConfig] = Field(default_factory=dict)
     source: Path | None = None
+    _redactor: Redactor = PrivateAttr(default_factory=Redactor)
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._redactor = Redactor.merge(s.redactor for s in self.servers.values())
 
     @property
     def enabled(self) -> list[ServerConfig]:
         return [s for s in self.servers.values() if not s.disabled]
+
+    @property
+    def redactor(self) -> Redactor:
+        """Puts `${VAR}` back for what any server's `${VAR}` references expanded to."""
+        return self._redactor
+
+    def redact(self, text: str) -> str:
+        """`text` with every expanded `${VAR}` value replaced by `${VAR}` (for errors, logs, the store)."""
+        return self._redactor(text)
+
+    def __repr__(self) -> str:
+        return self._redactor(super().__repr__())
+
+    def __str__(self) -> str:
+        return self._redactor(super().__str__())
 
     @classmethod
     def from_dict(
@@ -160,13 +248,18 @@ class ServersConfig(BaseModel):
             if unknown:
                 logger.warning("%s: server %r: ignoring unknown field(s) %s", where, name, unknown)
             expanded = dict(raw)
+            secrets: dict[str, str] = {}
             for key in _EXPANDED_FIELDS:
                 if key in expanded:
-                    expanded[key] = _expand(expanded[key], env, where=where, server=name, field=key)
+                    expanded[key] = _expand(
+                        expanded[key], env, where=where, server=name, field=key, secrets=secrets
+                    )
+            redactor = Redactor.of(secrets)
             try:
                 server = ServerConfig.model_validate({**expanded, "name": name})
             except ValidationError as exc:
-                raise ConfigError(_describe(exc, where, name)) from None
+                raise ConfigError(redactor(_describe(exc, where, name))) from None
+            server._redactor = redactor
             if server.cwd is not None and not server.cwd.is_absolute() and base is not None:
                 server = server.model_copy(update={"cwd": (base / server.cwd).resolve()})
             servers[name] = server
@@ -213,13 +306,19 @@ def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _expand(value: Any, env: Mapping[str, str], *, where: str, server: str, field: str) -> Any:
-    """Expand `${VAR}` in a string, or in every string of a list / the values of an object."""
+def _expand(
+    value: Any, env: Mapping[str, str], *, where: str, server: str, field: str, secrets: dict[str, str]
+) -> Any:
+    """Expand `${VAR}` in a string, or in every string of a list / the values of an object.
+
+    Each value taken from `env` is recorded in `secrets` as `{value: VAR}`.
+    """
     if isinstance(value, str):
 
         def sub(match: re.Match[str]) -> str:
             var, default = match.group(1), match.group(2)
             if var in env:
+                secrets.setdefault(env[var], var)
                 return env[var]
             if default is not None:
                 return default
@@ -230,10 +329,11 @@ def _expand(value: Any, env: Mapping[str, str], *, where: str, server: str, fiel
 
         return _VAR.sub(sub, value)
     if isinstance(value, list):
-        return [_expand(v, env, where=where, server=server, field=field) for v in value]
+        return [_expand(v, env, where=where, server=server, field=field, secrets=secrets) for v in value]
     if isinstance(value, dict):
         return {
-            k: _expand(v, env, where=where, server=server, field=f"{field}.{k}") for k, v in value.items()
+            k: _expand(v, env, where=where, server=server, field=f"{field}.{k}", secrets=secrets)
+            for k, v in value.items()
         }
     return value
 
