@@ -192,16 +192,49 @@ def serve(
     transport: Annotated[Transport, typer.Option("--transport", help="stdio or http.")] = Transport.STDIO,
     host: Annotated[str, typer.Option("--host", help="HTTP bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="HTTP port.")] = 8000,
+    auth_token: Annotated[
+        str | None,
+        typer.Option(
+            "--auth-token",
+            envvar="MCP_PLANNER_AUTH_TOKEN",
+            show_envvar=True,
+            help="HTTP: require `Authorization: Bearer TOKEN` on every request (required off loopback).",
+        ),
+    ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            help="HTTP: a Host name clients use to reach the server, with or without a port; repeatable "
+            "(required off loopback).",
+        ),
+    ] = None,
     approval: ApprovalOpt = Approval.AUTO,
     servers: ServersOpt = None,
     db: DbOpt = None,
     verbose: VerboseOpt = 0,
 ) -> None:
     """Serve the planner's MCP tools over stdio (default) or streamable HTTP."""
-    _serve(_settings(ctx, servers, db, verbose), transport.value, host, port, approval.value)
+    if transport is Transport.HTTP:
+        from .http_security import check_bind
+
+        try:
+            check_bind(host, auth_token=auth_token, allowed_hosts=allowed_host or [])
+        except ValueError as exc:
+            fail(f"error: {exc}", ExitCode.INVALID)
+    settings = _settings(ctx, servers, db, verbose)
+    _serve(settings, transport.value, host, port, approval.value, auth_token, allowed_host or [])
 
 
-def _serve(settings: Settings, transport: str, host: str, port: int, approval: str) -> None:
+def _serve(
+    settings: Settings,
+    transport: str,
+    host: str,
+    port: int,
+    approval: str,
+    auth_token: str | None = None,
+    allowed_hosts: list[str] | None = None,
+) -> None:
     from . import server
 
     servers = _servers_path(settings)
@@ -224,6 +257,8 @@ def _serve(settings: Settings, transport: str, host: str, port: int, approval: s
             servers_file=servers,
             env=_config_env(),
             approval=approval,
+            auth_token=auth_token,
+            allowed_hosts=allowed_hosts or [],
         )
 
     run_async(body, verbose=settings.verbose, stop_on_interrupt=True)

@@ -8,7 +8,7 @@ The service (store, downstream connections, executions) starts in the background
 """
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from . import presentation as views
 from .errors import PlannerError, PlanNotFoundError
+from .http_security import bearer_auth, check_bind, transport_security
 from .server_tools import ServiceState, register_tools
 from .service import ApprovalPolicy, PlannerService
 
@@ -107,6 +108,7 @@ def build_server(
     *,
     service_factory: ServiceFactory | None = None,
     name: str = "mcp-planner",
+    auth_token: str | None = None,
 ) -> PlannerMCPServer:
     """The planner's MCP server over a service.
 
@@ -115,6 +117,7 @@ def build_server(
         service_factory: opens a service when the server starts and closes it when it stops; it is
             entered in the background so the server answers `initialize` without waiting for it.
         name: the server name announced to clients.
+        auth_token: when set, HTTP requests must carry `Authorization: Bearer <auth_token>`.
     """
     if (service is None) == (service_factory is None):
         raise ValueError("pass exactly one of service or service_factory")
@@ -134,7 +137,7 @@ def build_server(
             finally:
                 stop.set()
 
-    server = PlannerMCPServer(name, instructions=INSTRUCTIONS, lifespan=lifespan)
+    server = PlannerMCPServer(name, instructions=INSTRUCTIONS, lifespan=lifespan, **bearer_auth(auth_token))
     server.planner = state
     register_tools(server, state)
     _register_resources(server, state)
@@ -254,6 +257,8 @@ async def serve(
     servers_file: str | Path | None = None,
     env: dict[str, str] | None = None,
     approval: ApprovalPolicy | str = "auto",
+    auth_token: str | None = None,
+    allowed_hosts: Sequence[str] = (),
 ) -> None:
     """Serve the planner over stdio or streamable HTTP until the client or a signal stops it.
 
@@ -266,9 +271,12 @@ async def serve(
         servers_file: a servers file to load with `env` for `${VAR}` expansion.
         env: the environment for `servers_file`.
         approval: `auto`, `agent` or `human`.
+        auth_token: HTTP only: the bearer token every request must carry (required off loopback).
+        allowed_hosts: HTTP only: the Host names clients use (required off loopback); see `http_security`.
 
     Raises:
-        ValueError: an unknown transport or approval policy.
+        ValueError: an unknown transport or approval policy, or HTTP off loopback without a token and
+            allowed hosts.
     """
     if approval not in ("auto", "agent", "human"):
         raise ValueError(f"approval policy must be auto, agent or human, not {approval!r}")
@@ -276,10 +284,17 @@ async def serve(
         from .config import load_config
 
         config = load_config(Path(servers_file), env=env or {})
-    server = build_server(service_factory=service_factory(db_path, config, approval=approval))
+    http = transport in ("http", "streamable-http")
+    if http:
+        check_bind(host, auth_token=auth_token, allowed_hosts=allowed_hosts)
+    server = build_server(
+        service_factory=service_factory(db_path, config, approval=approval),
+        auth_token=auth_token if http else None,
+    )
     if transport == "stdio":
         await server.run_stdio_async()
-    elif transport in ("http", "streamable-http"):
-        await server.run_streamable_http_async(host=host, port=port)
+    elif http:
+        security = transport_security(host, port, allowed_hosts)
+        await server.run_streamable_http_async(host=host, port=port, transport_security=security)
     else:
         raise ValueError(f"transport must be stdio or http, not {transport!r}")
