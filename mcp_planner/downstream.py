@@ -12,6 +12,10 @@ connections, the `subscriptions/listen` stream that replaces it).
 Errors are translated here, once: a tool's `isError` result -> `ToolCallError`; a dead, unreachable or
 misbehaving server -> `DownstreamError`; the per-server call timeout -> `StepTimeoutError` (the SDK then
 sends `notifications/cancelled` downstream, as it does when the caller's own scope is cancelled).
+
+What `${VAR}` references in the config expanded to (tokens in URLs, headers, args) never leaves this layer:
+error messages, server status errors and every log record made while a `Downstream` is open are passed
+through the config's redaction, which puts `${VAR}` back.
 """
 
 from __future__ import annotations
@@ -32,8 +36,15 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 
 from ._transports import open_transport, stderr_tail
-from .config import ServerConfig, ServersConfig
-from .errors import DownstreamError, ParameterError, StepTimeoutError, ToolCallError, ToolNotFoundError
+from .config import Redactor, ServerConfig, ServersConfig
+from .errors import (
+    DownstreamError,
+    ParameterError,
+    StepError,
+    StepTimeoutError,
+    ToolCallError,
+    ToolNotFoundError,
+)
 from .model import StepResult
 from .tools import ToolInfo
 
@@ -111,12 +122,14 @@ class Downstream:
             name: _Server(cfg, state=ServerState.DISABLED if cfg.disabled else ServerState.CONNECTING)
             for name, cfg in config.servers.items()
         }
+        self._redact = config.redactor
         self._catalog: dict[str, ToolInfo] | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._closing = False
         self._live: set[_Attempt] = set()  # holders still running, including lost ones still closing
 
     async def __aenter__(self) -> Downstream:
+        _log_redaction.add(self._redact)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         for server in self._servers.values():
@@ -135,7 +148,10 @@ class Downstream:
             for attempt in attempts:
                 await attempt.finished.wait()
         self._tg.cancel_scope.cancel()
-        return await self._tg.__aexit__(*exc_info)
+        try:
+            return await self._tg.__aexit__(*exc_info)
+        finally:
+            _log_redaction.discard(self._redact)
 
     # -- ToolProvider -------------------------------------------------------------------------------
 
@@ -160,6 +176,16 @@ class Downstream:
             ToolCallError: the tool answered `isError: true`; the message is its own text.
             ParameterError: the server refused the arguments at the protocol level.
         """
+        try:
+            return await self._call(tool_name, parameters)
+        except StepError as exc:
+            message = str(exc)
+            clean = self._redact(message)
+            if clean == message:
+                raise
+            raise type(exc)(clean) from exc.__cause__
+
+    async def _call(self, tool_name: str, parameters: dict[str, Any]) -> StepResult:
         server, tool = self._resolve(tool_name)
         try:
             attempt, client = await self._ensure_connected(server)
@@ -353,7 +379,7 @@ class Downstream:
             return full
         attempt.lost = full
         attempt.client = None
-        server.error = f"connection lost: {full}; it is restarted on the next call"
+        server.error = self._redact(f"connection lost: {full}; it is restarted on the next call")
         self._set_state(server, ServerState.FAILED)
         logger.warning("downstream server %r: %s", server.name, server.error)
         attempt.close.set()
@@ -403,7 +429,9 @@ class Downstream:
             current = server.attempt is attempt and not self._closing
             if current and not connected:
                 tail = stderr_tail(errlog)
-                server.error = (error or "failed to start") + (f"; stderr: {tail}" if tail else "")
+                server.error = self._redact(
+                    (error or "failed to start") + (f"; stderr: {tail}" if tail else "")
+                )
                 server.failures += 1
                 server.next_start_at = anyio.current_time() + backoff_delay(server.failures)
                 self._set_state(server, ServerState.FAILED)
@@ -465,6 +493,54 @@ class Downstream:
                     attempt.refresh.set()
         except Exception as exc:
             logger.info("downstream server %r: no tools/list_changed stream: %r", server.name, exc)
+
+
+class _LogRedaction:
+    """Redacts the expanded `${VAR}` values of every open `Downstream` from every log record.
+
+    A record factory rather than a logger filter: filters on a logger miss what its children log, and the
+    SDK's and httpx's loggers (which log URLs) are not ours to enumerate.
+    """
+
+    def __init__(self) -> None:
+        self._open: list[Redactor] = []
+        self._merged = Redactor()
+        self._base: Callable[..., logging.LogRecord] | None = None
+
+    def add(self, redactor: Redactor) -> None:
+        if not redactor:
+            return
+        if self._base is None:
+            self._base = logging.getLogRecordFactory()
+            logging.setLogRecordFactory(self._record)
+        self._open.append(redactor)
+        self._merged = Redactor.merge(self._open)
+
+    def discard(self, redactor: Redactor) -> None:
+        if redactor in self._open:
+            self._open.remove(redactor)
+            self._merged = Redactor.merge(self._open)
+
+    def _record(self, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        assert self._base is not None
+        record = self._base(*args, **kwargs)
+        redact = self._merged
+        if not redact:
+            return record
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a malformed call: logging reports it when it emits the record
+            return record
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
+            # Formatters reuse exc_text, so the traceback they print is the redacted one.
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        return record
+
+
+_log_redaction = _LogRedaction()
 
 
 def _notify(callback: Callable[[str], None] | None, name: str) -> None:
