@@ -26,6 +26,7 @@ from .errors import PlannerError, PlanNotFoundError
 from .http_security import bearer_auth, check_bind, transport_security
 from .server_tools import ServiceState, register_tools
 from .service import ApprovalPolicy, PlannerService
+from .stdio_transport import answering_stdio_server
 
 log = logging.getLogger("mcp_planner.server")
 
@@ -43,7 +44,8 @@ cancelled (rejected, cancelled or approval timed out; never runs again). Every r
 
 
 class PlannerMCPServer(MCPServer[Any]):
-    """`MCPServer` whose tool calls never fail with a traceback or a protocol error."""
+    """`MCPServer` whose tool calls never fail with a traceback or a protocol error, and whose stdio
+    transport answers every line (see `stdio_transport`)."""
 
     planner: ServiceState
 
@@ -54,6 +56,12 @@ class PlannerMCPServer(MCPServer[Any]):
             return await super().call_tool(name, arguments, context)
         except Exception as exc:
             return error_result(name, exc)
+
+    async def run_stdio_async(self) -> None:
+        # MCPServer's own, over a transport that answers unreadable lines instead of dropping them.
+        async with answering_stdio_server() as (read_stream, write_stream):
+            lowlevel = self._lowlevel_server
+            await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
 
 
 # -- errors: the one place exceptions become tool results ----------------------------------------------
