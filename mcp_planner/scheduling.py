@@ -30,7 +30,7 @@ from .attempts import call_step, check_parameters
 from .errors import StepError
 from .model import ExecutionPlan, PlanStatus, Step, StepResult, StepStatus, utcnow
 from .storage import Event, Store
-from .templating import contains_template, render_parameters
+from .templating import contains_template, render_parameters, render_parameters_off_loop
 from .tools import ToolInfo, ToolProvider
 
 logger = logging.getLogger("mcp_planner.executor")
@@ -442,8 +442,11 @@ class Run:
             return
         with scope:
             try:
-                params = render_parameters(
-                    step.parameters, {sid: r for sid, r in results.items() if r is not None}
+                done = {sid: r for sid, r in results.items() if r is not None}
+                params = (  # a template may work for its whole time budget: off the event loop
+                    await render_parameters_off_loop(step.parameters, done)
+                    if self.templated[pos]
+                    else render_parameters(step.parameters, done)
                 )
                 if self.templated[pos]:  # the rest were checked against this catalog when the run began
                     check_parameters(step, self.catalog.get(step.tool_name), params)

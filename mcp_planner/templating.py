@@ -1,39 +1,47 @@
 """Data flow between steps: parameters holding jinja2 expressions over earlier steps' results.
 
-Rendering happens in an `ImmutableSandboxedEnvironment` with `StrictUndefined`: no route to Python internals,
-and a reference to anything missing is an error naming the expression, never an empty string.
+Rendering happens in the sandbox of `sandbox.py` with `StrictUndefined`: no route to Python internals, a
+reference to anything missing is an error naming the expression, never an empty string, and a render is held
+to a time budget and an output cap. `render_parameters_off_loop` renders on a worker thread, so a template
+that works for its whole budget never stalls the event loop.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import jinja2
 from jinja2 import nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import TemplateError
+from .sandbox import (
+    OUTPUT_CAP,
+    TIME_BUDGET_S,
+    LimitedEnvironment,
+    TextLike,
+    check_deadline,
+    check_length,
+    check_size,
+    time_budget,
+)
 
 if TYPE_CHECKING:
     from .model import StepResult
 
+__all__ = ["OUTPUT_CAP", "TIME_BUDGET_S"]
 
-class _DataEnvironment(ImmutableSandboxedEnvironment):
-    """`steps.x.result.items` is the result's "items" key, never the bound `dict.items` method."""
+#: How long past its budget a render on a worker thread is awaited before the step fails without it (the
+#: thread itself stops at its next sandbox check).
+_ABANDON_GRACE_S = 0.5
+#: Longest piece of a template quoted in an error message.
+_QUOTED_CHARS = 200
 
-    def getattr(self, obj: Any, attribute: str) -> Any:
-        if isinstance(obj, Mapping):
-            try:
-                return obj[attribute]
-            except (KeyError, TypeError):
-                pass
-        return super().getattr(obj, attribute)
-
-
-_ENV = _DataEnvironment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
+_ENV = LimitedEnvironment()
 _LONE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>.*)\}\}\s*$", re.DOTALL)
 _MARKERS = ("{{", "{%", "{#")
 
@@ -83,12 +91,21 @@ def referenced_steps(value: Any) -> set[str]:
     return found
 
 
-class _StepView(Mapping[str, Any]):
-    """`steps.<id>` inside a template: `result`, `text`, and `json` (the text parsed, on demand)."""
+class _StepView(TextLike, Mapping[str, Any]):
+    """`steps.<id>` inside a template: `result`, `text`, and `json` (the text parsed, on demand).
+
+    Printed (`{{ steps.x }}`, `'%s' % steps.x`), it is the step's text.
+    """
 
     def __init__(self, step_id: str, result: StepResult) -> None:
         self._id = step_id
         self._result = result
+
+    def __str__(self) -> str:
+        return self._result.text
+
+    def __repr__(self) -> str:
+        return repr(self._result.text)
 
     def __getitem__(self, key: str) -> Any:
         if key == "result":
@@ -109,19 +126,40 @@ class _StepView(Mapping[str, Any]):
         return 3
 
 
-def render_parameters(parameters: dict[str, Any], results: Mapping[str, StepResult]) -> dict[str, Any]:
-    """Render every template in `parameters` against the results of completed steps.
+def render_parameters(
+    parameters: dict[str, Any], results: Mapping[str, StepResult], *, time_budget_s: float = TIME_BUDGET_S
+) -> dict[str, Any]:
+    """Render every template in `parameters` against the results of completed steps, on this thread.
 
     A string that is exactly one expression yields the expression's value (dict, list, number); any other
     template string yields a string.
 
     Raises:
-        TemplateError: a syntax error, a missing step or field, or an attempt to reach Python internals.
+        TemplateError: a syntax error, a missing step or field, an attempt to reach Python internals, or a
+            template over the time budget or the output cap.
     """
     context = {"steps": {sid: _StepView(sid, r) for sid, r in results.items()}}
-    rendered = _render(parameters, context)
+    with time_budget(time_budget_s):
+        rendered = _render(parameters, context)
     assert isinstance(rendered, dict)
     return rendered
+
+
+async def render_parameters_off_loop(
+    parameters: dict[str, Any], results: Mapping[str, StepResult], *, time_budget_s: float = TIME_BUDGET_S
+) -> dict[str, Any]:
+    """`render_parameters` on a worker thread, awaited no longer than its budget (and a short grace).
+
+    Raises:
+        TemplateError: as `render_parameters`, or the render outlived its budget.
+    """
+    render = functools.partial(render_parameters, parameters, results, time_budget_s=time_budget_s)
+    with anyio.move_on_after(time_budget_s + _ABANDON_GRACE_S):
+        return await anyio.to_thread.run_sync(render, abandon_on_cancel=True)
+    raise TemplateError(
+        f"rendering the parameters took longer than the {time_budget_s:g} s template time budget;"
+        " make their templates do less"
+    )
 
 
 def _render(value: Any, context: dict[str, Any]) -> Any:
@@ -141,13 +179,31 @@ def _render_string(text: str, context: dict[str, Any]) -> Any:
             value = _ENV.compile_expression(lone.group("expr"), undefined_to_none=False)(**context)
             if isinstance(value, jinja2.Undefined):
                 str(value)  # raises the undefined (or security) error with its message
+            if isinstance(value, _StepView):
+                value = str(value)
+            check_size(value, "the value")
             return value
-        return _ENV.from_string(text).render(**context)
-    except TemplateError:
-        raise
-    except jinja2.UndefinedError as exc:
-        raise TemplateError(f"template {text!r}: {exc}") from exc
+        return _joined_output(_ENV.from_string(text).generate(**context))
+    except TemplateError as exc:
+        raise TemplateError(f"template {_quote(text)}: {exc}") from exc
     except jinja2.TemplateError as exc:
-        raise TemplateError(f"template {text!r}: {exc}") from exc
+        raise TemplateError(f"template {_quote(text)}: {exc}") from exc
     except Exception as exc:  # anything a filter or operator raised on the given values
-        raise TemplateError(f"template {text!r}: {type(exc).__name__}: {exc}") from exc
+        raise TemplateError(f"template {_quote(text)}: {type(exc).__name__}: {exc}") from exc
+
+
+def _joined_output(chunks: Iterator[str]) -> str:
+    parts: list[str] = []
+    total = 0
+    for chunk in chunks:
+        check_deadline()
+        total += len(chunk)
+        check_length(total, "the output")
+        parts.append(chunk)
+    return "".join(parts)
+
+
+def _quote(text: str) -> str:
+    return (
+        repr(text) if len(text) <= _QUOTED_CHARS else f"{text[:_QUOTED_CHARS]!r}... ({len(text)} characters)"
+    )
