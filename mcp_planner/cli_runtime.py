@@ -26,7 +26,7 @@ import click
 import typer
 from pydantic import ValidationError
 
-from .errors import PlannerError, PlanValidationError, Problem
+from .errors import PlanChangedError, PlannerError, PlanValidationError, Problem
 from .model import ExecutionPlan, PlanSpec, PlanStatus, PlanSummary, Step
 from .tools import LocalTools, ToolProvider
 
@@ -292,7 +292,9 @@ async def run_plan(rt: Runtime, spec: PlanSpec, yes: bool) -> PlanSummary:
         fail(f"not run: plan {plan.id} declined", ExitCode.NOT_APPROVED)
     plan = await rt.service.create_plan(spec, created_by=terminal_user())
     if plan.status in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL):
-        plan = await rt.service.approve_plan(plan.id, terminal_user(), METHOD)
+        plan = await rt.service.approve_plan(
+            plan.id, terminal_user(), METHOD, expected_hash=plan.compute_hash()
+        )
     out.print(f"plan {plan.id} approved by {plan.approved_by}; executing", markup=False, highlight=False)
     return await execute_with_progress(rt, plan, resume=False, rerun_interrupted=False)
 
@@ -397,22 +399,41 @@ def print_summary(summary: PlanSummary) -> None:
 
 
 async def approve_here(rt: Runtime, plan: ExecutionPlan, yes: bool) -> ExecutionPlan:
-    """Show the plan and approve it as the person at this terminal, asking y/N unless `yes`."""
+    """Show the plan and approve it as the person at this terminal, asking y/N unless `yes`.
+
+    What is approved is exactly what was shown: if the plan changes meanwhile (an agent's update_plan),
+    the new version is shown and the question asked again.
+    """
     from . import terminal
 
-    if plan.status not in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL):
-        # Nothing to ask about: the service says it is approved already, or why it cannot be.
-        done: ExecutionPlan = await rt.service.approve_plan(plan.id, terminal_user(), METHOD)
-        return done
-    terminal.print_plan(out.console, plan, f"Plan {plan.id} ({plan.status.value})")
-    if not yes:
-        if not can_ask():
-            fail(
-                "refusing to approve without confirmation: stdin is not a terminal. Pass --yes to "
-                "approve the plan as shown.",
-                ExitCode.NOT_APPROVED,
+    while True:
+        shown = plan.compute_hash()
+        if plan.status not in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL):
+            # Nothing to ask about: the service says it is approved already, or why it cannot be.
+            done: ExecutionPlan = await rt.service.approve_plan(
+                plan.id, terminal_user(), METHOD, expected_hash=shown
             )
-        if not ask(f"Approve plan {plan.id}?"):
-            fail(f"plan {plan.id} not approved (still {plan.status.value})", ExitCode.NOT_APPROVED)
-    approved: ExecutionPlan = await rt.service.approve_plan(plan.id, terminal_user(), METHOD)
-    return approved
+            return done
+        terminal.print_plan(out.console, plan, f"Plan {plan.id} ({plan.status.value})")
+        if not yes:
+            if not can_ask():
+                fail(
+                    "refusing to approve without confirmation: stdin is not a terminal. Pass --yes to "
+                    "approve the plan as shown.",
+                    ExitCode.NOT_APPROVED,
+                )
+            await rt.service.note_person_asked(plan.id)
+            if not ask(f"Approve plan {plan.id}?"):
+                fail(f"plan {plan.id} not approved (still {plan.status.value})", ExitCode.NOT_APPROVED)
+        try:
+            approved: ExecutionPlan = await rt.service.approve_plan(
+                plan.id, terminal_user(), METHOD, expected_hash=shown
+            )
+            return approved
+        except PlanChangedError:
+            out.print(
+                f"plan {plan.id} changed while you were looking at it: here is the current version",
+                markup=False,
+                highlight=False,
+            )
+            plan = await rt.service.get_plan(plan.id)

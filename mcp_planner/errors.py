@@ -4,7 +4,9 @@
     ├── PlanValidationError      a plan has problems (carries every one of them)
     ├── PlanNotFoundError        unknown plan id
     ├── PlanStateError           the plan's status does not allow the operation
-    ├── PlanClaimedError         another live executor owns the plan
+    │   ├── PlanClaimedError     another live executor owns the plan
+    │   ├── PlanConflictError    someone else changed the stored plan since it was read
+    │   └── PlanChangedError     the plan is not what the approver was shown
     ├── ConfigError              a bad servers file (names file, server and field)
     ├── GenerationError          the LLM never produced a valid plan, or cannot be asked
     └── StepError                one attempt of one step failed
@@ -69,6 +71,21 @@ class PlanClaimedError(PlanStateError):
             f"plan {plan_id!r} is already executing in another process ({owner}); "
             "wait for it, or call get_summary to follow it"
         )
+
+
+class PlanConflictError(PlanStateError):
+    """A compare-and-set write lost: the stored plan changed since this copy of it was read."""
+
+    def __init__(self, plan_id: str) -> None:
+        self.plan_id = plan_id
+        super().__init__(
+            f"plan {plan_id!r} was changed by another call or process meanwhile: read it again (get_plan) "
+            "and retry"
+        )
+
+
+class PlanChangedError(PlanStateError):
+    """An approval named content (a hash) that the plan no longer has: the person must see it again."""
 
 
 class ConfigError(PlannerError):

@@ -24,6 +24,16 @@ RESULT_PREVIEW_LIMIT = 64 * 1024
 #: The sane cap on `max_parallel_steps` (SPEC section 3).
 MAX_PARALLEL_CAP = 64
 DEFAULT_PARALLEL = 3
+#: Bounds on what a plan may ask for (SPEC section 4, "Numbers are bounded"): nothing stored can then make a
+#: later read, wait or retry loop misbehave.
+MAX_RETRIES = 100
+MAX_DURATION_MS = 24 * 3600 * 1000
+MAX_BACKOFF = 10.0
+MAX_DESCRIPTION_CHARS = 10_000
+MAX_STEPS = 10_000
+MAX_PARAMETERS_BYTES = 1024 * 1024
+#: Approval methods in which a person decided; once one has, edits need a person again (`needs_person`).
+PERSON_METHODS = frozenset({"elicitation", "human-terminal"})
 
 
 def utcnow() -> datetime:
@@ -54,9 +64,9 @@ class StepStatus(StrEnum):
 
 
 class ExecutionOptions(BaseModel):
-    """How a plan is approved and run. Numbers are not constrained here: validation reports bad ones."""
+    """How a plan is approved and run. Ranges are reported by validation; NaN and infinities never parse."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     require_approval: bool = Field(
         default=True, description="a new plan waits in pending_approval until approved"
@@ -125,7 +135,7 @@ class StepResult(BaseModel):
 
 
 class Step(BaseModel):
-    model_config = ConfigDict(validate_assignment=True)
+    model_config = ConfigDict(validate_assignment=True, allow_inf_nan=False)
 
     id: str
     index: int = 0
@@ -169,7 +179,7 @@ class Step(BaseModel):
 class StepSpec(BaseModel):
     """A step as a caller writes it (create_plan, plan files, generated plans)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     id: str | None = Field(
         default=None, description="readable unique id, e.g. 'build'; default step-1, step-2, ..."
@@ -245,7 +255,7 @@ class PlanSummary(BaseModel):
 
 
 class ExecutionPlan(BaseModel):
-    model_config = ConfigDict(validate_assignment=True)
+    model_config = ConfigDict(validate_assignment=True, allow_inf_nan=False)
 
     id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
     description: str
@@ -266,6 +276,9 @@ class ExecutionPlan(BaseModel):
     error: str | None = None
     plan_hash: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    #: The stored revision this copy was read at (0: never stored). Every write is a compare-and-set on it,
+    #: so a write based on an outdated copy fails instead of silently undoing someone else's.
+    revision: int = Field(default=0, exclude=True)
 
     _taken_ids: set[str] | None = PrivateAttr(default=None)
     _taken_key: tuple[int, str | None] = PrivateAttr(default=(0, None))
@@ -383,12 +396,23 @@ class ExecutionPlan(BaseModel):
             )
         self._set_approved(by, method=method)
 
+    @property
+    def needs_person(self) -> bool:
+        """A person approved or was asked about this plan: any new version needs a person's approval too."""
+        return bool(self.metadata.get("needs_person"))
+
+    def mark_person_involved(self) -> None:
+        if not self.needs_person:
+            self.metadata = {**self.metadata, "needs_person": True}
+
     def _set_approved(self, by: str, *, method: str) -> None:
         self.user_approved = True
         self.approved_by = by
         self.approved_at = utcnow()
         self.plan_hash = self.compute_hash()
         self.metadata = {**self.metadata, "approval_method": method}
+        if method in PERSON_METHODS:
+            self.mark_person_involved()
         self.status = PlanStatus.APPROVED
         self.pending_since = None
         self.touch()

@@ -28,7 +28,7 @@ from mcp_types.version import is_version_at_least
 from pydantic import BaseModel, Field
 
 from . import presentation as views
-from .errors import PlannerError, PlanStateError
+from .errors import PlanChangedError, PlannerError, PlanStateError
 from .model import ExecutionOptions, PlanStatus, PlanSummary, Step, StepSpec
 from .service import PlannerService
 
@@ -126,13 +126,17 @@ async def _ask_person(plan_id: str, ctx: Context[Any, Any]) -> Elicit[ApprovalFo
         return None
     try:
         service = await state.get()
-        if service.approval == "agent" or not _can_elicit(ctx):
+        if not _can_elicit(ctx):
             return None
+        plan = await service.get_plan(plan_id)
+        if plan.status not in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL):
+            return None
+        if service.approval == "agent" and not service.person_required(plan):
+            return None
+        await service.note_person_asked(plan_id)
         plan = await service.get_plan(plan_id)
     except PlannerError:
         return None  # the tool body reports it
-    if plan.status not in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL):
-        return None
     message = (
         views.plan_text(plan) + "\n\nApprove this plan? Accept to let it run (its steps call the tools above "
         "with these parameters); decline to reject it."
@@ -279,6 +283,11 @@ def register_tools(server: MCPServer[Any], state: ServiceState) -> None:
                 "approve_plan again when the user is ready, or reject_plan"
             )
         if isinstance(decision, AcceptedElicitation) and isinstance(decision.data, ApprovalForm):
+            if shown is None:
+                raise PlanChangedError(
+                    f"the approval of plan {plan_id!r} cannot be matched to what the user was shown: call "
+                    "approve_plan again"
+                )
             client = _client_name(ctx)
             by = f"user via {client}" if client else "user"
             note = decision.data.note.strip() or None
@@ -286,15 +295,7 @@ def register_tools(server: MCPServer[Any], state: ServiceState) -> None:
                 plan_id, approved_by=by, method="elicitation", note=note, expected_hash=shown
             )
             lead = f"plan {plan_id!r} approved by the user"
-        else:
-            if service.approval == "human":
-                current = await service.get_plan(plan_id)
-                if current.status in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL):
-                    raise PlanStateError(
-                        f"plan {plan_id!r} needs a person's approval (approval policy 'human') and this "
-                        f"client cannot ask them: ask the user to run `mcp-planner approve {plan_id}` in a "
-                        "terminal, then call execute_plan"
-                    )
+        else:  # nobody was asked: the service refuses if only a person may approve this plan
             plan = await service.approve_plan(plan_id, approved_by=approved_by or "agent", method="agent")
             lead = f"plan {plan_id!r} approved by {plan.approved_by}"
         view = views.approval_view(plan)

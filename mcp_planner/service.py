@@ -10,15 +10,24 @@ and how.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Self, TypeVar
 
 import anyio
 
-from .errors import PlanClaimedError, PlanStateError, PlanValidationError, Problem
+from .errors import (
+    PlanChangedError,
+    PlanClaimedError,
+    PlanConflictError,
+    PlanStateError,
+    PlanValidationError,
+    Problem,
+)
 from .model import (
+    PERSON_METHODS,
     ExecutionOptions,
     ExecutionPlan,
     PlanSpec,
@@ -44,6 +53,32 @@ APPROVAL_POLICIES: tuple[ApprovalPolicy, ...] = ("auto", "agent", "human")
 CANCEL_WAIT = 10.0
 
 _NOT_STARTED = (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL, PlanStatus.APPROVED)
+#: How many times an operation is re-run from a fresh read when its compare-and-set write loses a race.
+_CONFLICT_ATTEMPTS = 5
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _on_fresh_state(
+    operation: Callable[Concatenate[PlannerService, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[PlannerService, P], Coroutine[Any, Any, R]]:
+    """Re-run `operation` from a fresh read when its write lost a race (`PlanConflictError`).
+
+    Every write is a compare-and-set on the stored plan, so the rules of the operation are applied again
+    to the state that won: a reject that lost to an execute then says the plan is executing.
+    """
+
+    @functools.wraps(operation)
+    async def wrapper(self: PlannerService, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        for _ in range(_CONFLICT_ATTEMPTS - 1):
+            try:
+                return await operation(self, *args, **kwargs)
+            except PlanConflictError:
+                log.debug("%s lost a race; retrying on the stored state", operation.__name__)
+        return await operation(self, *args, **kwargs)
+
+    return wrapper
 
 
 class PlannerService:
@@ -147,6 +182,7 @@ class PlannerService:
         await self._check(plan)
         return await self._store_new(plan, source=source, by=source)
 
+    @_on_fresh_state
     async def update_plan(
         self,
         plan_id: str,
@@ -181,6 +217,7 @@ class PlannerService:
         updated = ExecutionPlan.from_spec(spec)
         updated.id = plan.id
         updated.created_at = plan.created_at
+        updated.revision = plan.revision
         await self._check(updated)
         self._apply_policy(updated)
         updated.submit()
@@ -231,9 +268,13 @@ class PlannerService:
                 )
         return extra
 
+    def person_required(self, plan: ExecutionPlan) -> bool:
+        """Only a person may approve `plan`: the `human` policy, or a person saw an earlier version."""
+        return self.approval == "human" or plan.needs_person
+
     def _apply_policy(self, plan: ExecutionPlan) -> None:
-        # Under the `human` policy only a person approves: a plan cannot opt out of approval.
-        if self.approval == "human" and not plan.options.needs_approval:
+        # Where only a person approves, a plan cannot opt out of approval (an edit cannot escape them).
+        if self.person_required(plan) and not plan.options.needs_approval:
             plan.options.require_approval = True
             plan.options.auto_approve = False
             plan.metadata = {**plan.metadata, "approval_required_by_policy": True}
@@ -249,6 +290,7 @@ class PlannerService:
 
     # -- approval --------------------------------------------------------------------------------------
 
+    @_on_fresh_state
     async def approve_plan(
         self,
         plan_id: str,
@@ -260,15 +302,22 @@ class PlannerService:
     ) -> ExecutionPlan:
         """Approve a `draft` or `pending_approval` plan, pinning its hash; `method` says how it was obtained.
 
-        `expected_hash` is the hash of the plan as the approver saw it: a plan edited since is not approved.
+        `expected_hash` is the hash of the plan as the approver saw it (required when a person approves,
+        `method` in `PERSON_METHODS`): a plan edited since is not approved.
 
         Raises:
             PlanNotFoundError: no such plan.
-            PlanStateError: the plan is in another status, its approval timed out, or it changed since the
-                approver saw it.
+            PlanChangedError: the plan changed since the approver saw it; show it again.
+            PlanStateError: the plan is in another status, its approval timed out, or only a person may
+                approve it and `method` is not a person's.
         """
+        person = method in PERSON_METHODS
+        if person and expected_hash is None:
+            raise ValueError("a person's approval must name the hash of the plan they were shown")
         plan = await self._load(plan_id)
         if plan.status == PlanStatus.APPROVED and plan.is_approved():
+            if expected_hash is not None and plan.plan_hash != expected_hash:
+                raise PlanChangedError(f"plan {plan.id!r} changed since it was shown: {_SHOW_AGAIN}")
             return plan
         if plan.status == PlanStatus.CANCELLED:
             why = plan.rejection_note or plan.error or "cancelled"
@@ -276,9 +325,12 @@ class PlannerService:
                 f"plan {plan.id!r} is cancelled ({why}) and can no longer be approved: create a new plan"
             )
         if expected_hash is not None and plan.compute_hash() != expected_hash:
+            raise PlanChangedError(f"plan {plan.id!r} changed while it was being approved: {_SHOW_AGAIN}")
+        if not person and self.person_required(plan) and plan.status in _NOT_STARTED:
+            why = "approval policy 'human'" if self.approval == "human" else "a person saw an earlier version"
             raise PlanStateError(
-                f"plan {plan.id!r} changed while it was being approved: call approve_plan again to show the "
-                "current plan"
+                f"plan {plan.id!r} needs a person's approval ({why}) and this client cannot ask them: ask "
+                f"the user to run `mcp-planner approve {plan.id}` in a terminal, then call execute_plan"
             )
         plan.approve(approved_by, method=method)
         extra = {"note": note} if note else {}
@@ -287,6 +339,16 @@ class PlannerService:
         )
         return plan
 
+    @_on_fresh_state
+    async def note_person_asked(self, plan_id: str) -> None:
+        """Record that a person is being asked about the plan: from now on only a person approves it."""
+        plan = await self._load(plan_id)
+        if plan.needs_person or plan.status not in _NOT_STARTED:
+            return
+        plan.mark_person_involved()
+        await self.store.save_plan(plan, [_event(plan, "person_asked")])
+
+    @_on_fresh_state
     async def reject_plan(self, plan_id: str, reason: str, *, rejected_by: str = "agent") -> ExecutionPlan:
         """Reject a plan that has not started: it becomes `cancelled` and can never run.
 
@@ -305,6 +367,7 @@ class PlannerService:
 
     # -- execution -------------------------------------------------------------------------------------
 
+    @_on_fresh_state
     async def execute_plan(
         self, plan_id: str, wait_seconds: float | None = 50.0, on_progress: ProgressCallback | None = None
     ) -> PlanSummary:
@@ -329,6 +392,7 @@ class PlannerService:
         run = self._start(plan, lambda ex, p: ex.execute(p))
         return await run.wait(wait_seconds, on_progress)
 
+    @_on_fresh_state
     async def resume_plan(
         self,
         plan_id: str,
@@ -365,6 +429,7 @@ class PlannerService:
         run = self._start(plan, lambda ex, p: ex.resume(p, rerun_interrupted=rerun_interrupted))
         return await run.wait(wait_seconds, on_progress)
 
+    @_on_fresh_state
     async def cancel_plan(
         self, plan_id: str, reason: str = "cancelled", *, cancelled_by: str = "agent"
     ) -> PlanSummary:
@@ -392,7 +457,8 @@ class PlannerService:
         if plan.status == PlanStatus.EXECUTING:
             claim = await self.store.get_claim(plan.id)
             if claim is not None and claim_is_live(claim, utcnow(), self.stale_after):
-                await self.store.request_cancel(plan.id, reason)
+                if not await self.store.request_cancel(plan.id, reason):
+                    raise PlanConflictError(plan.id)  # the run ended meanwhile: decide on its final state
                 await self.store.append_event(
                     _event(
                         plan,
@@ -461,7 +527,10 @@ class PlannerService:
         result = []
         for plan in plans:
             if plan.expire_approval():
-                await self.store.save_plan(plan, [_event(plan, "approval_expired")])
+                try:
+                    await self.store.save_plan(plan, [_event(plan, "approval_expired")])
+                except PlanConflictError:  # changed meanwhile: list it as it was read
+                    plan = await self.store.get_plan(plan.id)
                 if status is not None and plan.status != PlanStatus(status):
                     continue
             result.append(self._live(plan))
@@ -491,6 +560,9 @@ class PlannerService:
 
 
 # -- helpers --------------------------------------------------------------------------------------------
+
+
+_SHOW_AGAIN = "it was not approved; show the current version to the person and ask again"
 
 
 def _event(plan: ExecutionPlan, kind: str, **data: Any) -> Event:

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
-from .errors import PlanNotFoundError
+from .errors import PlanConflictError, PlanNotFoundError
 from .model import ExecutionPlan, PlanStatus, Step, utcnow
 
 #: A claim whose heartbeat is older than this is stale: its owner is taken as dead.
@@ -72,13 +72,20 @@ class Store(Protocol):
     """What the executor and the service need from a store. Each write is one transaction."""
 
     async def save_plan(self, plan: ExecutionPlan, events: Sequence[Event] = ()) -> None:
-        """Write the whole plan (all its steps) and append `events`."""
+        """Write the whole plan (all its steps) and append `events`.
+
+        A compare-and-set: commits only if the stored plan is still at `plan.revision` (0: not stored),
+        then advances `plan.revision`; else raises `PlanConflictError` and writes nothing.
+        """
         ...
 
     async def save_transition(
         self, plan: ExecutionPlan, steps: Sequence[Step], events: Sequence[Event] = ()
     ) -> None:
-        """Write the plan's own fields, the given steps only, and append `events`: the executor's hot path."""
+        """Write the plan's own fields, the given steps only, and append `events`: the executor's hot path.
+
+        The same compare-and-set as `save_plan`.
+        """
         ...
 
     async def get_plan(self, plan_id: str) -> ExecutionPlan:
@@ -122,6 +129,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._heads: dict[str, str] = {}
+        self._revisions: dict[str, int] = {}
         self._steps: dict[str, dict[str, str]] = {}
         self._events: dict[str, list[Event]] = {}
         self._claims: dict[str, Claim] = {}
@@ -133,6 +141,7 @@ class MemoryStore:
         return None
 
     async def save_plan(self, plan: ExecutionPlan, events: Sequence[Event] = ()) -> None:
+        self._compare_and_advance(plan)
         self._steps[plan.id] = {s.id: s.model_dump_json() for s in plan.steps}
         self._heads[plan.id] = plan.model_dump_json(exclude={"steps"})
         self._append(events)
@@ -140,14 +149,20 @@ class MemoryStore:
     async def save_transition(
         self, plan: ExecutionPlan, steps: Sequence[Step], events: Sequence[Event] = ()
     ) -> None:
-        if plan.id not in self._heads:
+        if plan.revision == 0:
             await self.save_plan(plan, events)
             return
+        self._compare_and_advance(plan)
         self._heads[plan.id] = plan.model_dump_json(exclude={"steps"})
         stored = self._steps[plan.id]
         for step in steps:
             stored[step.id] = step.model_dump_json()
         self._append(events)
+
+    def _compare_and_advance(self, plan: ExecutionPlan) -> None:
+        if self._revisions.get(plan.id, 0) != plan.revision:
+            raise PlanConflictError(plan.id)
+        self._revisions[plan.id] = plan.__dict__["revision"] = plan.revision + 1
 
     def _append(self, events: Sequence[Event]) -> None:
         for event in events:
@@ -156,6 +171,7 @@ class MemoryStore:
 
     def _load(self, plan_id: str) -> ExecutionPlan:
         plan = ExecutionPlan.model_validate_json(self._heads[plan_id])
+        plan.__dict__["revision"] = self._revisions[plan_id]
         plan.steps = [Step.model_validate_json(raw) for raw in self._steps[plan_id].values()]
         return plan
 

@@ -15,6 +15,7 @@ SQLite and aiosqlite exceptions stay in this module: they leave it as `StoreErro
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -27,7 +28,7 @@ import aiosqlite
 import anyio
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from .errors import PlannerError, PlanNotFoundError
+from .errors import PlanConflictError, PlannerError, PlanNotFoundError
 from .model import ExecutionPlan, PlanStatus, Step, utcnow
 from .storage import DEFAULT_STALE_AFTER, Claim, Event, claim_is_live
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from .storage import Store
 
 T = TypeVar("T")
+logger = logging.getLogger("mcp_planner.store")
 
 #: How long SQLite itself waits for another process's write lock before answering `busy`.
 BUSY_TIMEOUT_MS = 5000
@@ -81,12 +83,22 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             cancel_reason TEXT
         )""",
     ),
+    # Every plan write is a compare-and-set on the revision it was read at.
+    ("ALTER TABLE plans ADD COLUMN revision INTEGER NOT NULL DEFAULT 1",),
 )
 
-_UPSERT_PLAN = """
-INSERT INTO plans (id, status, description, created_at, updated_at, header) VALUES (?, ?, ?, ?, ?, ?)
-ON CONFLICT (id) DO UPDATE SET status = excluded.status, description = excluded.description,
-    created_at = excluded.created_at, updated_at = excluded.updated_at, header = excluded.header
+_INSERT_PLAN = """
+INSERT INTO plans (id, status, description, created_at, updated_at, header, revision)
+VALUES (?, ?, ?, ?, ?, ?, 1) ON CONFLICT (id) DO NOTHING
+"""
+_UPDATE_PLAN = """
+UPDATE plans SET status = ?, description = ?, created_at = ?, updated_at = ?, header = ?,
+    revision = revision + 1
+WHERE id = ? AND revision = ?
+"""
+_UPDATE_HEADER = """
+UPDATE plans SET status = ?, description = ?, updated_at = ?, header = ?, revision = revision + 1
+WHERE id = ? AND revision = ?
 """
 _UPSERT_STEP = """
 INSERT INTO steps (plan_id, step_id, idx, status, data) VALUES (?, ?, ?, ?, ?)
@@ -193,18 +205,32 @@ def _in_read(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], T]) 
 
 
 def _load_plan(conn: sqlite3.Connection, plan_id: str) -> ExecutionPlan | None:
-    row = conn.execute("SELECT header FROM plans WHERE id = ?", (plan_id,)).fetchone()
+    row = conn.execute("SELECT header, revision FROM plans WHERE id = ?", (plan_id,)).fetchone()
     if row is None:
         return None
     steps = [r[0] for r in conn.execute("SELECT data FROM steps WHERE plan_id = ? ORDER BY idx", (plan_id,))]
     # One parse of the whole document is much faster than one per step for large plans.
     header: str = row[0]
-    whole = f'{header[:-1]},"steps":[{",".join(steps)}]}}'
-    return ExecutionPlan.model_validate_json(whole)
+    whole = f'{header[:-1]},"revision":{int(row[1])},"steps":[{",".join(steps)}]}}'
+    try:
+        return ExecutionPlan.model_validate_json(whole)
+    except ValueError as exc:
+        raise StoreError(
+            f"plan {plan_id!r} is stored but cannot be read ({exc.__class__.__name__}): it was written by "
+            "an incompatible version or damaged; the other plans are unaffected"
+        ) from exc
 
 
-def _write_plan(conn: sqlite3.Connection, plan_row: tuple[str, ...], steps: list[tuple[Any, ...]]) -> None:
-    conn.execute(_UPSERT_PLAN, plan_row)
+def _write_plan(
+    conn: sqlite3.Connection, plan_row: tuple[str, ...], steps: list[tuple[Any, ...]], revision: int
+) -> None:
+    """Write the plan header and all its steps if the stored revision is still `revision` (0: new)."""
+    if revision == 0:
+        written = conn.execute(_INSERT_PLAN, plan_row)
+    else:
+        written = conn.execute(_UPDATE_PLAN, (*plan_row[1:], plan_row[0], revision))
+    if written.rowcount == 0:
+        raise PlanConflictError(plan_row[0])
     conn.execute("DELETE FROM steps WHERE plan_id = ?", (plan_row[0],))
     conn.executemany(
         "INSERT INTO steps (plan_id, step_id, idx, status, data) VALUES (?, ?, ?, ?, ?)",
@@ -387,18 +413,24 @@ class PlanStore:
     async def save_plan(self, plan: ExecutionPlan, events: Sequence[Event] = ()) -> None:
         """Write the whole plan (replacing all its steps) and append `events`, in one transaction.
 
+        A compare-and-set: it commits only if the stored plan is still at `plan.revision` (a new plan:
+        not stored at all), and then advances `plan.revision`.
+
         Raises:
+            PlanConflictError: the stored plan changed since `plan` was read; nothing was written.
             StoreError: the write failed; nothing of it was stored.
         """
         plan_row = _plan_row(plan)
         step_rows = _step_rows(plan.id, plan.steps)
         event_rows = _event_rows(events)
+        revision = plan.revision
 
         def body(conn: sqlite3.Connection) -> None:
-            _write_plan(conn, plan_row, step_rows)
+            _write_plan(conn, plan_row, step_rows, revision)
             _write_events(conn, event_rows)
 
         await self._run(lambda c: _in_write(c, body))
+        plan.__dict__["revision"] = revision + 1  # no validate_assignment round on the hot path
 
     async def save_transition(
         self, plan: ExecutionPlan, steps: Sequence[Step], events: Sequence[Event] = ()
@@ -406,24 +438,31 @@ class PlanStore:
         """Write the plan's own fields, the given steps only, and append `events`, in one transaction.
 
         Only the plan header and the given steps are serialised: this is the executor's hot path. A plan
-        not stored yet is written whole.
+        not stored yet is written whole. A compare-and-set on `plan.revision`, like `save_plan`.
+
+        Raises:
+            PlanConflictError: the stored plan changed since `plan` was read; nothing was written.
         """
         plan_row = _plan_row(plan)
         step_rows = _step_rows(plan.id, steps)
         event_rows = _event_rows(events)
+        revision = plan.revision
 
         def body(conn: sqlite3.Connection) -> None:
-            updated = conn.execute(
-                "UPDATE plans SET status = ?, description = ?, updated_at = ?, header = ? WHERE id = ?",
-                (plan_row[1], plan_row[2], plan_row[4], plan_row[5], plan_row[0]),
-            )
-            if updated.rowcount == 0:
-                _write_plan(conn, plan_row, _step_rows(plan.id, plan.steps))
+            if revision == 0:
+                _write_plan(conn, plan_row, _step_rows(plan.id, plan.steps), revision)
             else:
+                status, description, _, updated_at, header = plan_row[1:]
+                updated = conn.execute(
+                    _UPDATE_HEADER, (status, description, updated_at, header, plan.id, revision)
+                )
+                if updated.rowcount == 0:
+                    raise PlanConflictError(plan.id)
                 conn.executemany(_UPSERT_STEP, step_rows)
             _write_events(conn, event_rows)
 
         await self._run(lambda c: _in_write(c, body))
+        plan.__dict__["revision"] = revision + 1
 
     async def get_plan(self, plan_id: str) -> ExecutionPlan:
         """The plan as last committed.
@@ -460,8 +499,16 @@ class PlanStore:
                     "SELECT id FROM plans WHERE status = ? ORDER BY created_at DESC, rowid DESC LIMIT ?",
                     (wanted, max(limit, 0)),
                 )
-            plans = (_load_plan(conn, r[0]) for r in rows.fetchall())
-            return [p for p in plans if p is not None]
+            plans = []
+            for (plan_id,) in rows.fetchall():
+                try:
+                    plan = _load_plan(conn, plan_id)
+                except StoreError as exc:  # one damaged plan must not hide the others
+                    logger.warning("%s", exc)
+                    continue
+                if plan is not None:
+                    plans.append(plan)
+            return plans
 
         return await self._run(lambda c: _in_read(c, body))
 

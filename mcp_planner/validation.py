@@ -25,7 +25,17 @@ from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import PlanValidationError, Problem
-from .model import MAX_PARALLEL_CAP, ExecutionPlan, Step
+from .model import (
+    MAX_BACKOFF,
+    MAX_DESCRIPTION_CHARS,
+    MAX_DURATION_MS,
+    MAX_PARALLEL_CAP,
+    MAX_PARAMETERS_BYTES,
+    MAX_RETRIES,
+    MAX_STEPS,
+    ExecutionPlan,
+    Step,
+)
 from .templating import is_template
 
 Catalog = Mapping[str, dict[str, Any] | None]
@@ -39,13 +49,16 @@ _MAX_SUGGESTED = 20
 _MAX_CYCLES = 20
 
 
-def validate_plan(plan: ExecutionPlan, catalog: Catalog | None) -> list[Problem]:
+def validate_plan(
+    plan: ExecutionPlan, catalog: Catalog | None, *, max_steps: int = MAX_STEPS
+) -> list[Problem]:
     """Every problem with `plan`, in a stable order (plan fields, then steps by index).
 
     Args:
         plan: the plan to check; it is not modified.
         catalog: tool name -> input JSON schema (None when the schema is unknown). `None` skips the tool
             checks (unknown tools and parameter schemas).
+        max_steps: the most steps a plan may have.
 
     Returns:
         The problems; empty when the plan is valid.
@@ -53,8 +66,18 @@ def validate_plan(plan: ExecutionPlan, catalog: Catalog | None) -> list[Problem]
     problems: list[Problem] = []
     if not plan.description.strip():
         problems.append(Problem(None, "description", "the description is empty: say what the plan does"))
+    problems.extend(_length_problems(None, "description", plan.description))
     if not plan.steps:
         problems.append(Problem(None, "steps", "the plan has no steps: add at least one step"))
+    if len(plan.steps) > max_steps:
+        problems.append(
+            Problem(
+                None,
+                "steps",
+                f"the plan has {len(plan.steps)} steps, more than the limit of {max_steps}: split it into "
+                "several plans",
+            )
+        )
     problems.extend(_option_problems(plan))
 
     ids = [s.id for s in plan.steps]
@@ -77,6 +100,7 @@ def validate_plan(plan: ExecutionPlan, catalog: Catalog | None) -> list[Problem]
             )
         problems.extend(_dependency_problems(step, known, budget))
         problems.extend(_number_problems(step))
+        problems.extend(_size_problems(step))
         problems.extend(_template_problems(step, known, budget))
         if catalog is not None:
             problems.extend(_tool_problems(step, catalog, budget, validators))
@@ -126,12 +150,16 @@ def _option_problems(plan: ExecutionPlan) -> Iterator[Problem]:
             yield Problem(
                 None, f"options.{name}", f"{value} is negative: use 0 for no limit, or a positive value"
             )
+        elif value > MAX_DURATION_MS:
+            yield Problem(None, f"options.{name}", _above(value, MAX_DURATION_MS, " ms (24 h)"))
     if options.retry_backoff < 1:
         yield Problem(
             None,
             "options.retry_backoff",
             f"{options.retry_backoff} is below 1: use 1.0 for a fixed delay or more to grow it on each retry",
         )
+    elif options.retry_backoff > MAX_BACKOFF:
+        yield Problem(None, "options.retry_backoff", _above(options.retry_backoff, MAX_BACKOFF))
     if options.max_parallel_steps > MAX_PARALLEL_CAP:
         yield Problem(
             None,
@@ -141,10 +169,38 @@ def _option_problems(plan: ExecutionPlan) -> Iterator[Problem]:
 
 
 def _number_problems(step: Step) -> Iterator[Problem]:
-    for name in ("max_retries", "retry_delay_ms", "timeout_ms"):
+    for name, cap, unit in (
+        ("max_retries", MAX_RETRIES, ""),
+        ("retry_delay_ms", MAX_DURATION_MS, " ms (24 h)"),
+        ("timeout_ms", MAX_DURATION_MS, " ms (24 h)"),
+    ):
         value = getattr(step, name)
         if value is not None and value < 0:
             yield Problem(step.id, name, f"{value} is negative: use 0 or a positive value")
+        elif value is not None and value > cap:
+            yield Problem(step.id, name, _above(value, cap, unit))
+
+
+def _size_problems(step: Step) -> Iterator[Problem]:
+    yield from _length_problems(step.id, "description", step.description)
+    size = len(json.dumps(step.parameters, default=str))
+    if size > MAX_PARAMETERS_BYTES:
+        yield Problem(
+            step.id,
+            "parameters",
+            f"the parameters take {size} bytes, more than the limit of {MAX_PARAMETERS_BYTES}: pass large "
+            "data through a file or an earlier step's result",
+        )
+
+
+def _length_problems(step_id: str | None, field: str, text: str) -> Iterator[Problem]:
+    if len(text) > MAX_DESCRIPTION_CHARS:
+        limit = MAX_DESCRIPTION_CHARS
+        yield Problem(step_id, field, f"{len(text)} characters, more than the limit of {limit}: shorten it")
+
+
+def _above(value: float, cap: float, unit: str = "") -> str:
+    return f"{value} is above the limit of {cap}{unit}"
 
 
 # -- dependencies -----------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import sys
 
 import anyio
 
+from mcp_planner.errors import PlanConflictError
 from mcp_planner.model import StepResult, StepStatus
 from mcp_planner.storage import Event, new_owner_id
 from mcp_planner.store import PlanStore
@@ -33,11 +34,16 @@ async def main(argv: list[str]) -> None:
         elif mode == "write":
             step_id, count = argv[3], int(argv[4])
             plan = await store.get_plan(plan_id)
-            step = plan.step(step_id)
             for i in range(count):
-                step.retry_count = i + 1
                 event = Event(plan_id=plan_id, kind="tick", step_id=step_id, data={"n": i})
-                await store.save_transition(plan, [step], [event])
+                while True:  # a write based on an outdated copy is refused, never lost: re-read, retry
+                    step = plan.step(step_id)
+                    step.retry_count = i + 1
+                    try:
+                        await store.save_transition(plan, [step], [event])
+                        break
+                    except PlanConflictError:
+                        plan = await store.get_plan(plan_id)
                 await store.append_event(Event(plan_id=plan_id, kind="note", step_id=step_id, data={"n": i}))
             print("done", flush=True)
         elif mode == "commit":

@@ -204,7 +204,8 @@ async def test_human_policy_without_elicitation_points_to_the_terminal(tmp_path:
         assert result.is_error
         assert f"mcp-planner approve {plan_id}" in text(result)
         # A person approving from the terminal (what the CLI does) lets the agent execute it.
-        await service.approve_plan(plan_id, "alice", "cli")
+        shown = (await service.get_plan(plan_id)).compute_hash()
+        await service.approve_plan(plan_id, "alice", "human-terminal", expected_hash=shown)
         done = await client.call_tool("execute_plan", {"plan_id": plan_id})
         assert done.structured_content is not None and done.structured_content["status"] == "completed"
 
