@@ -27,7 +27,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pydantic import BaseModel
 
 from .attempts import call_step, check_parameters
-from .errors import StepError
+from .errors import PlanConflictError, StepError
 from .model import ExecutionPlan, PlanStatus, Step, StepResult, StepStatus, utcnow
 from .storage import Event, Store
 from .templating import contains_template, render_parameters, render_parameters_off_loop
@@ -39,6 +39,8 @@ logger = logging.getLogger("mcp_planner.executor")
 CANCEL_GRACE_S = 10.0
 #: Bound on the shielded final save (and release, and `on_plan_complete`) of a run.
 FINAL_SAVE_TIMEOUT_S = 15.0
+#: How often a run reads its claim for a cancel requested by another process (SPEC: seen within 250 ms).
+CANCEL_POLL_S = 0.2
 #: `plan.metadata` key listing steps whose call was interrupted and whose outcome is unknown.
 INTERRUPTED_KEY = "interrupted_steps"
 INTERRUPTED_ERROR = "interrupted; outcome unknown"
@@ -411,8 +413,19 @@ class Run:
         return completed, failed
 
     async def _commit(self, changed: list[Step], events: list[Event]) -> None:
-        if not self.claim_lost:  # the plan may belong to another process now: write nothing more
+        if self.claim_lost:  # the plan may belong to another process now: write nothing more
+            return
+        try:
             await self.store.save_transition(self.plan, changed, events)
+        except PlanConflictError:
+            # Someone else wrote the plan while this run held it: only a takeover does that.
+            self._lose_claim()
+            raise
+
+    def _lose_claim(self) -> None:
+        logger.error("plan %r: lost the execution claim; stopping the run", self.plan.id)
+        self.claim_lost = True
+        self._cancel_running()
 
     def _fail(self, step: Step, error: str, events: list[Event]) -> None:
         _set(step, status=StepStatus.FAILED, error=error)
@@ -485,22 +498,31 @@ class Run:
     # -- claim heartbeat ----------------------------------------------------------------------------------
 
     async def _heartbeat(self) -> None:
+        """Refresh the claim every `heartbeat_interval`; in between, look for a cancel request often.
+
+        Another process asks for a cancel through the claim row, so it is read every `CANCEL_POLL_S`
+        (a read, not a write): a cancel is seen within that, not on the next heartbeat.
+        """
+        next_beat = anyio.current_time() + self.heartbeat_interval
         while True:
-            with anyio.move_on_after(self.heartbeat_interval):
+            with anyio.move_on_after(min(CANCEL_POLL_S, self.heartbeat_interval)):
                 await self._stopped.wait()
             if self._stopped.is_set():
                 return
-            claim = None
+            beat = anyio.current_time() >= next_beat
             try:
                 with anyio.fail_after(max(self.heartbeat_interval, 5.0)):
-                    claim = await self.store.heartbeat(self.plan.id, self.owner)
+                    if beat:
+                        claim = await self.store.heartbeat(self.plan.id, self.owner)
+                    else:
+                        claim = await self.store.get_claim(self.plan.id)
             except Exception:
                 logger.warning("plan %r: heartbeat failed; trying again", self.plan.id, exc_info=True)
                 continue
-            if claim is None:
-                logger.error("plan %r: lost the execution claim; stopping the run", self.plan.id)
-                self.claim_lost = True
-                self._cancel_running()
+            if beat:
+                next_beat = anyio.current_time() + self.heartbeat_interval
+            if claim is None or claim.owner != self.owner:
+                self._lose_claim()
                 return
             if claim.cancel_reason:
                 self.request_cancel(claim.cancel_reason)
