@@ -1,9 +1,9 @@
 """The `mcp-planner` command line: serve over MCP, or run, inspect, approve and cancel plans from a terminal.
 
-This is the only module that reads the environment (`MCP_PLANNER_DB`, `MCP_PLANNER_SERVERS`, and the
-variables a servers file expands). Every command opens the same application layer the MCP server uses
-(`service.PlannerService` over a `store.PlanStore` and, when it needs tools, a `downstream.Downstream`),
-so a plan behaves the same whether an agent or a person drives it.
+This is the only module that reads the environment (`MCP_PLANNER_DB`, `MCP_PLANNER_SERVERS`,
+`MCP_PLANNER_AUTH_TOKEN`, and the variables a servers file expands). Every command opens the same
+application layer the MCP server uses (`service.PlannerService` over a `store.PlanStore` and, when it
+needs tools, a `downstream.Downstream`), so a plan behaves the same whether an agent or a person drives it.
 
 The terminal rendering (`terminal.py`, rich) is imported inside the commands that print, so `serve`, the
 command agents launch, starts without it.
