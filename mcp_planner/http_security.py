@@ -58,10 +58,7 @@ def transport_security(host: str, port: int, allowed_hosts: Sequence[str] = ()) 
     """The Host and Origin values the server accepts, always checked.
 
     A name without a port matches any port (a reverse proxy may omit it or use its own); on a loopback
-    address the loopback names with the bound port are allowed as well.
-
-    Raises:
-        ValueError: as `check_bind`.
+    address the loopback names with the bound port are allowed as well. Call `check_bind` first.
     """
     hosts = [pattern for name in allowed_hosts if name.strip() for pattern in _patterns(name.strip())]
     if is_loopback(host):
