@@ -45,7 +45,7 @@ MAX_INT_BITS = 100_000
 #: Most lists `batch` or `slice` may make (as many as the items `range` may make).
 MAX_ITEMS = MAX_RANGE
 
-_DEADLINE: ContextVar[tuple[float, float] | None] = ContextVar("template_deadline", default=None)
+_BUDGET: ContextVar[Budget | None] = ContextVar("template_budget", default=None)
 # Codecs whose cost is linear; others (punycode, idna) are quadratic on crafted input.
 _CODECS = frozenset({"utf-8", "utf8", "ascii", "latin-1", "latin1", "utf-16", "utf-32"})
 # Filters that do not turn their whole input into text, so a large input alone is no reason to refuse them.
@@ -62,21 +62,37 @@ _PRINTF = re.compile(
 _DIGITS = re.compile(r"\d+")
 
 
+class Budget:
+    """The time one render may take; `stop()` ends it early (its caller gave up on it)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
 @contextlib.contextmanager
-def time_budget(seconds: float) -> Iterator[None]:
-    """Templates rendered inside this block (in this thread or context) stop once `seconds` have passed."""
-    token = _DEADLINE.set((time.monotonic() + seconds, seconds))
+def time_budget(budget: Budget) -> Iterator[None]:
+    """Templates rendered inside this block (in this thread or context) stop once `budget` is spent."""
+    token = _BUDGET.set(budget)
     try:
         yield
     finally:
-        _DEADLINE.reset(token)
+        _BUDGET.reset(token)
 
 
 def check_deadline() -> None:
-    deadline = _DEADLINE.get()
-    if deadline is not None and time.monotonic() > deadline[0]:
+    budget = _BUDGET.get()
+    if budget is None:
+        return
+    if budget.stopped:
+        raise TemplateError("rendering was abandoned (the step was cancelled or timed out)")
+    if time.monotonic() > budget.deadline:
         raise TemplateError(
-            f"rendering took longer than the {deadline[1]:g} s template time budget;"
+            f"rendering took longer than the {budget.seconds:g} s template time budget;"
             " make the template do less work"
         )
 

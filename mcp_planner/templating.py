@@ -18,10 +18,12 @@ import anyio
 import jinja2
 from jinja2 import nodes
 
+from . import sandbox
 from .errors import TemplateError
 from .sandbox import (
     OUTPUT_CAP,
     TIME_BUDGET_S,
+    Budget,
     LimitedEnvironment,
     TextLike,
     check_deadline,
@@ -127,37 +129,44 @@ class _StepView(TextLike, Mapping[str, Any]):
 
 
 def render_parameters(
-    parameters: dict[str, Any], results: Mapping[str, StepResult], *, time_budget_s: float = TIME_BUDGET_S
+    parameters: dict[str, Any], results: Mapping[str, StepResult], *, budget: Budget | None = None
 ) -> dict[str, Any]:
     """Render every template in `parameters` against the results of completed steps, on this thread.
 
     A string that is exactly one expression yields the expression's value (dict, list, number); any other
-    template string yields a string.
+    template string yields a string. `budget` defaults to `TIME_BUDGET_S` from now.
 
     Raises:
         TemplateError: a syntax error, a missing step or field, an attempt to reach Python internals, or a
             template over the time budget or the output cap.
     """
     context = {"steps": {sid: _StepView(sid, r) for sid, r in results.items()}}
-    with time_budget(time_budget_s):
+    with time_budget(budget or Budget(sandbox.TIME_BUDGET_S)):
         rendered = _render(parameters, context)
     assert isinstance(rendered, dict)
     return rendered
 
 
 async def render_parameters_off_loop(
-    parameters: dict[str, Any], results: Mapping[str, StepResult], *, time_budget_s: float = TIME_BUDGET_S
+    parameters: dict[str, Any], results: Mapping[str, StepResult]
 ) -> dict[str, Any]:
-    """`render_parameters` on a worker thread, awaited no longer than its budget (and a short grace).
+    """`render_parameters` on a worker thread, awaited no longer than the time budget (and a short grace).
+
+    If the caller is cancelled or the wait runs out, the render is abandoned and stops at its next sandbox
+    check.
 
     Raises:
         TemplateError: as `render_parameters`, or the render outlived its budget.
     """
-    render = functools.partial(render_parameters, parameters, results, time_budget_s=time_budget_s)
-    with anyio.move_on_after(time_budget_s + _ABANDON_GRACE_S):
-        return await anyio.to_thread.run_sync(render, abandon_on_cancel=True)
+    budget = Budget(sandbox.TIME_BUDGET_S)
+    render = functools.partial(render_parameters, parameters, results, budget=budget)
+    try:
+        with anyio.move_on_after(budget.seconds + _ABANDON_GRACE_S):
+            return await anyio.to_thread.run_sync(render, abandon_on_cancel=True)
+    finally:
+        budget.stop()
     raise TemplateError(
-        f"rendering the parameters took longer than the {time_budget_s:g} s template time budget;"
+        f"rendering the parameters took longer than the {budget.seconds:g} s template time budget;"
         " make their templates do less"
     )
 
