@@ -102,7 +102,7 @@ def check_size(value: Any, what: str) -> None:
     check_length(size_of(value), what)
 
 
-def cap_text() -> str:
+def _cap_text() -> str:
     return f"{OUTPUT_CAP // (1 << 20)} MiB" if OUTPUT_CAP % (1 << 20) == 0 else f"{OUTPUT_CAP} byte"
 
 
@@ -110,7 +110,7 @@ def check_length(size: int, what: str) -> None:
     """Refuse a result of `size` characters (or estimated JSON size) if it would pass the cap."""
     if size > OUTPUT_CAP:
         raise TemplateError(
-            f"{what} would produce about {size} characters, over the {cap_text()} template output cap;"
+            f"{what} would produce about {size} characters, over the {_cap_text()} template output cap;"
             " make the template produce less"
         )
 

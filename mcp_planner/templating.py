@@ -21,8 +21,6 @@ from jinja2 import nodes
 from . import sandbox
 from .errors import TemplateError
 from .sandbox import (
-    OUTPUT_CAP,
-    TIME_BUDGET_S,
     Budget,
     LimitedEnvironment,
     TextLike,
@@ -34,8 +32,6 @@ from .sandbox import (
 
 if TYPE_CHECKING:
     from .model import StepResult
-
-__all__ = ["OUTPUT_CAP", "TIME_BUDGET_S"]
 
 #: How long past its budget a render on a worker thread is awaited before the step fails without it (the
 #: thread itself stops at its next sandbox check).
