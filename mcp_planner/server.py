@@ -8,12 +8,17 @@ The service (store, downstream connections, executions) starts in the background
 """
 
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, suppress
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import anyio
+import anyio.abc
 import anyio.to_thread
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
@@ -295,14 +300,82 @@ async def serve(
     http = transport in ("http", "streamable-http")
     if http:
         check_bind(host, auth_token=auth_token, allowed_hosts=allowed_hosts)
+    if transport != "stdio" and not http:
+        raise ValueError(f"transport must be stdio or http, not {transport!r}")
+    service_closed = anyio.Event()
     server = build_server(
-        service_factory=service_factory(db_path, config, approval=approval),
+        service_factory=_reporting_close(service_factory(db_path, config, approval=approval), service_closed),
         auth_token=auth_token if http else None,
     )
-    if transport == "stdio":
-        await server.run_stdio_async()
-    elif http:
+    run: Callable[[], Awaitable[None]]
+    if http:
         security = transport_security(host, port, allowed_hosts)
-        await server.run_streamable_http_async(host=host, port=port, transport_security=security)
+        run = partial(server.run_streamable_http_async, host=host, port=port, transport_security=security)
     else:
-        raise ValueError(f"transport must be stdio or http, not {transport!r}")
+        run = server.run_stdio_async
+    await _run_until_signalled(run, service_closed)
+
+
+#: After SIGTERM or SIGINT, how long the service has to close (executions, store, downstream processes).
+STOP_TIMEOUT = 5.0
+#: Then how long the server has to return by itself before the process exits anyway.
+EXIT_GRACE = 0.5
+
+
+def _reporting_close(factory: ServiceFactory, closed: anyio.Event) -> ServiceFactory:
+    @asynccontextmanager
+    async def open_service() -> AsyncIterator[PlannerService]:
+        try:
+            async with factory() as service:
+                yield service
+        finally:
+            closed.set()
+
+    return open_service
+
+
+async def _run_until_signalled(run: Callable[[], Awaitable[None]], service_closed: anyio.Event) -> None:
+    """`run()` until it returns or SIGTERM/SIGINT stops it; a second signal exits at once."""
+    if sys.platform == "win32":
+        await run()
+        return
+    serving = anyio.CancelScope()
+    async with anyio.create_task_group() as tg:
+        await tg.start(_stop_on_signals, serving, service_closed)
+        with serving:
+            await run()
+        tg.cancel_scope.cancel()
+
+
+async def _stop_on_signals(
+    serving: anyio.CancelScope,
+    service_closed: anyio.Event,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
+        async with anyio.create_task_group() as tg:
+            async for signum in signals:
+                if serving.cancel_called:
+                    log.warning("second %s: exiting now", signal.Signals(signum).name)
+                    _exit_now(128 + signum)
+                log.info("%s: stopping (again to exit at once)", signal.Signals(signum).name)
+                serving.cancel()
+                tg.start_soon(_exit_when_closed, service_closed)
+
+
+async def _exit_when_closed(service_closed: anyio.Event) -> None:
+    # The SDK reads stdin in a worker thread that cancellation cannot interrupt, so a stopped stdio server
+    # may never return while the client keeps stdin open; once the service has closed nothing is left.
+    with anyio.move_on_after(STOP_TIMEOUT):
+        await service_closed.wait()
+    await anyio.sleep(EXIT_GRACE)
+    _exit_now(0)
+
+
+def _exit_now(code: int) -> NoReturn:
+    logging.shutdown()
+    with suppress(OSError, ValueError):
+        sys.stderr.flush()
+    os._exit(code)
