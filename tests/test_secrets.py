@@ -98,8 +98,16 @@ async def test_an_expanded_token_is_in_no_result_database_byte_or_log_record(
             assert "?key=${TOKEN}" in seen[-1]  # the closed port's error names the URL, redacted
             assert "--key=${TOKEN}" in seen[-1]  # the stdio server's stderr, redacted
 
-            step = {"id": "s", "tool_name": "api.echo", "parameters": {"text": "hi"}, "max_retries": 0}
-            created = await call(client, "create_plan", {"description": "echo once", "steps": [step]}, seen)
+            # The retry restarts the dead server, whose start-up error names the URL.
+            step = {
+                "id": "s",
+                "tool_name": "api.echo",
+                "parameters": {"text": "hi"},
+                "max_retries": 2,
+                "retry_delay_ms": 0,
+            }
+            plan = {"description": "echo once", "steps": [step], "options": {"require_approval": False}}
+            created = await call(client, "create_plan", plan, seen)
             assert created.structured_content is not None, seen[-1]
             plan_id = created.structured_content["id"]
 
@@ -107,8 +115,11 @@ async def test_an_expanded_token_is_in_no_result_database_byte_or_log_record(
             with anyio.fail_after(10):
                 await http.wait()
             await call(client, "execute_plan", {"plan_id": plan_id}, seen)
-            await call(client, "get_plan", {"plan_id": plan_id}, seen)
-            assert "failed" in seen[-1]
+            shown = await call(client, "get_plan", {"plan_id": plan_id}, seen)
+            assert shown.structured_content is not None
+            [failed] = shown.structured_content["steps"]
+            assert failed["status"] == "failed"
+            assert "?key=${TOKEN}" in failed["error"]
 
             closed_step = {"tool_name": "closed.echo", "parameters": {}}
             await call(client, "create_plan", {"description": "x", "steps": [closed_step]}, seen)
