@@ -28,12 +28,12 @@ import anyio
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
-from mcp_planner.config import ServersConfig
-from mcp_planner.downstream import Downstream
-from mcp_planner.executor import Executor
-from mcp_planner.model import ExecutionPlan, PlanStatus
-from mcp_planner.storage import MemoryStore
-from mcp_planner.store import PlanStore
+from mcp_planner.downstream.client import Downstream
+from mcp_planner.downstream.config import ServersConfig
+from mcp_planner.engine.executor import Executor
+from mcp_planner.plan.model import ExecutionPlan, PlanStatus
+from mcp_planner.store.memory import MemoryStore
+from mcp_planner.store.sqlite import PlanStore
 
 SERVER = Path(__file__).parent.parent / "tests" / "servers" / "basic.py"
 WARMUP = 20

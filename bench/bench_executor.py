@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 
 from mcp_planner import ExecutionPlan, Executor, MemoryStore, PlanStore, Step
-from mcp_planner.storage import Store
+from mcp_planner.store.base import Store
 
 
 async def noop(params: dict[str, Any]) -> dict[str, Any]:

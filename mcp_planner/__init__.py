@@ -5,7 +5,8 @@ from mcp_planner import ExecutionPlan, Executor, PlanStore
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
+from mcp_planner.engine.tools import LocalTools, ToolInfo, ToolProvider
+from mcp_planner.errors import (
     PlannerError,
     PlanNotFoundError,
     PlanStateError,
@@ -13,7 +14,7 @@ from .errors import (
     Problem,
     StepError,
 )
-from .model import (
+from mcp_planner.plan.model import (
     ExecutionOptions,
     ExecutionPlan,
     PlanSpec,
@@ -24,25 +25,25 @@ from .model import (
     StepSpec,
     StepStatus,
 )
-from .storage import Event, MemoryStore
-from .tools import LocalTools, ToolInfo, ToolProvider
+from mcp_planner.store.base import Event
+from mcp_planner.store.memory import MemoryStore
 
 if TYPE_CHECKING:
-    from .config import ServersConfig, load_config
-    from .downstream import Downstream
-    from .executor import Executor
-    from .generator import Generator, PlanRequest
-    from .store import PlanStore
+    from mcp_planner.downstream.client import Downstream
+    from mcp_planner.downstream.config import ServersConfig, load_config
+    from mcp_planner.engine.executor import Executor
+    from mcp_planner.generation.generator import Generator, PlanRequest
+    from mcp_planner.store.sqlite import PlanStore
 
 # Imported on first use: `mcp-planner serve` must answer `tools/list` fast, before it needs these.
 _LAZY = {
-    "Downstream": ".downstream",
-    "ServersConfig": ".config",
-    "load_config": ".config",
-    "Executor": ".executor",
-    "Generator": ".generator",
-    "PlanRequest": ".generator",
-    "PlanStore": ".store",
+    "Downstream": ".downstream.client",
+    "ServersConfig": ".downstream.config",
+    "load_config": ".downstream.config",
+    "Executor": ".engine.executor",
+    "Generator": ".generation.generator",
+    "PlanRequest": ".generation.generator",
+    "PlanStore": ".store.sqlite",
 }
 
 

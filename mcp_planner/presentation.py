@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from .model import (
+from mcp_planner.plan.model import (
     RESULT_PREVIEW_LIMIT,
     ExecutionOptions,
     ExecutionPlan,

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Self
 import anyio
 from anyio.abc import TaskGroup
 
-from .errors import PlannerError, PlanStateError, StepError
-from .model import ExecutionPlan, PlanSummary, Step
+from mcp_planner.errors import PlannerError, PlanStateError, StepError
+from mcp_planner.plan.model import ExecutionPlan, PlanSummary, Step
 
 if TYPE_CHECKING:
-    from .executor import Executor
+    from mcp_planner.engine.executor import Executor
 
 log = logging.getLogger("mcp_planner.runs")
 

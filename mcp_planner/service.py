@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Self, Ty
 
 import anyio
 
-from .errors import (
+from mcp_planner.engine.tools import ToolInfo, ToolProvider, schema_catalog
+from mcp_planner.errors import (
     PlanChangedError,
     PlanClaimedError,
     PlanConflictError,
@@ -26,7 +27,7 @@ from .errors import (
     PlanValidationError,
     Problem,
 )
-from .model import (
+from mcp_planner.plan.model import (
     PERSON_METHODS,
     ExecutionOptions,
     ExecutionPlan,
@@ -37,12 +38,11 @@ from .model import (
     StepStatus,
     utcnow,
 )
-from .runs import BackgroundRun, ProgressCallback, RunBody, Runs
-from .storage import DEFAULT_STALE_AFTER, Event, Store, claim_is_live, new_owner_id
-from .tools import ToolInfo, ToolProvider, schema_catalog
+from mcp_planner.runs import BackgroundRun, ProgressCallback, RunBody, Runs
+from mcp_planner.store.base import DEFAULT_STALE_AFTER, Event, Store, claim_is_live, new_owner_id
 
 if TYPE_CHECKING:
-    from .executor import Executor
+    from mcp_planner.engine.executor import Executor
 
 log = logging.getLogger("mcp_planner.service")
 
@@ -242,7 +242,7 @@ class PlannerService:
         return updated
 
     async def _check(self, plan: ExecutionPlan) -> None:
-        from .validation import qualify_tool_names
+        from mcp_planner.plan.validation import qualify_tool_names
 
         catalog = await self.catalog()
         qualify_tool_names(plan, catalog.keys())
@@ -494,7 +494,7 @@ class PlannerService:
             )
 
     def _start(self, plan: ExecutionPlan, body: RunBody) -> BackgroundRun:
-        from .executor import Executor
+        from mcp_planner.engine.executor import Executor
 
         def make_executor(on_step: Any, on_plan_complete: Any) -> Executor:
             return Executor(

@@ -16,9 +16,9 @@ import sys
 import anyio
 
 from mcp_planner.errors import PlanConflictError
-from mcp_planner.model import StepResult, StepStatus
-from mcp_planner.storage import Event, new_owner_id
-from mcp_planner.store import PlanStore
+from mcp_planner.plan.model import StepResult, StepStatus
+from mcp_planner.store.base import Event, new_owner_id
+from mcp_planner.store.sqlite import PlanStore
 
 
 async def main(argv: list[str]) -> None:

@@ -21,12 +21,12 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp_types import CallToolResult, TextContent
 
-from mcp_planner.cli import ExitCode
-from mcp_planner.model import PlanSpec, PlanStatus
-from mcp_planner.server import build_server
+from mcp_planner.cli.main import ExitCode
+from mcp_planner.engine.tools import LocalTools
+from mcp_planner.plan.model import PlanSpec, PlanStatus
+from mcp_planner.server.app import build_server
 from mcp_planner.service import PlannerService
-from mcp_planner.store import PlanStore
-from mcp_planner.tools import LocalTools
+from mcp_planner.store.sqlite import PlanStore
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"

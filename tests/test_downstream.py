@@ -13,11 +13,11 @@ import anyio
 import mcp_types as types
 import pytest
 
-from mcp_planner.config import ServersConfig
-from mcp_planner.downstream import BACKOFF_CAP, Downstream, backoff_delay, to_step_result
+from mcp_planner.downstream.client import BACKOFF_CAP, Downstream, backoff_delay, to_step_result
+from mcp_planner.downstream.config import ServersConfig
+from mcp_planner.engine.tools import ToolProvider
 from mcp_planner.errors import DownstreamError, StepError, StepTimeoutError, ToolCallError, ToolNotFoundError
-from mcp_planner.model import RESULT_PREVIEW_LIMIT
-from mcp_planner.tools import ToolProvider
+from mcp_planner.plan.model import RESULT_PREVIEW_LIMIT
 
 pytestmark = pytest.mark.anyio
 

@@ -8,7 +8,12 @@ from typing import Any
 
 import pytest
 
-from mcp_planner.config import DEFAULT_CALL_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, ServersConfig, load_config
+from mcp_planner.downstream.config import (
+    DEFAULT_CALL_TIMEOUT,
+    DEFAULT_CONNECT_TIMEOUT,
+    ServersConfig,
+    load_config,
+)
 from mcp_planner.errors import ConfigError
 
 

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from mcp_planner.config import ServersConfig, load_config
-from mcp_planner.downstream import Downstream
-from mcp_planner.executor import Executor
-from mcp_planner.model import ExecutionOptions, ExecutionPlan, PlanSpec, PlanStatus, StepSpec, StepStatus
-from mcp_planner.store import PlanStore
+from mcp_planner.downstream.client import Downstream
+from mcp_planner.downstream.config import ServersConfig, load_config
+from mcp_planner.engine.executor import Executor
+from mcp_planner.plan.model import ExecutionOptions, ExecutionPlan, PlanSpec, PlanStatus, StepSpec, StepStatus
+from mcp_planner.store.sqlite import PlanStore
 
 pytestmark = pytest.mark.anyio
 

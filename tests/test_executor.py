@@ -11,7 +11,7 @@ from tenacity import RetryCallState
 from test_executor_support import Tools, new_plan, statuses
 
 from mcp_planner import Executor, PlanStatus, StepStatus
-from mcp_planner.attempts import retry_policy
+from mcp_planner.engine.attempts import retry_policy
 from mcp_planner.errors import StepError
 
 pytestmark = pytest.mark.anyio
@@ -366,7 +366,7 @@ async def test_a_hook_that_raises_is_logged_and_does_not_break_the_run(
     plan.add_step("ok", "", {}, step_id="a")
     plan.add_step("ok", "", {}, step_id="b")
     executor = Executor(Tools(), on_step_start=broken, on_step_complete=broken_async, on_plan_complete=broken)
-    with caplog.at_level(logging.ERROR, logger="mcp_planner.executor"):
+    with caplog.at_level(logging.ERROR, logger="mcp_planner.engine.executor"):
         summary = await executor.execute(plan)
     assert summary.status == PlanStatus.COMPLETED
     assert "hook bug" in caplog.text and "async hook bug" in caplog.text

@@ -16,8 +16,8 @@ from test_executor_support import Tools, new_plan, statuses
 
 from mcp_planner import ExecutionPlan, Executor, MemoryStore, PlanStatus, PlanStore, StepResult, StepStatus
 from mcp_planner.errors import PlanClaimedError, PlanStateError, PlanValidationError
-from mcp_planner.model import utcnow
-from mcp_planner.storage import new_owner_id
+from mcp_planner.plan.model import utcnow
+from mcp_planner.store.base import new_owner_id
 
 pytestmark = pytest.mark.anyio
 

@@ -9,8 +9,8 @@ from typing import Any
 import anyio
 
 from mcp_planner import ExecutionPlan, StepResult
+from mcp_planner.engine.tools import ToolInfo
 from mcp_planner.errors import ParameterError, ToolCallError, ToolNotFoundError
-from mcp_planner.tools import ToolInfo
 
 
 class Tools:

@@ -10,16 +10,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mcp_planner import ExecutionOptions, Generator, PlanRequest
+from mcp_planner.engine.tools import ToolInfo
 from mcp_planner.errors import GenerationError
-from mcp_planner.generator import (
+from mcp_planner.generation.generator import (
     SYSTEM_PROMPT,
     LLMProvider,
     extract_json_object,
     render_planning_prompt,
     render_repair_prompt,
 )
-from mcp_planner.model import PlanStatus
-from mcp_planner.tools import ToolInfo
+from mcp_planner.plan.model import PlanStatus
 
 pytestmark = pytest.mark.anyio
 

@@ -23,16 +23,16 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.shared.exceptions import MCPError
 
+from mcp_planner.engine.tools import ToolInfo
 from mcp_planner.errors import GenerationError
-from mcp_planner.generator import PlanRequest
-from mcp_planner.sampling import (
+from mcp_planner.generation.generator import PlanRequest
+from mcp_planner.generation.sampling import (
     NO_SAMPLING_MESSAGE,
     SamplingProvider,
     SamplingSuspended,
     generate_with_sampling,
 )
-from mcp_planner.store import PlanStore
-from mcp_planner.tools import ToolInfo
+from mcp_planner.store.sqlite import PlanStore
 
 pytestmark = pytest.mark.anyio
 

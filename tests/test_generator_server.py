@@ -15,14 +15,14 @@ import pytest
 from mcp import Client
 from mcp.client.session import ClientRequestContext
 
+from mcp_planner.engine.tools import ToolInfo
 from mcp_planner.errors import ToolNotFoundError
-from mcp_planner.generator import render_planning_prompt
-from mcp_planner.model import StepResult
-from mcp_planner.sampling import NO_SAMPLING_MESSAGE
-from mcp_planner.server import build_server
+from mcp_planner.generation.generator import render_planning_prompt
+from mcp_planner.generation.sampling import NO_SAMPLING_MESSAGE
+from mcp_planner.plan.model import StepResult
+from mcp_planner.server.app import build_server
 from mcp_planner.service import PlannerService
-from mcp_planner.store import PlanStore
-from mcp_planner.tools import ToolInfo
+from mcp_planner.store.sqlite import PlanStore
 
 pytestmark = pytest.mark.anyio
 

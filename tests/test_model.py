@@ -8,7 +8,7 @@ import pytest
 
 from mcp_planner import ExecutionPlan, PlanSpec, PlanStatus, StepResult, StepSpec, StepStatus
 from mcp_planner.errors import PlanStateError
-from mcp_planner.model import ExecutionOptions, utcnow
+from mcp_planner.plan.model import ExecutionOptions, utcnow
 
 
 def two_step_plan() -> ExecutionPlan:

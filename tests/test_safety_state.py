@@ -19,12 +19,12 @@ import anyio
 import pytest
 from test_cli import cli_env, hello_plan, planner_over_mcp, text
 
+from mcp_planner.engine.tools import LocalTools
 from mcp_planner.errors import PlanChangedError, PlanConflictError, PlannerError, PlanStateError
-from mcp_planner.model import ExecutionOptions, ExecutionPlan, PlanSpec, PlanStatus, StepSpec
+from mcp_planner.plan.model import ExecutionOptions, ExecutionPlan, PlanSpec, PlanStatus, StepSpec
 from mcp_planner.service import PlannerService
-from mcp_planner.storage import MemoryStore
-from mcp_planner.store import PlanStore
-from mcp_planner.tools import LocalTools
+from mcp_planner.store.memory import MemoryStore
+from mcp_planner.store.sqlite import PlanStore
 
 pytestmark = pytest.mark.anyio
 

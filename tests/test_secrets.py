@@ -20,8 +20,8 @@ import pytest
 from mcp import Client
 from mcp_types import CallToolResult, TextContent
 
-from mcp_planner.config import ServersConfig, load_config
-from mcp_planner.server import build_server, service_factory
+from mcp_planner.downstream.config import ServersConfig, load_config
+from mcp_planner.server.app import build_server, service_factory
 
 pytestmark = pytest.mark.anyio
 

@@ -19,10 +19,10 @@ from mcp.client.session import ClientRequestContext
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, ElicitRequestParams, ElicitResult, TextContent
 
-from mcp_planner.server import build_server
+from mcp_planner.engine.tools import LocalTools
+from mcp_planner.server.app import build_server
 from mcp_planner.service import PlannerService
-from mcp_planner.store import PlanStore
-from mcp_planner.tools import LocalTools
+from mcp_planner.store.sqlite import PlanStore
 
 pytestmark = pytest.mark.anyio
 

@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from mcp import Client
 from mcp_types import CallToolResult, TextContent
 
-from mcp_planner.server import build_server
+from mcp_planner.engine.tools import LocalTools
+from mcp_planner.server.app import build_server
 from mcp_planner.service import PlannerService
-from mcp_planner.store import PlanStore
-from mcp_planner.tools import LocalTools
+from mcp_planner.store.sqlite import PlanStore
 
 pytestmark = pytest.mark.anyio
 

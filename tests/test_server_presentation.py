@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mcp_planner.model import RESULT_PREVIEW_LIMIT, ExecutionPlan, StepResult, StepStatus
+from mcp_planner.plan.model import RESULT_PREVIEW_LIMIT, ExecutionPlan, StepResult, StepStatus
 from mcp_planner.presentation import PREVIEW_CHARS, mermaid, plan_text, plan_view, result_view, summary_text
 
 

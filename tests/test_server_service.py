@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
+from mcp_planner.engine.tools import LocalTools
 from mcp_planner.errors import PlanClaimedError, PlanStateError, PlanValidationError
-from mcp_planner.model import PlanSpec, PlanStatus, PlanSummary, Step, StepSpec, StepStatus
+from mcp_planner.plan.model import PlanSpec, PlanStatus, PlanSummary, Step, StepSpec, StepStatus
 from mcp_planner.service import PlannerService
-from mcp_planner.store import PlanStore
-from mcp_planner.tools import LocalTools
+from mcp_planner.store.sqlite import PlanStore
 
 pytestmark = pytest.mark.anyio
 

@@ -18,7 +18,7 @@ from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 from pydantic import ValidationError
 
-from mcp_planner.stdio_transport import unreadable
+from mcp_planner.server.stdio import unreadable
 
 pytestmark = pytest.mark.anyio
 

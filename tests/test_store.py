@@ -17,9 +17,9 @@ from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from mcp_planner.errors import PlanNotFoundError
-from mcp_planner.model import ExecutionPlan, PlanStatus, StepResult, StepStatus
-from mcp_planner.storage import Event, Store, new_owner_id
-from mcp_planner.store import PlanStore, StoreError
+from mcp_planner.plan.model import ExecutionPlan, PlanStatus, StepResult, StepStatus
+from mcp_planner.store.base import Event, Store, new_owner_id
+from mcp_planner.store.sqlite import PlanStore, StoreError
 
 pytestmark = pytest.mark.anyio
 

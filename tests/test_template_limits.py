@@ -9,11 +9,12 @@ import anyio
 import pytest
 from test_executor_support import Tools, new_plan
 
-from mcp_planner import Executor, PlanStatus, StepStatus, sandbox
+from mcp_planner import Executor, PlanStatus, StepStatus
 from mcp_planner.errors import TemplateError
-from mcp_planner.model import StepResult
-from mcp_planner.sandbox import OUTPUT_CAP, Budget
-from mcp_planner.templating import render_parameters
+from mcp_planner.plan import sandbox
+from mcp_planner.plan.model import StepResult
+from mcp_planner.plan.sandbox import OUTPUT_CAP, Budget
+from mcp_planner.plan.templating import render_parameters
 
 RESULTS = {"x": StepResult.from_value("hello"), "big": StepResult(text="y" * (OUTPUT_CAP + 10))}
 FREEZE = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from mcp_planner.errors import StepError, TemplateError
-from mcp_planner.model import StepResult
-from mcp_planner.templating import contains_template, is_template, referenced_steps, render_parameters
+from mcp_planner.plan.model import StepResult
+from mcp_planner.plan.templating import contains_template, is_template, referenced_steps, render_parameters
 
 RESULTS = {
     "fetch": StepResult.from_value({"version": "1.2", "items": [1, 2, 3], "meta": {"n": 3}}),

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from mcp_planner.errors import PlanValidationError, Problem
-from mcp_planner.model import MAX_PARALLEL_CAP, ExecutionPlan, Step
-from mcp_planner.validation import qualify_tool_names, validate_or_raise, validate_plan
+from mcp_planner.plan.model import MAX_PARALLEL_CAP, ExecutionPlan, Step
+from mcp_planner.plan.validation import qualify_tool_names, validate_or_raise, validate_plan
 
 READ_SCHEMA: dict[str, Any] = {
     "type": "object",

@@ -24,8 +24,8 @@ import jsonschema
 from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import PlanValidationError, Problem
-from .model import (
+from mcp_planner.errors import PlanValidationError, Problem
+from mcp_planner.plan.model import (
     MAX_BACKOFF,
     MAX_DESCRIPTION_CHARS,
     MAX_DURATION_MS,
@@ -36,7 +36,7 @@ from .model import (
     ExecutionPlan,
     Step,
 )
-from .templating import is_template
+from mcp_planner.plan.templating import is_template
 
 Catalog = Mapping[str, dict[str, Any] | None]
 

@@ -29,7 +29,7 @@ from mcp.client.stdio import StdioServerParameters, get_default_environment, std
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.message import SessionMessage
 
-from .config import ServerConfig
+from mcp_planner.downstream.config import ServerConfig
 
 _HTTP_TIMEOUT = httpx2.Timeout(30.0, read=300.0)
 _TAIL_CHARS = 600

@@ -13,9 +13,7 @@ from typing import Any
 
 import anyio
 
-from .errors import PlanClaimedError, PlanStateError, PlanValidationError, Problem
-from .model import ExecutionPlan, PlanStatus, PlanSummary, StepStatus, utcnow
-from .scheduling import (
+from mcp_planner.engine.scheduling import (
     CANCEL_GRACE_S,
     FINAL_SAVE_TIMEOUT_S,
     INTERRUPTED_ERROR,
@@ -26,11 +24,14 @@ from .scheduling import (
     Run,
     _set,
 )
-from .storage import DEFAULT_STALE_AFTER, Event, MemoryStore, Store, claim_is_live, new_owner_id
-from .tools import ToolInfo, ToolProvider, as_provider
-from .validation import validate_plan
+from mcp_planner.engine.tools import ToolInfo, ToolProvider, as_provider
+from mcp_planner.errors import PlanClaimedError, PlanStateError, PlanValidationError, Problem
+from mcp_planner.plan.model import ExecutionPlan, PlanStatus, PlanSummary, StepStatus, utcnow
+from mcp_planner.plan.validation import validate_plan
+from mcp_planner.store.base import DEFAULT_STALE_AFTER, Event, Store, claim_is_live, new_owner_id
+from mcp_planner.store.memory import MemoryStore
 
-logger = logging.getLogger("mcp_planner.executor")
+logger = logging.getLogger("mcp_planner.engine.executor")
 
 __all__ = ["Executor"]
 

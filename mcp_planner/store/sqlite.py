@@ -28,15 +28,15 @@ import aiosqlite
 import anyio
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from .errors import PlanConflictError, PlannerError, PlanNotFoundError
-from .model import ExecutionPlan, PlanStatus, Step, utcnow
-from .storage import DEFAULT_STALE_AFTER, Claim, Event, claim_is_live
+from mcp_planner.errors import PlanConflictError, PlannerError, PlanNotFoundError
+from mcp_planner.plan.model import ExecutionPlan, PlanStatus, Step, utcnow
+from mcp_planner.store.base import DEFAULT_STALE_AFTER, Claim, Event, claim_is_live
 
 if TYPE_CHECKING:
-    from .storage import Store
+    from mcp_planner.store.base import Store
 
 T = TypeVar("T")
-logger = logging.getLogger("mcp_planner.store")
+logger = logging.getLogger("mcp_planner.store.sqlite")
 
 #: How long SQLite itself waits for another process's write lock before answering `busy`.
 BUSY_TIMEOUT_MS = 5000

@@ -18,8 +18,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 from rich.text import Text
 
-from .model import ExecutionPlan, PlanStatus, PlanSummary, StepStatus, StepSummary
-from .tools import ToolInfo
+from mcp_planner.engine.tools import ToolInfo
+from mcp_planner.plan.model import ExecutionPlan, PlanStatus, PlanSummary, StepStatus, StepSummary
 
 STEP_STYLES: dict[StepStatus, str] = {
     StepStatus.PENDING: "dim",

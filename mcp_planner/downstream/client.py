@@ -35,9 +35,10 @@ from mcp.shared.exceptions import MCPError
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 
-from ._transports import open_transport, stderr_tail
-from .config import Redactor, ServerConfig, ServersConfig
-from .errors import (
+from mcp_planner.downstream.config import Redactor, ServerConfig, ServersConfig
+from mcp_planner.downstream.transports import open_transport, stderr_tail
+from mcp_planner.engine.tools import ToolInfo
+from mcp_planner.errors import (
     DownstreamError,
     ParameterError,
     StepError,
@@ -45,8 +46,7 @@ from .errors import (
     ToolCallError,
     ToolNotFoundError,
 )
-from .model import StepResult
-from .tools import ToolInfo
+from mcp_planner.plan.model import StepResult
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr
 
-from .errors import PlanStateError, Problem
-from .templating import referenced_steps
+from mcp_planner.errors import PlanStateError, Problem
+from mcp_planner.plan.templating import referenced_steps
 
 #: Results larger than this are kept whole in the store but shown as a preview plus a resource URI.
 RESULT_PREVIEW_LIMIT = 64 * 1024
@@ -505,7 +505,7 @@ class ExecutionPlan(BaseModel):
 
         `catalog=None` skips the tool checks (unknown tool, parameter schemas).
         """
-        from .validation import validate_plan  # validation imports this module
+        from mcp_planner.plan.validation import validate_plan  # validation imports this module
 
         problems: list[Problem] = validate_plan(self, catalog)
         return problems

@@ -34,7 +34,7 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from .errors import ConfigError
+from mcp_planner.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

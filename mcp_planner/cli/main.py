@@ -24,7 +24,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from .cli_runtime import (
+from mcp_planner.cli.runtime import (
     ExitCode,
     Runtime,
     approve_here,
@@ -38,11 +38,11 @@ from .cli_runtime import (
     run_plan,
     terminal_user,
 )
-from .model import ExecutionPlan, PlanStatus, PlanSummary
-from .tools import ToolInfo
+from mcp_planner.engine.tools import ToolInfo
+from mcp_planner.plan.model import ExecutionPlan, PlanStatus, PlanSummary
 
 T = TypeVar("T")
-log = logging.getLogger("mcp_planner.cli")
+log = logging.getLogger("mcp_planner.cli.main")
 
 EXIT_CODES_HELP = """\
 Exit codes: 0 the plan completed (or the command succeeded); 1 error (unknown plan, wrong state, bad
@@ -150,7 +150,7 @@ def _db_path(settings: Settings) -> Path:
     env = os.environ.get("MCP_PLANNER_DB")
     if env:
         return Path(env)
-    from .store import PlanStore
+    from mcp_planner.store.sqlite import PlanStore
 
     return Path(PlanStore.default_path())
 
@@ -216,7 +216,7 @@ def serve(
 ) -> None:
     """Serve the planner's MCP tools over stdio (default) or streamable HTTP."""
     if transport is Transport.HTTP:
-        from .http_security import check_bind
+        from mcp_planner.server.http_security import check_bind
 
         try:
             check_bind(host, auth_token=auth_token, allowed_hosts=allowed_host or [])
@@ -235,7 +235,7 @@ def _serve(
     auth_token: str | None = None,
     allowed_hosts: list[str] | None = None,
 ) -> None:
-    from . import server
+    from mcp_planner.server import app as server
 
     servers = _servers_path(settings)
     if transport == "stdio" and sys.stdin.isatty():
@@ -304,7 +304,7 @@ def plans(
     verbose: VerboseOpt = 0,
 ) -> None:
     """List recent plans, newest first."""
-    from . import terminal
+    from mcp_planner.cli import terminal
 
     settings = _settings(ctx, servers, db, verbose)
 
@@ -333,7 +333,7 @@ def show(
     verbose: VerboseOpt = 0,
 ) -> None:
     """Show a plan: its fields, steps with durations and errors, result previews and its Mermaid graph."""
-    from . import terminal
+    from mcp_planner.cli import terminal
 
     settings = _settings(ctx, servers, db, verbose)
 
@@ -346,7 +346,7 @@ def show(
     if as_json:
         out.print_json(plan.model_dump_json())
         return
-    from .presentation import mermaid
+    from mcp_planner.presentation import mermaid
 
     out.print(terminal.plan_details(plan))
     out.print(terminal.steps_table(plan.summary(), title="Steps"))
@@ -495,7 +495,7 @@ def tools(
 
     Exits 1 when a downstream server could not be reached (its error is shown).
     """
-    from . import terminal
+    from mcp_planner.cli import terminal
 
     settings = _settings(ctx, servers, db, verbose)
     if _servers_path(settings) is None:

@@ -26,14 +26,14 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, InputRequiredResult, TextContent
 from pydantic import ValidationError
 
-from . import presentation as views
-from .errors import PlannerError, PlanNotFoundError
-from .http_security import bearer_auth, check_bind, transport_security
-from .server_tools import ServiceState, register_tools
-from .service import ApprovalPolicy, PlannerService
-from .stdio_transport import answering_stdio_server
+from mcp_planner import presentation as views
+from mcp_planner.errors import PlannerError, PlanNotFoundError
+from mcp_planner.server.http_security import bearer_auth, check_bind, transport_security
+from mcp_planner.server.stdio import answering_stdio_server
+from mcp_planner.server.tools import ServiceState, register_tools
+from mcp_planner.service import ApprovalPolicy, PlannerService
 
-log = logging.getLogger("mcp_planner.server")
+log = logging.getLogger("mcp_planner.server.app")
 
 INSTRUCTIONS = """\
 mcp-planner turns multi-step work into a plan: a DAG of calls to the tools of other MCP servers (see
@@ -238,14 +238,14 @@ def service_factory(
     async def open_service() -> AsyncIterator[PlannerService]:
         # Import the heavy modules off the event loop, so initialize and tools/list are answered meanwhile.
         await anyio.to_thread.run_sync(_import_stack, config is not None)
-        from .store import PlanStore
-        from .tools import LocalTools, ToolProvider
+        from mcp_planner.engine.tools import LocalTools, ToolProvider
+        from mcp_planner.store.sqlite import PlanStore
 
         async with AsyncExitStack() as stack:
             store = await stack.enter_async_context(PlanStore.open(db_path or PlanStore.default_path()))
             tools: ToolProvider = LocalTools({})
             if config is not None:
-                from .downstream import Downstream
+                from mcp_planner.downstream.client import Downstream
 
                 tools = await stack.enter_async_context(Downstream(config))
             yield await stack.enter_async_context(PlannerService(store, tools, approval=approval))
@@ -256,8 +256,8 @@ def service_factory(
 def _import_stack(downstream: bool) -> None:
     import importlib
 
-    for name in ("store", "executor", *(("downstream",) if downstream else ())):
-        importlib.import_module(f"{__package__}.{name}")
+    for name in ("store.sqlite", "engine.executor", *(("downstream.client",) if downstream else ())):
+        importlib.import_module(f"mcp_planner.{name}")
 
 
 async def serve(
@@ -294,7 +294,7 @@ async def serve(
     if approval not in ("auto", "agent", "human"):
         raise ValueError(f"approval policy must be auto, agent or human, not {approval!r}")
     if config is None and servers_file is not None:
-        from .config import load_config
+        from mcp_planner.downstream.config import load_config
 
         config = load_config(Path(servers_file), env=env or {})
     http = transport in ("http", "streamable-http")

@@ -26,16 +26,16 @@ import click
 import typer
 from pydantic import ValidationError
 
-from .errors import PlanChangedError, PlannerError, PlanValidationError, Problem
-from .model import ExecutionPlan, PlanSpec, PlanStatus, PlanSummary, Step
-from .tools import LocalTools, ToolProvider
+from mcp_planner.engine.tools import LocalTools, ToolProvider
+from mcp_planner.errors import PlanChangedError, PlannerError, PlanValidationError, Problem
+from mcp_planner.plan.model import ExecutionPlan, PlanSpec, PlanStatus, PlanSummary, Step
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from .service import PlannerService
+    from mcp_planner.service import PlannerService
 
-log = logging.getLogger("mcp_planner.cli")
+log = logging.getLogger("mcp_planner.cli.main")
 T = TypeVar("T")
 E = TypeVar("E", bound=BaseException)
 
@@ -194,15 +194,15 @@ async def open_runtime(db_path: Path, servers: Path | None, env: Mapping[str, st
         StoreError: the database cannot be opened.
         ConfigError: the servers file is unreadable or malformed.
     """
-    from .service import PlannerService
-    from .store import PlanStore
+    from mcp_planner.service import PlannerService
+    from mcp_planner.store.sqlite import PlanStore
 
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(PlanStore.open(db_path))
         provider: ToolProvider = LocalTools({})
         if servers is not None:
-            from .config import load_config
-            from .downstream import Downstream
+            from mcp_planner.downstream.client import Downstream
+            from mcp_planner.downstream.config import load_config
 
             provider = await stack.enter_async_context(Downstream(load_config(servers, env=env)))
         service = await stack.enter_async_context(
@@ -275,7 +275,7 @@ def can_ask() -> bool:
 
 async def run_plan(rt: Runtime, spec: PlanSpec, yes: bool) -> PlanSummary:
     """What `run` does: validate, show, ask (unless `yes`), create, approve, execute."""
-    from . import terminal
+    from mcp_planner.cli import terminal
 
     plan = await checked_plan(rt, spec)
     terminal.print_plan(out.console, plan, "Plan")
@@ -305,8 +305,8 @@ async def checked_plan(rt: Runtime, spec: PlanSpec) -> ExecutionPlan:
     Raises:
         PlanValidationError: with every problem (and the downstream servers that are unreachable).
     """
-    from .tools import schema_catalog
-    from .validation import qualify_tool_names
+    from mcp_planner.engine.tools import schema_catalog
+    from mcp_planner.plan.validation import qualify_tool_names
 
     catalog = await rt.service.catalog()
     plan = ExecutionPlan.from_spec(spec)
@@ -335,7 +335,7 @@ async def execute_with_progress(
     rt: Runtime, plan: ExecutionPlan, *, resume: bool, rerun_interrupted: bool
 ) -> PlanSummary:
     """Execute or resume with a live display; the first Ctrl-C cancels the plan, a second one aborts."""
-    from . import terminal
+    from mcp_planner.cli import terminal
 
     display = terminal.ProgressDisplay(out.console, plan.summary())
     interrupts = 0
@@ -381,8 +381,8 @@ async def execute_with_progress(
 
 
 def print_summary(summary: PlanSummary) -> None:
-    from . import terminal
-    from .scheduling import INTERRUPTED_ERROR
+    from mcp_planner.cli import terminal
+    from mcp_planner.engine.scheduling import INTERRUPTED_ERROR
 
     if out.is_terminal:  # the live display left the steps table on screen
         out.print(terminal.summary_renderable(summary, steps=False))
@@ -404,7 +404,7 @@ async def approve_here(rt: Runtime, plan: ExecutionPlan, yes: bool) -> Execution
     What is approved is exactly what was shown: if the plan changes meanwhile (an agent's update_plan),
     the new version is shown and the question asked again.
     """
-    from . import terminal
+    from mcp_planner.cli import terminal
 
     while True:
         shown = plan.compute_hash()

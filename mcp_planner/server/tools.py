@@ -27,10 +27,10 @@ from mcp_types import CallToolResult, InputRequiredResult, TextContent, ToolAnno
 from mcp_types.version import is_version_at_least
 from pydantic import BaseModel, Field
 
-from . import presentation as views
-from .errors import PlanChangedError, PlannerError, PlanStateError
-from .model import ExecutionOptions, PlanStatus, PlanSummary, Step, StepSpec
-from .service import PlannerService
+from mcp_planner import presentation as views
+from mcp_planner.errors import PlanChangedError, PlannerError, PlanStateError
+from mcp_planner.plan.model import ExecutionOptions, PlanStatus, PlanSummary, Step, StepSpec
+from mcp_planner.service import PlannerService
 
 STARTUP_WAIT = 30.0
 
@@ -200,8 +200,8 @@ def register_tools(server: MCPServer[Any], state: ServiceState) -> None:
             ExecutionOptions | None, Field(description="execution options to apply (only those given)")
         ] = None,
     ) -> Annotated[CallToolResult, views.PlanView] | InputRequiredResult:
-        from .generator import PlanRequest
-        from .sampling import generate_with_sampling
+        from mcp_planner.generation.generator import PlanRequest
+        from mcp_planner.generation.sampling import generate_with_sampling
 
         service = await state.get()
         request = PlanRequest(task=task, context=context, constraints=constraints, options=options)
@@ -229,7 +229,7 @@ def register_tools(server: MCPServer[Any], state: ServiceState) -> None:
             Field(description="how to approve and run it (parallelism, error handling, timeouts)"),
         ] = None,
     ) -> Annotated[CallToolResult, views.PlanView]:
-        from .model import PlanSpec
+        from mcp_planner.plan.model import PlanSpec
 
         service = await state.get()
         spec = PlanSpec(description=description, steps=steps, options=options or ExecutionOptions())
@@ -416,7 +416,7 @@ def register_tools(server: MCPServer[Any], state: ServiceState) -> None:
         "sampling, so the agent drafts the plan itself and calls create_plan."
     )
     async def plan_task(task: str, context: str | None = None) -> str:
-        from .generator import render_planning_prompt
+        from mcp_planner.generation.generator import render_planning_prompt
 
         service = await state.get()
         return render_planning_prompt(await service.catalog(), task, context, None, for_agent=True)

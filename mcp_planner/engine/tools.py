@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from .errors import StepError, ToolCallError, ToolNotFoundError
-from .model import StepResult
+from mcp_planner.errors import StepError, ToolCallError, ToolNotFoundError
+from mcp_planner.plan.model import StepResult
 
 ToolFn = Callable[[dict[str, Any]], Awaitable[Any]]
 

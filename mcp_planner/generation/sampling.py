@@ -38,10 +38,10 @@ from mcp_types import (
 from mcp_types.version import is_version_at_least
 from pydantic import BaseModel, ValidationError
 
-from .errors import GenerationError
-from .generator import DEFAULT_MAX_REPAIRS, Generator, PlanRequest
-from .model import ExecutionPlan
-from .tools import ToolInfo
+from mcp_planner.engine.tools import ToolInfo
+from mcp_planner.errors import GenerationError
+from mcp_planner.generation.generator import DEFAULT_MAX_REPAIRS, Generator, PlanRequest
+from mcp_planner.plan.model import ExecutionPlan
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",

@@ -13,12 +13,12 @@ from typing import Any
 import anyio
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential
 
-from .errors import ParameterError, StepError, StepTimeoutError, ToolCallError
-from .model import Step, StepResult
-from .tools import ToolInfo, ToolProvider
-from .validation import compiled_validator
+from mcp_planner.engine.tools import ToolInfo, ToolProvider
+from mcp_planner.errors import ParameterError, StepError, StepTimeoutError, ToolCallError
+from mcp_planner.plan.model import Step, StepResult
+from mcp_planner.plan.validation import compiled_validator
 
-logger = logging.getLogger("mcp_planner.executor")
+logger = logging.getLogger("mcp_planner.engine.executor")
 
 #: Called before each retry with (retry number, the error, seconds until the retry); awaited before it.
 OnRetry = Callable[[int, str, float], Awaitable[None]]

@@ -33,7 +33,7 @@ from jinja2.runtime import Context
 from jinja2.sandbox import MAX_RANGE, ImmutableSandboxedEnvironment, SandboxedFormatter
 from jinja2.utils import Namespace
 
-from .errors import TemplateError
+from mcp_planner.errors import TemplateError
 
 #: Largest text (characters) or value (estimated JSON size) a template may produce.
 OUTPUT_CAP = 1 << 20

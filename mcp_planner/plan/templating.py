@@ -18,9 +18,9 @@ import anyio
 import jinja2
 from jinja2 import nodes
 
-from . import sandbox
-from .errors import TemplateError
-from .sandbox import (
+from mcp_planner.errors import TemplateError
+from mcp_planner.plan import sandbox
+from mcp_planner.plan.sandbox import (
     Budget,
     LimitedEnvironment,
     TextLike,
@@ -31,7 +31,7 @@ from .sandbox import (
 )
 
 if TYPE_CHECKING:
-    from .model import StepResult
+    from mcp_planner.plan.model import StepResult
 
 #: How long past its budget a render on a worker thread is awaited before the step fails without it (the
 #: thread itself stops at its next sandbox check).

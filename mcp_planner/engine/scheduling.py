@@ -26,14 +26,14 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic import BaseModel
 
-from .attempts import call_step, check_parameters
-from .errors import PlanConflictError, StepError
-from .model import ExecutionPlan, PlanStatus, Step, StepResult, StepStatus, utcnow
-from .storage import Event, Store
-from .templating import contains_template, render_parameters, render_parameters_off_loop
-from .tools import ToolInfo, ToolProvider
+from mcp_planner.engine.attempts import call_step, check_parameters
+from mcp_planner.engine.tools import ToolInfo, ToolProvider
+from mcp_planner.errors import PlanConflictError, StepError
+from mcp_planner.plan.model import ExecutionPlan, PlanStatus, Step, StepResult, StepStatus, utcnow
+from mcp_planner.plan.templating import contains_template, render_parameters, render_parameters_off_loop
+from mcp_planner.store.base import Event, Store
 
-logger = logging.getLogger("mcp_planner.executor")
+logger = logging.getLogger("mcp_planner.engine.executor")
 
 #: How long running calls get to return after being cancelled before the run stops waiting for them.
 CANCEL_GRACE_S = 10.0

@@ -25,10 +25,10 @@ import jinja2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
-from .errors import GenerationError, Problem
-from .model import ExecutionOptions, ExecutionPlan, PlanSpec
-from .tools import ToolInfo
-from .validation import qualify_tool_names, validate_plan
+from mcp_planner.engine.tools import ToolInfo
+from mcp_planner.errors import GenerationError, Problem
+from mcp_planner.plan.model import ExecutionOptions, ExecutionPlan, PlanSpec
+from mcp_planner.plan.validation import qualify_tool_names, validate_plan
 
 __all__ = [
     "DEFAULT_MAX_REPAIRS",
@@ -407,7 +407,7 @@ def render_repair_prompt(problems: list[Problem], previous: str) -> str:
 def _prompts_dir() -> Path:
     # In a wheel the templates sit inside the package (pyproject force-includes them); in an editable
     # install they are the repository's top-level `prompts/`.
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent  # the mcp_planner package
     for candidate in (here / "prompts", here.parent / "prompts"):
         if (candidate / "plan.j2").is_file():
             return candidate

@@ -1,0 +1,1 @@
+"""The `mcp-planner` command line."""

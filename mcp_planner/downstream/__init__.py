@@ -1,0 +1,1 @@
+"""The MCP client side: the servers file, connections to the downstream servers, their catalog and calls."""

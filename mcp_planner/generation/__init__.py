@@ -1,0 +1,1 @@
+"""Plan generation: the planning prompts, parsing and repair, and the LLM providers."""
