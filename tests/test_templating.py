@@ -8,7 +8,14 @@ import pytest
 
 from mcp_planner.errors import StepError, TemplateError
 from mcp_planner.plan.model import StepResult
-from mcp_planner.plan.templating import contains_template, is_template, referenced_steps, render_parameters
+from mcp_planner.plan.templating import (
+    analyse_template,
+    contains_template,
+    is_template,
+    referenced_steps,
+    render_parameters,
+    template_strings,
+)
 
 RESULTS = {
     "fetch": StepResult.from_value({"version": "1.2", "items": [1, 2, 3], "meta": {"n": 3}}),
@@ -144,3 +151,22 @@ def test_is_template_and_contains_template() -> None:
     assert not is_template(5)
     assert contains_template({"a": [1, {"b": "{{ steps.x.result }}"}]})
     assert not contains_template({"a": [1, {"b": "plain"}]})
+
+
+def test_one_analysis_gives_references_syntax_errors_and_names_the_sandbox_does_not_have() -> None:
+    assert analyse_template("{{ steps.a.result }} {{ steps['b-1'].text }}").refs == {"a", "b-1"}
+    looped = analyse_template("{% for i in steps.a.json %}{{ i ~ loop.index ~ namespace() }}{% endfor %}")
+    assert looped.refs == {"a"} and looped.unknown_names == () and looped.syntax_error is None
+    # lipsum is a jinja2 global that the sandbox removes: a plan using it fails validation, not at run time.
+    assert analyse_template("{{ lipsum() ~ secret }}").unknown_names == ("lipsum", "secret")
+    broken = analyse_template("{{ steps.a.result ")
+    assert broken.syntax_error is not None and broken.refs == frozenset()
+
+
+def test_template_strings_name_the_field_of_each_template() -> None:
+    params = {"a": "{{ steps.x.text }}", "b": [1, {"c": "{% if 1 %}y{% endif %}"}], "d": "plain"}
+
+    assert list(template_strings(params)) == [
+        ("parameters.a", "{{ steps.x.text }}"),
+        ("parameters.b[1].c", "{% if 1 %}y{% endif %}"),
+    ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import uuid
 from typing import Any
 
 import pytest
@@ -236,10 +238,32 @@ def test_the_schema_dialect_follows_its_dollar_schema() -> None:
     assert fields(problems) == [("a", "parameters.pair[1]")]
 
 
-def test_a_broken_tool_schema_does_not_break_validation() -> None:
+def test_an_invalid_tool_schema_is_logged_and_leaves_the_parameters_to_the_tool(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     plan = plan_of(("a", "t", {"x": 1}))
+    # A title of its own: the compiled validator is cached per process, and it logs on first compile.
+    schema = {"title": f"broken-{uuid.uuid4()}", "type": 12, "properties": "nope"}
 
-    assert validate_plan(plan, {"t": {"type": 12, "properties": "nope"}}) == []
+    with caplog.at_level(logging.WARNING, logger="mcp_planner.plan.validation"):
+        assert validate_plan(plan, {"t": schema}) == []
+
+    [record] = caplog.records
+    assert "input schema is invalid" in record.getMessage()
+    assert schema["title"] in record.getMessage()
+
+
+def test_a_tool_schema_with_a_dangling_ref_is_logged_and_leaves_the_parameters_to_the_tool(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    plan = plan_of(("a", "t", {"x": 1}))
+    schema = {"type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}}
+
+    with caplog.at_level(logging.WARNING, logger="mcp_planner.plan.validation"):
+        assert validate_plan(plan, {"t": schema}) == []
+
+    [record] = caplog.records
+    assert "'t'" in record.getMessage() and "does not resolve" in record.getMessage()
 
 
 @pytest.mark.parametrize("name", ["max_retries", "retry_delay_ms", "timeout_ms"])

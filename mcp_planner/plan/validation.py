@@ -13,16 +13,13 @@ from __future__ import annotations
 import difflib
 import functools
 import json
-import re
+import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
-import jinja2
 import jsonschema
-from jinja2 import nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+import referencing.exceptions
 
 from mcp_planner.errors import PlanValidationError, Problem
 from mcp_planner.plan.model import (
@@ -36,12 +33,12 @@ from mcp_planner.plan.model import (
     ExecutionPlan,
     Step,
 )
-from mcp_planner.plan.templating import is_template
+from mcp_planner.plan.templating import analyse_template, is_template, template_strings
 
 Catalog = Mapping[str, dict[str, Any] | None]
 
-# Only for parsing: rendering happens in `templating`, with the same (default) syntax.
-_PARSER = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False)
+logger = logging.getLogger(__name__)
+
 #: Suggestions (difflib) are computed for this many unknown names at most, so a plan with thousands of
 #: broken references still validates in linear time.
 _MAX_SUGGESTED = 20
@@ -296,71 +293,9 @@ def _cycle_problems(plan: ExecutionPlan) -> list[Problem]:
 # -- templates --------------------------------------------------------------------------------------------
 
 
-def _template_strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
-    """(field path, text) of every template string in a parameters value."""
-    if isinstance(value, str):
-        if is_template(value):
-            yield path, value
-    elif isinstance(value, Mapping):
-        for k, v in value.items():
-            yield from _template_strings(v, f"{path}.{k}")
-    elif isinstance(value, list | tuple):
-        for i, v in enumerate(value):
-            yield from _template_strings(v, f"{path}[{i}]")
-
-
-# A simple path over a step's result (`steps.x.result.items[0]`, `steps['build-1'].text`): by far the most
-# common template, and parsing it with jinja2 costs ~0.3 ms, too much for a 10,000-step plan.
-_SIMPLE_EXPRESSION = re.compile(
-    r"""\{\{\s*steps(?:\.(?P<attr>[A-Za-z_]\w*)|\[(?P<q>['"])(?P<key>[^'"]*)(?P=q)\])"""
-    r"""(?:\.[A-Za-z_]\w*|\[\d+\]|\[(?P<q2>['"])[^'"]*(?P=q2)\])*\s*\}\}"""
-)
-_EXPRESSION = re.compile(r"\{\{.*?\}\}", re.DOTALL)
-
-
-@dataclass(frozen=True)
-class _Analysis:
-    syntax_error: str | None = None
-    refs: frozenset[str] = frozenset()
-    unknown_names: tuple[str, ...] = ()
-
-
-@functools.lru_cache(maxsize=4096)
-def _analyse(text: str) -> _Analysis:
-    """What validation needs to know about one template string."""
-    if "{%" not in text and "{#" not in text:
-        refs: set[str] = set()
-        for match in _EXPRESSION.finditer(text):
-            simple = _SIMPLE_EXPRESSION.fullmatch(match.group())
-            if simple is None:
-                break
-            refs.add(simple.group("attr") or simple.group("key"))
-        else:
-            if "{{" not in _EXPRESSION.sub("", text):
-                return _Analysis(refs=frozenset(refs))
-    try:
-        ast = _PARSER.parse(text)
-    except jinja2.TemplateSyntaxError as exc:
-        return _Analysis(syntax_error=exc.message or str(exc))
-    found: set[str] = set()
-    for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
-        if isinstance(node, nodes.Getattr):
-            target, name = node.node, node.attr
-        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
-            target, name = node.node, node.arg.value
-        else:
-            continue
-        if isinstance(target, nodes.Name) and target.name == "steps" and isinstance(name, str):
-            found.add(name)
-    loaded = {n.name for n in ast.find_all(nodes.Name) if n.ctx == "load"}
-    stored = {n.name for n in ast.find_all(nodes.Name) if n.ctx in ("store", "param")}
-    unknown = loaded - stored - {"steps", "loop"} - set(_PARSER.globals)
-    return _Analysis(refs=frozenset(found), unknown_names=tuple(sorted(unknown)))
-
-
 def _template_problems(step: Step, known: set[str], budget: _Budget) -> Iterator[Problem]:
-    for field, text in _template_strings(step.parameters, "parameters"):
-        analysis = _analyse(text)
+    for field, text in template_strings(step.parameters):
+        analysis = analyse_template(text)
         if analysis.syntax_error is not None:
             yield Problem(step.id, field, f"template syntax error in {text!r}: {analysis.syntax_error}")
             continue
@@ -433,7 +368,10 @@ _BY_IDENTITY: dict[int, tuple[dict[str, Any], Any]] = {}
 
 
 def compiled_validator(schema: dict[str, Any]) -> Any:
-    """A validator of the schema's own dialect (`$schema`, default 2020-12); None for a broken schema."""
+    """A validator of the schema's own dialect (`$schema`, default 2020-12); None for an invalid schema.
+
+    An invalid schema is logged as a warning, once per process.
+    """
     hit = _BY_IDENTITY.get(id(schema))
     if hit is not None and hit[0] is schema:
         return hit[1]
@@ -455,24 +393,44 @@ def _cached_validator(key: str) -> Any:
 
 
 def _compile_validator(schema: dict[str, Any]) -> Any:
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
-        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
         cls.check_schema(schema)
-        return cls(schema)
-    except Exception:  # a downstream server's broken schema is not this plan's problem
+    except jsonschema.SchemaError as exc:
+        # A downstream server's broken schema is not this plan's problem, but it must not pass unnoticed:
+        # logged once per schema (the validator is cached), and the tool itself checks its parameters.
+        logger.warning(
+            "a tool's input schema is invalid, so parameters for it are not checked before the call: %s "
+            "(in the schema %s); fix the downstream server's inputSchema",
+            exc.message,
+            _excerpt(schema),
+        )
         return None
+    return cls(schema)
 
 
 def _schema_problems(step: Step, validator: Any) -> Iterator[Problem]:
     try:
         errors = list(validator.iter_errors(step.parameters))
-    except Exception:  # e.g. an unresolvable $ref: again the server's problem, not the plan's
+    except referencing.exceptions.Unresolvable as exc:  # the server's schema is broken, not the plan
+        logger.warning(
+            "the input schema of tool %r has a $ref that does not resolve (%s), so step %r's parameters are "
+            "not checked before the call; fix the downstream server's inputSchema",
+            step.tool_name,
+            exc,
+            step.id,
+        )
         return
     kept = [e for e in errors if not _deferred(e, step.parameters)]
     for error in sorted(kept, key=lambda e: (e.json_path, e.message)):
         message = error.message if len(error.message) <= 300 else error.message[:297] + "..."
         field = "parameters" + error.json_path[1:]
         yield Problem(step.id, field, message)
+
+
+def _excerpt(schema: dict[str, Any]) -> str:
+    text = json.dumps(schema, default=repr)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _deferred(error: jsonschema.ValidationError, instance: Any) -> bool:
