@@ -382,7 +382,7 @@ async def execute_with_progress(
 
 def print_summary(summary: PlanSummary) -> None:
     from mcp_planner.cli import terminal
-    from mcp_planner.engine.scheduling import INTERRUPTED_ERROR
+    from mcp_planner.plan.model import INTERRUPTED_ERROR
 
     if out.is_terminal:  # the live display left the steps table on screen
         out.print(terminal.summary_renderable(summary, steps=False))

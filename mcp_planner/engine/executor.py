@@ -13,20 +13,20 @@ from typing import Any
 
 import anyio
 
-from mcp_planner.engine.scheduling import (
-    CANCEL_GRACE_S,
-    FINAL_SAVE_TIMEOUT_S,
+from mcp_planner.engine.scheduling import CANCEL_GRACE_S, FINAL_SAVE_TIMEOUT_S, Hook, Hooks, Run
+from mcp_planner.engine.tools import ToolInfo, ToolProvider, as_provider
+from mcp_planner.errors import PlanClaimedError, PlanStateError, PlanValidationError, Problem
+from mcp_planner.plan.model import (
     INTERRUPTED_ERROR,
     INTERRUPTED_KEY,
     RERUN_HINT,
-    Hook,
-    Hooks,
-    Run,
-    _set,
+    ExecutionPlan,
+    PlanStatus,
+    PlanSummary,
+    StepStatus,
+    utcnow,
 )
-from mcp_planner.engine.tools import ToolInfo, ToolProvider, as_provider
-from mcp_planner.errors import PlanClaimedError, PlanStateError, PlanValidationError, Problem
-from mcp_planner.plan.model import ExecutionPlan, PlanStatus, PlanSummary, StepStatus, utcnow
+from mcp_planner.plan.model import set_fields as _set
 from mcp_planner.plan.validation import validate_plan
 from mcp_planner.store.base import DEFAULT_STALE_AFTER, Event, Store, claim_is_live, new_owner_id
 from mcp_planner.store.memory import MemoryStore

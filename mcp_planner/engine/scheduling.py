@@ -24,12 +24,22 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from pydantic import BaseModel
 
 from mcp_planner.engine.attempts import call_step, check_parameters
 from mcp_planner.engine.tools import ToolInfo, ToolProvider
 from mcp_planner.errors import PlanConflictError, StepError
-from mcp_planner.plan.model import ExecutionPlan, PlanStatus, Step, StepResult, StepStatus, utcnow
+from mcp_planner.plan.model import (
+    INTERRUPTED_ERROR,
+    INTERRUPTED_KEY,
+    RERUN_HINT,
+    ExecutionPlan,
+    PlanStatus,
+    Step,
+    StepResult,
+    StepStatus,
+    set_fields,
+    utcnow,
+)
 from mcp_planner.plan.templating import contains_template, render_parameters, render_parameters_off_loop
 from mcp_planner.store.base import Event, Store
 
@@ -41,10 +51,6 @@ CANCEL_GRACE_S = 10.0
 FINAL_SAVE_TIMEOUT_S = 15.0
 #: How often a run reads its claim for a cancel requested by another process (SPEC: seen within 250 ms).
 CANCEL_POLL_S = 0.2
-#: `plan.metadata` key listing steps whose call was interrupted and whose outcome is unknown.
-INTERRUPTED_KEY = "interrupted_steps"
-INTERRUPTED_ERROR = "interrupted; outcome unknown"
-RERUN_HINT = "call resume_plan with rerun_interrupted=true to run them again"
 
 Hook = Callable[..., Any]
 
@@ -88,13 +94,6 @@ class _Retrying:
 
 _Message = _Finished | _Retrying
 _Work = tuple[int, anyio.CancelScope, dict[str, StepResult | None]]
-
-
-def _set(model: BaseModel, **values: Any) -> None:
-    """Assign fields without `validate_assignment`: the executor's values already have the declared types,
-    and validating each assignment costs microseconds per field on the per-step hot path."""
-    model.__dict__.update(values)
-    model.__pydantic_fields_set__.update(values)
 
 
 def _ms_between(start: Any, end: Any) -> int | None:
@@ -199,7 +198,7 @@ class Run:
 
     def _skip(self, pos: int, reason: str, changed: list[Step], events: list[Event]) -> None:
         step = self.steps[pos]
-        _set(step, status=StepStatus.SKIPPED, error=reason)
+        set_fields(step, status=StepStatus.SKIPPED, error=reason)
         changed.append(step)
         events.append(self._event("step_skipped", step, reason=reason))
 
@@ -347,18 +346,18 @@ class Run:
             step = self.steps[pos]
             if step.status != StepStatus.PENDING:
                 continue
-            _set(step, status=StepStatus.RUNNING, started_at=now, error=None)
+            set_fields(step, status=StepStatus.RUNNING, started_at=now, error=None)
             changed.append(step)
             events.append(self._event("step_started", step))
             positions.append(pos)
         if positions:
-            _set(self.plan, current_step=self.steps[positions[-1]].id, updated_at=now)
+            set_fields(self.plan, current_step=self.steps[positions[-1]].id, updated_at=now)
         return positions
 
     async def _on_retry(self, message: _Retrying) -> None:
         step = self.steps[message.pos]
-        _set(step, retry_count=message.retry, error=message.error)
-        _set(self.plan, updated_at=utcnow())
+        set_fields(step, retry_count=message.retry, error=message.error)
+        set_fields(self.plan, updated_at=utcnow())
         event = self._event(
             "step_retry", step, retry=message.retry, error=message.error, delay_ms=int(message.delay_s * 1000)
         )
@@ -377,14 +376,14 @@ class Run:
         if not batch:
             return completed, failed
         now = utcnow()
-        _set(self.plan, updated_at=now)
+        set_fields(self.plan, updated_at=now)
         for message in batch:
             pos = message.pos
             step = self.steps[pos]
             duration_ms = _ms_between(step.started_at, now)
             changed.append(step)
             if message.result is not None:
-                _set(
+                set_fields(
                     step,
                     completed_at=now,
                     duration_ms=duration_ms,
@@ -395,7 +394,7 @@ class Run:
                 events.append(self._event("step_completed", step, duration_ms=step.duration_ms))
                 completed.append(pos)
                 continue
-            _set(step, completed_at=now, duration_ms=duration_ms)
+            set_fields(step, completed_at=now, duration_ms=duration_ms)
             if message.cancelled and self.cancel_reason is not None:
                 self._skip(pos, self.cancel_reason, [], events)
             elif message.cancelled:
@@ -428,7 +427,7 @@ class Run:
         self._cancel_running()
 
     def _fail(self, step: Step, error: str, events: list[Event]) -> None:
-        _set(step, status=StepStatus.FAILED, error=error)
+        set_fields(step, status=StepStatus.FAILED, error=error)
         events.append(self._event("step_failed", step, error=error, retries=step.retry_count))
 
     # -- workers ------------------------------------------------------------------------------------------
@@ -554,12 +553,12 @@ class Run:
         else:
             metadata.pop(INTERRUPTED_KEY, None)
         if metadata != self.plan.metadata:
-            _set(self.plan, metadata=metadata)
+            set_fields(self.plan, metadata=metadata)
 
         status, error = self._final_status(exc)
         plan = self.plan
         now = utcnow()
-        _set(
+        set_fields(
             plan,
             status=status,
             error=error,

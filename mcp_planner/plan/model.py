@@ -34,10 +34,24 @@ MAX_STEPS = 10_000
 MAX_PARAMETERS_BYTES = 1024 * 1024
 #: Approval methods in which a person decided; once one has, edits need a person again (`needs_person`).
 PERSON_METHODS = frozenset({"elicitation", "human-terminal"})
+#: `plan.metadata` key listing steps whose call was interrupted (crash, kill) and whose outcome is unknown.
+INTERRUPTED_KEY = "interrupted_steps"
+#: The error of such a step: its tool may or may not have acted.
+INTERRUPTED_ERROR = "interrupted; outcome unknown"
+RERUN_HINT = "call resume_plan with rerun_interrupted=true to run them again"
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def set_fields(model: BaseModel, **values: Any) -> None:
+    """Assign fields without `validate_assignment`, for values that already have the declared types.
+
+    Validating each assignment costs microseconds per field, too much on the executor's per-step hot path.
+    """
+    model.__dict__.update(values)
+    model.__pydantic_fields_set__.update(values)
 
 
 class PlanStatus(StrEnum):
