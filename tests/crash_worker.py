@@ -1,11 +1,13 @@
 """A process for the crash test: runs (or resumes) a 50-step DAG plan on a real SQLite file.
 
-    python tests/crash_worker.py run DB LOG PLAN_ID
+    python tests/crash_worker.py run DB LOG PLAN_ID HOLD_AFTER
     python tests/crash_worker.py resume DB LOG PLAN_ID
 
 Every tool call appends "<step_id>" to LOG (fsync'd) before it returns, so the log records every call the
-plan made, including calls whose outcome a kill left uncommitted. The test kills `run` with SIGKILL at
-different points and checks what `resume` does.
+plan made, including calls whose outcome a kill left uncommitted. In `run`, call number HOLD_AFTER and every
+later call never return, so the plan is certainly still executing when the test, having seen HOLD_AFTER
+calls in the log, kills the process with SIGKILL; the test does this at different points and checks what
+`resume` does.
 """
 
 from __future__ import annotations
@@ -40,8 +42,11 @@ def build_plan(plan_id: str) -> ExecutionPlan:
     return plan
 
 
-def make_tool(log_path: str) -> Any:
+def make_tool(log_path: str, hold_after: int | None = None) -> Any:
+    calls = 0
+
     async def work(params: dict[str, Any]) -> dict[str, Any]:
+        nonlocal calls
         await anyio.sleep(0.002)  # spread the run so kills land at different points
         fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
@@ -49,21 +54,25 @@ def make_tool(log_path: str) -> Any:
             os.fsync(fd)
         finally:
             os.close(fd)
+        calls += 1
+        if hold_after is not None and calls >= hold_after:
+            await anyio.sleep_forever()
         return {"id": params["id"], "prev": params.get("prev")}
 
     return work
 
 
-async def main(mode: str, db: str, log_path: str, plan_id: str) -> int:
+async def main(mode: str, db: str, log_path: str, plan_id: str, hold_after: str = "") -> int:
     async with PlanStore.open(db) as store:
-        executor = Executor({"work": make_tool(log_path)}, store)
         if mode == "run":
+            executor = Executor({"work": make_tool(log_path, int(hold_after))}, store)
             summary = await executor.execute(build_plan(plan_id))
         else:
+            executor = Executor({"work": make_tool(log_path)}, store)
             summary = await executor.resume(await store.get_plan(plan_id), rerun_interrupted=True)
     print(summary.status.value)
     return 0 if summary.status.value == "completed" else 1
 
 
 if __name__ == "__main__":
-    sys.exit(anyio.run(main, *sys.argv[1:5]))
+    sys.exit(anyio.run(main, *sys.argv[1:6]))
