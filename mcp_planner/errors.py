@@ -3,6 +3,7 @@
     PlannerError
     ├── PlanValidationError      a plan has problems (carries every one of them)
     ├── PlanNotFoundError        unknown plan id
+    ├── RunNotFoundError         unknown run id (the run queue)
     ├── PlanStateError           the plan's status does not allow the operation
     │   ├── PlanClaimedError     another live executor owns the plan
     │   ├── PlanConflictError    someone else changed the stored plan since it was read
@@ -57,6 +58,12 @@ class PlanNotFoundError(PlannerError):
     def __init__(self, plan_id: str) -> None:
         self.plan_id = plan_id
         super().__init__(f"no plan with id {plan_id!r}: call list_plans to see the plans that exist")
+
+
+class RunNotFoundError(PlannerError):
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        super().__init__(f"no run with id {run_id!r}: call get_summary on its plan to see how it went")
 
 
 class PlanStateError(PlannerError):

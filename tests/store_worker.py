@@ -3,6 +3,8 @@
     python store_worker.py claim DB PLAN_ID
     python store_worker.py write DB PLAN_ID STEP_ID COUNT
     python store_worker.py commit DB PLAN_ID
+    python store_worker.py submit DB PLAN_ID
+    python store_worker.py claim-runs DB SERVERS_KEY   (`-`: no servers file)
 
 It opens the store, prints `ready`, waits for `go` on stdin (the test's barrier, so both workers act at
 the same moment), acts, prints its outcome, then waits for stdin to close before exiting (a claim must
@@ -15,9 +17,9 @@ import sys
 
 import anyio
 
-from mcp_planner.errors import PlanConflictError
+from mcp_planner.errors import PlanConflictError, PlanStateError
 from mcp_planner.plan.model import StepResult, StepStatus
-from mcp_planner.store.base import Event, new_owner_id
+from mcp_planner.store.base import Event, RunKind, RunRequest, new_owner_id
 from mcp_planner.store.sqlite import PlanStore
 
 
@@ -53,6 +55,20 @@ async def main(argv: list[str]) -> None:
             step.result = StepResult.from_value({"answer": 42})
             await store.save_transition(plan, [step], [Event(plan_id=plan_id, kind="step_completed")])
             print("committed", flush=True)  # the test kills this process with SIGKILL now
+        elif mode == "submit":
+            try:
+                run = await store.submit_run(RunRequest(plan_id=plan_id, kind=RunKind.EXECUTE))
+            except PlanStateError:
+                print("refused", flush=True)
+            else:
+                print(f"submitted {run.id}", flush=True)
+        elif mode == "claim-runs":
+            servers = None if plan_id == "-" else plan_id
+            owner = new_owner_id()
+            claimed = []
+            while (run := await store.claim_run(owner, servers)) is not None:
+                claimed.append(run.id)
+            print(" ".join([owner, *claimed]), flush=True)
         await anyio.to_thread.run_sync(sys.stdin.read)
 
 

@@ -1,7 +1,8 @@
-"""The store protocol the engine writes through: plans, events, execution claims and their liveness.
+"""The store protocols: plans, events, execution claims and their liveness (`Store`, what the engine writes
+through), and the run queue that lets runs outlive the process that asked for them (`RunQueue`).
 
-`memory.MemoryStore` and `sqlite.PlanStore` implement it. Both keep copies, never the caller's objects, so a
-plan read back is what was committed and nothing else.
+`memory.MemoryStore` and `sqlite.PlanStore` implement both. Both keep copies, never the caller's objects, so
+a plan read back is what was committed and nothing else.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ import socket
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
+from enum import StrEnum
+from types import EllipsisType
 from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
+from mcp_planner.errors import PlanStateError
 from mcp_planner.plan.model import ExecutionPlan, PlanStatus, Step, utcnow
 
 #: A claim whose heartbeat is older than this is stale: its owner is taken as dead.
@@ -121,3 +125,147 @@ class Store(Protocol):
     async def request_cancel(self, plan_id: str, reason: str) -> bool:
         """Ask the process holding the claim to cancel; False if nobody holds it."""
         ...
+
+
+# -- the run queue ----------------------------------------------------------------------------------------
+
+
+class RunKind(StrEnum):
+    EXECUTE = "execute"
+    RESUME = "resume"
+
+
+class RunState(StrEnum):
+    QUEUED = "queued"
+    CLAIMED = "claimed"
+    DONE = "done"
+
+
+class RunRequest(BaseModel):
+    """What a submitter asks for: run this plan against this servers config."""
+
+    plan_id: str
+    kind: RunKind
+    rerun_interrupted: bool = False
+    #: The servers-config key (`"<abs path>#<sha256 of content>"`); None: no servers file.
+    servers: str | None = None
+    submitted_by: str = "agent"
+
+
+class RunRecord(RunRequest):
+    """A submitted run as stored."""
+
+    id: str
+    state: RunState
+    submitted_at: datetime
+    #: The owner id (`host:pid:nonce`) of the runner that claimed it.
+    runner: str | None = None
+    claimed_at: datetime | None = None
+    finished_at: datetime | None = None
+    #: Why it did not run (a refusal) or how it crashed; None when it ran.
+    error: str | None = None
+
+
+class RunnerInfo(BaseModel):
+    """A runner process serving one servers config."""
+
+    #: An owner id (`host:pid:nonce`, see `new_owner_id`), so `owner_is_dead` works on it.
+    id: str
+    servers: str | None
+    started_at: datetime
+    heartbeat_at: datetime
+    #: Runs finished by this runner so far.
+    runs: int = 0
+
+
+def run_in_progress(active: RunRecord) -> PlanStateError:
+    """The refusal of a second active run for one plan."""
+    return PlanStateError(
+        f"plan {active.plan_id!r} already has a run in progress (submitted at "
+        f"{active.submitted_at:%Y-%m-%d %H:%M:%S} UTC, by {active.submitted_by}): "
+        "call get_summary to follow it"
+    )
+
+
+def runner_is_live(runner_id: str, heartbeat_at: datetime, now: datetime, stale_after: float) -> bool:
+    if owner_is_dead(runner_id):
+        return False
+    return (now - heartbeat_at).total_seconds() < stale_after
+
+
+class RunQueue(Protocol):
+    """Submitted runs and the runners that claim them. Each method is one transaction.
+
+    At most one run per plan is active (queued or claimed). A run is claimed by exactly one runner, and only
+    by one holding the run's servers config.
+    """
+
+    async def submit_run(self, request: RunRequest) -> RunRecord:
+        """Queue a run of `request.plan_id`.
+
+        Raises:
+            PlanNotFoundError: no such plan.
+            PlanStateError: the plan already has an active run.
+        """
+        ...
+
+    async def claim_run(self, runner: str, servers: str | None) -> RunRecord | None:
+        """Claim for `runner` the oldest queued run for `servers` (None matches None); None if none."""
+        ...
+
+    async def finish_run(self, run_id: str, runner: str, error: str | None = None) -> bool:
+        """Mark `runner`'s claimed run done (with `error`, if it did not run); False if `runner` does not
+        hold it (it was requeued, or never claimed by it): then nothing changes."""
+        ...
+
+    async def cancel_queued_run(self, plan_id: str, reason: str) -> bool:
+        """Mark the plan's queued run done with error `reason`; False if it has none queued."""
+        ...
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        """Raises: RunNotFoundError."""
+        ...
+
+    async def active_run(self, plan_id: str) -> RunRecord | None:
+        """The plan's queued or claimed run."""
+        ...
+
+    async def last_run(self, plan_id: str) -> RunRecord | None:
+        """The plan's newest run, in any state."""
+        ...
+
+    async def requeue_orphans(self, stale_after: float = DEFAULT_STALE_AFTER) -> list[RunRecord]:
+        """Queue again, as resumes, the claimed runs whose runner is gone (unregistered, dead on this host, or
+        with a heartbeat older than `stale_after` seconds); returns them as they are now."""
+        ...
+
+    async def register_runner(self, info: RunnerInfo) -> None: ...
+
+    async def heartbeat_runner(self, runner_id: str) -> bool:
+        """False if the runner's row is gone (it was taken as dead): it must register again or stop."""
+        ...
+
+    async def unregister_runner(self, runner_id: str) -> None: ...
+
+    async def live_runners(
+        self, servers: str | EllipsisType | None = ..., stale_after: float = DEFAULT_STALE_AFTER
+    ) -> list[RunnerInfo]:
+        """The live runners for `servers` (`...`: any), oldest first; dead or stale ones may be deleted."""
+        ...
+
+    async def wait_for_work(self, timeout: float) -> None:  # noqa: ASYNC109 (an idle wait, not a deadline)
+        """Return soon after another connection or process commits something (a run submitted, a cancel), or
+        after `timeout` seconds; possibly early for a commit unrelated to runs, so re-check, never assume."""
+        ...
+
+    async def save_catalog(self, servers: str | None, tools: list[dict[str, Any]]) -> None:
+        """Cache the tool catalog of a servers config (tools as JSON objects), replacing the previous one."""
+        ...
+
+    async def get_catalog(self, servers: str | None) -> tuple[list[dict[str, Any]], datetime] | None:
+        """The cached catalog of `servers` and when it was saved; None if there is none."""
+        ...
+
+
+class QueueStore(Store, RunQueue, Protocol):
+    """A store that also holds the run queue (both `MemoryStore` and `PlanStore`)."""

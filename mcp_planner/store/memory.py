@@ -1,12 +1,34 @@
-"""The store used when none is given: `base.Store` kept in this process's memory."""
+"""The store used when none is given: `base.Store` and `base.RunQueue` kept in this process's memory."""
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Sequence
+from datetime import datetime
+from types import EllipsisType
+from typing import TYPE_CHECKING, Any
 
-from mcp_planner.errors import PlanConflictError, PlanNotFoundError
+import anyio
+
+from mcp_planner.errors import PlanConflictError, PlanNotFoundError, RunNotFoundError
 from mcp_planner.plan.model import ExecutionPlan, PlanStatus, Step, utcnow
-from mcp_planner.store.base import DEFAULT_STALE_AFTER, Claim, Event, claim_is_live
+from mcp_planner.store.base import (
+    DEFAULT_STALE_AFTER,
+    Claim,
+    Event,
+    RunKind,
+    RunnerInfo,
+    RunRecord,
+    RunRequest,
+    RunState,
+    claim_is_live,
+    run_in_progress,
+    runner_is_live,
+)
+
+if TYPE_CHECKING:
+    from mcp_planner.store.base import QueueStore
 
 
 class MemoryStore:
@@ -18,6 +40,10 @@ class MemoryStore:
         self._steps: dict[str, dict[str, str]] = {}
         self._events: dict[str, list[Event]] = {}
         self._claims: dict[str, Claim] = {}
+        self._runs: dict[str, RunRecord] = {}  # in order of submission
+        self._runners: dict[str, RunnerInfo] = {}
+        self._catalogs: dict[str | None, tuple[str, datetime]] = {}
+        self._work = anyio.Event()
 
     async def __aenter__(self) -> MemoryStore:
         return self
@@ -110,3 +136,122 @@ class MemoryStore:
             return False
         current.cancel_reason = reason
         return True
+
+    # -- the run queue ------------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        self._work.set()
+
+    async def submit_run(self, request: RunRequest) -> RunRecord:
+        if request.plan_id not in self._heads:
+            raise PlanNotFoundError(request.plan_id)
+        active = await self.active_run(request.plan_id)
+        if active is not None:
+            raise run_in_progress(active)
+        run = RunRecord(
+            **request.model_dump(), id=uuid.uuid4().hex, state=RunState.QUEUED, submitted_at=utcnow()
+        )
+        self._runs[run.id] = run
+        self._wake()
+        return run.model_copy()
+
+    async def claim_run(self, runner: str, servers: str | None) -> RunRecord | None:
+        if self._work.is_set():  # what happened so far is seen: `wait_for_work` waits for what comes next
+            self._work = anyio.Event()
+        for run in self._runs.values():  # insertion order: oldest first
+            if run.state == RunState.QUEUED and run.servers == servers:
+                run.state, run.runner, run.claimed_at = RunState.CLAIMED, runner, utcnow()
+                return run.model_copy()
+        return None
+
+    async def finish_run(self, run_id: str, runner: str, error: str | None = None) -> bool:
+        run = self._runs.get(run_id)
+        if run is None or run.state != RunState.CLAIMED or run.runner != runner:
+            return False
+        run.state, run.finished_at, run.error = RunState.DONE, utcnow(), error
+        if runner in self._runners:
+            self._runners[runner].runs += 1
+        return True
+
+    async def cancel_queued_run(self, plan_id: str, reason: str) -> bool:
+        for run in self._runs.values():
+            if run.plan_id == plan_id and run.state == RunState.QUEUED:
+                run.state, run.finished_at, run.error = RunState.DONE, utcnow(), reason
+                self._wake()
+                return True
+        return False
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        if run_id not in self._runs:
+            raise RunNotFoundError(run_id)
+        return self._runs[run_id].model_copy()
+
+    async def active_run(self, plan_id: str) -> RunRecord | None:
+        for run in self._runs.values():
+            if run.plan_id == plan_id and run.state != RunState.DONE:
+                return run.model_copy()
+        return None
+
+    async def last_run(self, plan_id: str) -> RunRecord | None:
+        runs = [r for r in self._runs.values() if r.plan_id == plan_id]
+        return runs[-1].model_copy() if runs else None
+
+    async def requeue_orphans(self, stale_after: float = DEFAULT_STALE_AFTER) -> list[RunRecord]:
+        now = utcnow()
+        requeued = []
+        for run in self._runs.values():
+            if run.state != RunState.CLAIMED or run.runner is None:
+                continue
+            info = self._runners.get(run.runner)
+            if info is not None and runner_is_live(info.id, info.heartbeat_at, now, stale_after):
+                continue
+            run.state, run.kind, run.runner, run.claimed_at = RunState.QUEUED, RunKind.RESUME, None, None
+            requeued.append(run.model_copy())
+        if requeued:
+            self._wake()
+        return requeued
+
+    async def register_runner(self, info: RunnerInfo) -> None:
+        self._runners[info.id] = info.model_copy()
+
+    async def heartbeat_runner(self, runner_id: str) -> bool:
+        info = self._runners.get(runner_id)
+        if info is None:
+            return False
+        info.heartbeat_at = utcnow()
+        return True
+
+    async def unregister_runner(self, runner_id: str) -> None:
+        self._runners.pop(runner_id, None)
+
+    async def live_runners(
+        self, servers: str | EllipsisType | None = ..., stale_after: float = DEFAULT_STALE_AFTER
+    ) -> list[RunnerInfo]:
+        now = utcnow()
+        for info in list(self._runners.values()):
+            if not runner_is_live(info.id, info.heartbeat_at, now, stale_after):
+                del self._runners[info.id]
+        return [
+            info.model_copy()
+            for info in sorted(self._runners.values(), key=lambda i: i.started_at)
+            if servers is ... or info.servers == servers
+        ]
+
+    async def wait_for_work(self, timeout: float) -> None:  # noqa: ASYNC109 (an idle wait, not a deadline)
+        """Return when a run is submitted, requeued or cancelled in this store (since the last return), or
+        after `timeout`."""
+        with anyio.move_on_after(timeout):
+            await self._work.wait()
+        if self._work.is_set():
+            self._work = anyio.Event()
+
+    async def save_catalog(self, servers: str | None, tools: list[dict[str, Any]]) -> None:
+        self._catalogs[servers] = (json.dumps(tools), utcnow())
+
+    async def get_catalog(self, servers: str | None) -> tuple[list[dict[str, Any]], datetime] | None:
+        saved = self._catalogs.get(servers)
+        return (json.loads(saved[0]), saved[1]) if saved is not None else None
+
+
+if TYPE_CHECKING:
+    _conforms: type[QueueStore] = MemoryStore
