@@ -272,6 +272,11 @@ async def test_plan_cut_short_by_a_server_shutdown_is_resumed_by_another(tmp_pat
     async with serve(tmp_path) as first:
         plan_id = await create(first, sleeper(1.5))
         await first.call_tool("execute_plan", {"plan_id": plan_id, "wait_seconds": 0})
+    async with PlanStore.open(tmp_path / "plans.db") as store:
+        cut_short = await store.get_plan(plan_id)
+    # The shutdown stops the run mid-call: the step's outcome is unknown, and only a resume can finish it.
+    assert cut_short.status == "failed", cut_short.status
+    assert cut_short.steps[0].error == "interrupted; outcome unknown"
     async with serve(tmp_path) as second:
         resumed = await second.call_tool("resume_plan", {"plan_id": plan_id})
         assert resumed.structured_content is not None, text(resumed)
