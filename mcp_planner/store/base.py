@@ -178,6 +178,12 @@ class RunnerInfo(BaseModel):
     runs: int = 0
 
 
+def queued_run(request: RunRequest) -> RunRecord:
+    """A new queued run of `request` (only its request fields count, even if it is a `RunRecord`)."""
+    fields = request.model_dump(include=set(RunRequest.model_fields))
+    return RunRecord(**fields, id=uuid.uuid4().hex, state=RunState.QUEUED, submitted_at=utcnow())
+
+
 def run_in_progress(active: RunRecord) -> PlanStateError:
     """The refusal of a second active run for one plan."""
     return PlanStateError(

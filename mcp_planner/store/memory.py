@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from types import EllipsisType
@@ -23,6 +22,7 @@ from mcp_planner.store.base import (
     RunRequest,
     RunState,
     claim_is_live,
+    queued_run,
     run_in_progress,
     runner_is_live,
 )
@@ -148,9 +148,7 @@ class MemoryStore:
         active = await self.active_run(request.plan_id)
         if active is not None:
             raise run_in_progress(active)
-        run = RunRecord(
-            **request.model_dump(), id=uuid.uuid4().hex, state=RunState.QUEUED, submitted_at=utcnow()
-        )
+        run = queued_run(request)
         self._runs[run.id] = run
         self._wake()
         return run.model_copy()

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import sqlite3
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -43,6 +42,7 @@ from mcp_planner.store.base import (
     RunRequest,
     RunState,
     claim_is_live,
+    queued_run,
     run_in_progress,
     runner_is_live,
 )
@@ -758,9 +758,7 @@ class PlanStore:
             PlanNotFoundError: no such plan.
             PlanStateError: the plan already has an active run.
         """
-        run = RunRecord(
-            **request.model_dump(), id=uuid.uuid4().hex, state=RunState.QUEUED, submitted_at=utcnow()
-        )
+        run = queued_run(request)
         row = _run_row(run)
 
         def body(conn: sqlite3.Connection) -> None:
