@@ -9,11 +9,13 @@ which it can be read in full.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
 
+from mcp_planner.engine.tools import ServerState, ServerStatus
 from mcp_planner.plan.model import (
     RESULT_PREVIEW_LIMIT,
     ExecutionOptions,
@@ -381,17 +383,8 @@ def approval_view(plan: ExecutionPlan) -> ApprovalView:
     )
 
 
-def server_views(status: dict[str, Any]) -> list[ServerView]:
-    """Normalise a tool provider's per-server status report (objects or dicts) into views."""
-    views = []
-    for name, entry in sorted(status.items()):
-        if isinstance(entry, dict):
-            state, error = entry.get("state", entry.get("status", "unknown")), entry.get("error")
-        else:
-            state, error = getattr(entry, "state", "unknown"), getattr(entry, "error", None)
-        state = getattr(state, "value", state)
-        views.append(ServerView(name=name, state=str(state), error=str(error) if error else None))
-    return views
+def server_views(status: Mapping[str, ServerStatus]) -> list[ServerView]:
+    return [ServerView(name=s.name, state=s.state.value, error=s.error) for _, s in sorted(status.items())]
 
 
 def catalog_text(catalog: ToolCatalog, *, max_tools: int = 100) -> str:
@@ -408,7 +401,7 @@ def catalog_text(catalog: ToolCatalog, *, max_tools: int = 100) -> str:
     if len(catalog.tools) > max_tools:
         lines.append(f"  ... and {len(catalog.tools) - max_tools} more (see structured content)")
     for server in catalog.servers:
-        if server.error or server.state not in ("connected", "ready"):
+        if server.error or server.state != ServerState.CONNECTED:
             lines.append(
                 f"server {server.name!r}: {server.state}" + (f" ({server.error})" if server.error else "")
             )

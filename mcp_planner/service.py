@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Self, Ty
 
 import anyio
 
-from mcp_planner.engine.tools import ToolInfo, ToolProvider, schema_catalog
+from mcp_planner.engine.tools import ServerStatus, StatusReporter, ToolInfo, ToolProvider, schema_catalog
 from mcp_planner.errors import (
     PlanChangedError,
     PlanClaimedError,
@@ -135,17 +135,15 @@ class PlannerService:
         await self._tools_ready()
         return dict(self.tools.catalog())
 
-    def server_status(self) -> dict[str, Any]:
-        """Per downstream server state and error, when the tool provider reports it (else empty)."""
-        status = getattr(self.tools, "status", None)
-        if not callable(status):
+    def server_status(self) -> dict[str, ServerStatus]:
+        """Each downstream server's status by name, when the tool provider reports one (else empty)."""
+        if not isinstance(self.tools, StatusReporter):
             return {}
         try:
-            value = status()
+            return dict(self.tools.status())
         except Exception:  # a status report must never break the caller
             log.exception("tool provider status() failed")
             return {}
-        return dict(value) if isinstance(value, dict) else {}
 
     async def _tools_ready(self) -> None:
         if self._ready:
@@ -255,15 +253,14 @@ class PlannerService:
         if not any(p.field == "tool_name" for p in problems):
             return []
         extra = []
-        for name, state in sorted(self.server_status().items()):
-            error = _status_error(state)
-            if error is not None:
+        for name, status in sorted(self.server_status().items()):
+            if status.error is not None:
                 extra.append(
                     Problem(
                         None,
                         "servers",
-                        f"downstream server {name!r} is unreachable ({error}); its tools are unavailable "
-                        "until it connects: check its entry in the servers file",
+                        f"downstream server {name!r} is unreachable ({status.error}); its tools are "
+                        "unavailable until it connects: check its entry in the servers file",
                     )
                 )
         return extra
@@ -567,23 +564,6 @@ _SHOW_AGAIN = "it was not approved; show the current version to the person and a
 
 def _event(plan: ExecutionPlan, kind: str, **data: Any) -> Event:
     return Event(plan_id=plan.id, kind=kind, data=data)
-
-
-def _status_error(state: Any) -> str | None:
-    """The error of a server's status entry, if it is not connected (status shapes vary by provider)."""
-    if isinstance(state, dict):
-        error, connected = state.get("error"), state.get("state", state.get("status"))
-    else:
-        error, connected = getattr(state, "error", None), getattr(state, "state", None)
-    if error:
-        return str(error)
-    if connected is not None and str(getattr(connected, "value", connected)) in (
-        "failed",
-        "disconnected",
-        "error",
-    ):
-        return str(getattr(connected, "value", connected))
-    return None
 
 
 def _check_executable(plan: ExecutionPlan) -> None:

@@ -56,7 +56,7 @@ async def test_servers_start_concurrently_in_the_background_and_one_failing_does
     )
     async with Downstream(config) as downstream:
         assert isinstance(downstream, ToolProvider)
-        states = {name: s["state"] for name, s in downstream.status().items()}
+        states = {name: s.state for name, s in downstream.status().items()}
         assert states == {
             "one": "connecting",
             "two": "connecting",
@@ -66,12 +66,12 @@ async def test_servers_start_concurrently_in_the_background_and_one_failing_does
         }
         assert await downstream.wait_ready(READY)
         status = downstream.status()
-        assert status["one"]["state"] == status["two"]["state"] == "connected"
-        assert status["one"]["tool_count"] == 7
-        assert status["broken"]["state"] == "failed"
-        assert "MISSING_TOKEN is not set" in status["broken"]["error"]
-        assert status["missing"]["state"] == "failed"
-        assert "not found" in status["missing"]["error"]
+        assert status["one"].state == status["two"].state == "connected"
+        assert status["one"].tool_count == 7
+        assert status["broken"].state == "failed"
+        assert "MISSING_TOKEN is not set" in status["broken"].error
+        assert status["missing"].state == "failed"
+        assert "not found" in status["missing"].error
         assert "one.echo" in downstream.catalog()
         assert not any(name.startswith("broken.") for name in downstream.catalog())
 
@@ -87,11 +87,11 @@ async def test_servers_start_concurrently_in_the_background_and_one_failing_does
 async def test_a_server_that_fails_to_start_is_retried_on_next_use_with_growing_backoff() -> None:
     async with Downstream(servers(broken=stdio("exit_at_start.py"))) as downstream:
         assert await downstream.wait_ready(READY)
-        assert downstream.status()["broken"]["failures"] == 1
+        assert downstream.status()["broken"].failures == 1
         with pytest.raises(DownstreamError, match="MISSING_TOKEN") as err:
             await downstream.call("broken.anything", {})
         assert err.value.retryable
-        assert downstream.status()["broken"]["failures"] == 2
+        assert downstream.status()["broken"].failures == 2
 
 
 async def test_a_server_that_never_answers_the_handshake_fails_after_its_timeout(tmp_path: Path) -> None:
@@ -99,8 +99,8 @@ async def test_a_server_that_never_answers_the_handshake_fails_after_its_timeout
     async with Downstream(config) as downstream:
         assert await downstream.wait_ready(READY)
         status = downstream.status()["silent"]
-        assert status["state"] == "failed"
-        assert "within 1s" in status["error"]
+        assert status.state == "failed"
+        assert "within 1s" in status.error
         pids = recorded_pids(tmp_path)
     assert len(pids) == 1
     assert not alive(pids[0])
@@ -121,12 +121,12 @@ async def test_a_server_dying_mid_call_fails_the_call_retryably_and_the_next_cal
         assert err.value.retryable
         assert "'crashy'" in str(err.value)
         assert "out of memory" in str(err.value)
-        assert downstream.status()["crashy"]["state"] == "failed"
+        assert downstream.status()["crashy"].state == "failed"
         assert "crashy.pid" in downstream.catalog()
 
         second_pid = (await downstream.call("crashy.pid", {})).text
         assert second_pid != first_pid
-        assert downstream.status()["crashy"]["state"] == "connected"
+        assert downstream.status()["crashy"].state == "connected"
         assert not alive(int(first_pid))
 
 
@@ -134,7 +134,7 @@ async def test_a_server_that_died_while_idle_is_noticed_and_restarted_by_the_nex
     lost = anyio.Event()
 
     def on_status(name: str) -> None:
-        if downstream.status()[name]["state"] == "failed":
+        if downstream.status()[name].state == "failed":
             lost.set()
 
     downstream = Downstream(servers(crashy=stdio("crashy.py")), on_status_changed=on_status)
@@ -143,10 +143,10 @@ async def test_a_server_that_died_while_idle_is_noticed_and_restarted_by_the_nex
         os.kill(first_pid, signal.SIGKILL)
         with anyio.fail_after(10):
             await lost.wait()
-        assert "connection lost" in downstream.status()["crashy"]["error"]
+        assert "connection lost" in downstream.status()["crashy"].error
         second_pid = int((await downstream.call("crashy.pid", {})).text)
         assert second_pid != first_pid
-        assert downstream.status()["crashy"]["state"] == "connected"
+        assert downstream.status()["crashy"].state == "connected"
 
 
 async def test_a_hanging_call_times_out_and_the_server_sees_the_cancellation(tmp_path: Path) -> None:
@@ -170,7 +170,7 @@ async def test_cancelling_the_caller_sends_the_cancellation_downstream(tmp_path:
                 await downstream.call("hang.wait_started", {"tag": "t2"})
                 tg.cancel_scope.cancel()
             assert (await downstream.call("hang.wait_cancelled", {"tag": "t2"})).text == "cancelled"
-        assert downstream.status()["hang"]["state"] == "connected"
+        assert downstream.status()["hang"].state == "connected"
     assert "cancelled t2" in record.read_text()
 
 
@@ -248,7 +248,7 @@ async def test_the_catalog_follows_tools_list_changed(protocol: str) -> None:
             await changed.wait()
         assert downstream.catalog()["dynamic.fresh"].description == "added at run time: fresh"
         assert (await downstream.call("dynamic.fresh", {})).text == "fresh"
-        assert downstream.status()["dynamic"]["tool_count"] == 3
+        assert downstream.status()["dynamic"].tool_count == 3
 
 
 async def test_allowed_and_disabled_tools_filter_the_catalog_and_calls() -> None:
@@ -266,7 +266,7 @@ async def test_allowed_and_disabled_tools_filter_the_catalog_and_calls() -> None
             await downstream.call("basic.sleep", {"seconds": 0})
         with pytest.raises(ToolNotFoundError, match="'off' is disabled"):
             await downstream.call("off.anything", {})
-        assert downstream.status()["off"]["state"] == "disabled"
+        assert downstream.status()["off"].state == "disabled"
         reason = downstream.unavailable_reason("off")
         assert reason is not None and "disabled" in reason
 
@@ -299,7 +299,7 @@ async def test_a_streamable_http_server_is_called_and_its_loss_is_a_downstream_e
         config = servers(remote={"type": "http", "url": url, "headers": {"X-Test": "1"}, "callTimeout": 10})
         async with Downstream(config) as downstream:
             assert await downstream.wait_ready(READY)
-            assert downstream.status()["remote"]["state"] == "connected"
+            assert downstream.status()["remote"].state == "connected"
             assert (await downstream.call("remote.echo", {"text": "over http"})).text == "over http"
             structured = await downstream.call("remote.echo_structured", {"text": "s"})
             assert structured.structured == {"text": "s", "number": 1, "items": ["s"]}

@@ -149,4 +149,4 @@ async def test_downstream_failures_reach_the_plan_and_large_results_are_stored_w
     assert steps["refused"].status == StepStatus.FAILED
     assert steps["refused"].error is not None and "quota exceeded" in steps["refused"].error
     # The retry of the crashed step restarted the server (and crashed it again).
-    assert restarted["state"] == "failed"
+    assert restarted.state == "failed"

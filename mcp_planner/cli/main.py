@@ -20,7 +20,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 import typer
 
@@ -38,7 +38,7 @@ from mcp_planner.cli.runtime import (
     run_plan,
     terminal_user,
 )
-from mcp_planner.engine.tools import ToolInfo
+from mcp_planner.engine.tools import ServerStatus, ToolInfo
 from mcp_planner.plan.model import ExecutionPlan, PlanStatus, PlanSummary
 
 T = TypeVar("T")
@@ -501,14 +501,14 @@ def tools(
     if _servers_path(settings) is None:
         fail("no servers file: pass --servers FILE or set MCP_PLANNER_SERVERS", ExitCode.INVALID)
 
-    async def body() -> tuple[dict[str, ToolInfo], dict[str, dict[str, Any]]]:
+    async def body() -> tuple[dict[str, ToolInfo], dict[str, ServerStatus]]:
         async with _runtime(settings, tools=True) as rt:
             return await rt.service.catalog(), rt.service.server_status()
 
     catalog, status = _run(settings, body)
     out.print(terminal.tools_table(catalog))
     out.print(terminal.servers_table(status))
-    failed = sorted(name for name, state in status.items() if state.get("error"))
+    failed = sorted(name for name, server in status.items() if server.error)
     if failed:
         fail(f"error: unreachable downstream server(s): {', '.join(failed)}")
 

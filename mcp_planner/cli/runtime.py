@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from mcp_planner.engine.tools import LocalTools, ToolProvider
 from mcp_planner.errors import PlanChangedError, PlannerError, PlanValidationError, Problem
-from mcp_planner.plan.model import ExecutionPlan, PlanSpec, PlanStatus, PlanSummary, Step
+from mcp_planner.plan.model import ExecutionPlan, PlanSpec, PlanStatus, PlanSummary
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -322,10 +322,10 @@ async def checked_plan(rt: Runtime, spec: PlanSpec) -> ExecutionPlan:
                     "set MCP_PLANNER_SERVERS",
                 )
             )
-        for name, state in sorted(rt.service.server_status().items()):
-            if state.get("error"):
+        for name, server in sorted(rt.service.server_status().items()):
+            if server.error:
                 problems.append(
-                    Problem(None, "servers", f"downstream server {name!r} is unreachable: {state['error']}")
+                    Problem(None, "servers", f"downstream server {name!r} is unreachable: {server.error}")
                 )
         raise PlanValidationError(problems)
     return plan
@@ -340,7 +340,7 @@ async def execute_with_progress(
     display = terminal.ProgressDisplay(out.console, plan.summary())
     interrupts = 0
 
-    def on_progress(summary: PlanSummary, step: Step | None) -> None:
+    def on_progress(summary: PlanSummary, message: str | None) -> None:
         display.update(summary)
 
     async def cancel() -> None:

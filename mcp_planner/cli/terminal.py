@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 from rich.text import Text
 
-from mcp_planner.engine.tools import ToolInfo
+from mcp_planner.engine.tools import ServerState, ServerStatus, ToolInfo
 from mcp_planner.plan.model import ExecutionPlan, PlanStatus, PlanSummary, StepStatus, StepSummary
 
 STEP_STYLES: dict[StepStatus, str] = {
@@ -255,22 +255,22 @@ def tools_table(catalog: Mapping[str, ToolInfo]) -> Table:
     return table
 
 
-def servers_table(status: Mapping[str, Mapping[str, Any]]) -> Table:
+_STATE_STYLES = {ServerState.CONNECTED: "green", ServerState.FAILED: "bold red", ServerState.DISABLED: "dim"}
+
+
+def servers_table(status: Mapping[str, ServerStatus]) -> Table:
     """Each downstream server's state, tool count and error (from `Downstream.status()`)."""
     table = Table(title="Downstream servers", title_justify="left")
     table.add_column("server", style="bold")
     table.add_column("state")
     table.add_column("tools", justify="right")
     table.add_column("error", overflow="fold", style="red")
-    for name in sorted(status):
-        entry = status[name]
-        state = str(entry.get("state", "unknown"))
-        style = {"connected": "green", "failed": "bold red", "disabled": "dim"}.get(state, "yellow")
+    for _, server in sorted(status.items()):
         table.add_row(
-            escape(name),
-            Text(state, style=style),
-            str(entry.get("tool_count", "")),
-            escape(str(entry.get("error") or "")),
+            escape(server.name),
+            Text(server.state.value, style=_STATE_STYLES.get(server.state, "yellow")),
+            str(server.tool_count),
+            escape(server.error or ""),
         )
     return table
 

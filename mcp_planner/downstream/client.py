@@ -25,7 +25,6 @@ import math
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import IO, Any
 
 import anyio
@@ -37,7 +36,7 @@ from pydantic import ValidationError
 
 from mcp_planner.downstream.config import Redactor, ServerConfig, ServersConfig
 from mcp_planner.downstream.transports import open_transport, stderr_tail
-from mcp_planner.engine.tools import ToolInfo
+from mcp_planner.engine.tools import ServerState, ServerStatus, ToolInfo
 from mcp_planner.errors import (
     DownstreamError,
     ParameterError,
@@ -55,13 +54,6 @@ BACKOFF_CAP = 5.0
 SHUTDOWN_TIMEOUT = 10.0
 _LIST_PAGE_CAP = 100
 _CLIENT_INFO = types.Implementation(name="mcp-planner", version="0.1.0")
-
-
-class ServerState(StrEnum):
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    FAILED = "failed"
-    DISABLED = "disabled"
 
 
 @dataclass(eq=False)
@@ -241,18 +233,17 @@ class Downstream:
             return True
         return False
 
-    def status(self) -> dict[str, dict[str, Any]]:
-        """Per server: `name`, `state` (connecting/connected/failed/disabled), `error`, `tool_count`,
-        `transport`, and `failures` (failed starts in a row; each doubles the wait before the next)."""
+    def status(self) -> dict[str, ServerStatus]:
+        """Each server's state, error, tool count, transport and failed starts in a row, by name."""
         return {
-            name: {
-                "name": name,
-                "state": str(server.state),
-                "error": server.error,
-                "tool_count": len(server.tools or {}),
-                "transport": server.config.transport,
-                "failures": server.failures,
-            }
+            name: ServerStatus(
+                name=name,
+                state=server.state,
+                error=server.error,
+                tool_count=len(server.tools or {}),
+                transport=server.config.transport,
+                failures=server.failures,
+            )
             for name, server in self._servers.items()
         }
 

@@ -1,7 +1,8 @@
-"""The tool protocol the executor calls, and the adapter for in-process tools (plain async functions).
+"""The tool protocol the executor calls, the status a provider reports, and in-process tools.
 
 The engine never imports `mcp`: downstream MCP servers reach it through `ToolProvider` (see
-`downstream.py`), in-process tools through `LocalTools`.
+`downstream/client.py`, which also reports each server's `ServerStatus`), in-process tools through
+`LocalTools`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
 from mcp_planner.errors import StepError, ToolCallError, ToolNotFoundError
@@ -46,6 +48,36 @@ class ToolProvider(Protocol):
         Raises:
             StepError: a subclass saying what went wrong and whether a retry may help.
         """
+        ...
+
+
+class ServerState(StrEnum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    FAILED = "failed"
+    DISABLED = "disabled"
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """One downstream server as its tool provider reports it."""
+
+    name: str
+    state: ServerState
+    #: Why it failed (to start, or its connection was lost); None unless `state` is `failed`.
+    error: str | None = None
+    tool_count: int = 0
+    transport: str | None = None
+    #: Failed starts in a row; each doubles the wait before the next start.
+    failures: int = 0
+
+
+@runtime_checkable
+class StatusReporter(Protocol):
+    """A tool provider that reports the state of the servers behind it (`Downstream` does)."""
+
+    def status(self) -> Mapping[str, ServerStatus]:
+        """Each server's status, by name."""
         ...
 
 
