@@ -1,9 +1,10 @@
 """The planner's twelve MCP tools and the `plan_task` prompt, registered on an `MCPServer`.
 
-Each tool validates its typed arguments (pydantic), calls `PlannerService`, and returns a `CallToolResult`
-with structured content (the output schema is the presentation model named in its return annotation) plus
-a few lines of text a model reads at a glance. Tools raise `PlannerError`s; `server.PlannerMCPServer` turns
-every exception into an error result in one place.
+Each tool is a module-level function of the `ServiceState` and its typed arguments (validated by pydantic):
+it calls `PlannerService` and returns a `CallToolResult` with structured content (the output schema is the
+presentation model named in its return annotation) plus a few lines of text a model reads at a glance.
+`register_tools` registers them with the state bound. Tools raise `PlannerError`s; `app.PlannerMCPServer`
+turns every exception into an error result in one place.
 
 Approval uses MCP elicitation through `Resolve(...)`, which asks the person mid-call on protocol versions
 up to 2025-11-25 and through an `InputRequiredResult` round on 2026-07-28 and later.
@@ -11,8 +12,9 @@ up to 2025-11-25 and through an `InputRequiredResult` round on 2026-07-28 and la
 
 # No `from __future__ import annotations`: MCPServer reads tool and resolver signatures at registration.
 
-from collections.abc import Callable
-from typing import Annotated, Any
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
 import anyio
 from mcp.server.elicitation import (
@@ -29,7 +31,7 @@ from pydantic import BaseModel, Field
 
 from mcp_planner import presentation as views
 from mcp_planner.errors import PlanChangedError, PlannerError, PlanStateError
-from mcp_planner.plan.model import ExecutionOptions, PlanStatus, PlanSummary, Step, StepSpec
+from mcp_planner.plan.model import ExecutionOptions, PlanStatus, PlanSummary, StepSpec
 from mcp_planner.service import PlannerService
 
 STARTUP_WAIT = 30.0
@@ -147,279 +149,346 @@ async def _ask_person(plan_id: str, ctx: Context[Any, Any]) -> Elicit[ApprovalFo
     return Elicit(message, ApprovalForm)
 
 
+_Fn = TypeVar("_Fn", bound=Callable[..., Awaitable[Any]])
+
+#: (function, description, annotations) of each tool, in the order clients list them.
+_TOOLS: list[tuple[Callable[..., Awaitable[Any]], str, ToolAnnotations]] = []
+_PROMPTS: list[tuple[Callable[..., Awaitable[Any]], str]] = []
+
+
+def _tool(description: str, annotations: ToolAnnotations) -> Callable[[_Fn], _Fn]:
+    def record(fn: _Fn) -> _Fn:
+        _TOOLS.append((fn, description, annotations))
+        return fn
+
+    return record
+
+
+def _prompt(description: str) -> Callable[[_Fn], _Fn]:
+    def record(fn: _Fn) -> _Fn:
+        _PROMPTS.append((fn, description))
+        return fn
+
+    return record
+
+
 def register_tools(server: MCPServer[Any], state: ServiceState) -> None:
-    """Register the twelve planning tools and the `plan_task` prompt on `server`."""
+    """Register the twelve planning tools and the `plan_task` prompt on `server`, over `state`."""
+    for fn, description, annotations in _TOOLS:
+        server.add_tool(_bound(fn, state), description=description, annotations=annotations)
+    for fn, description in _PROMPTS:
+        server.prompt(description=description)(_bound(fn, state))
 
-    @server.tool(
-        description="List the tools that plan steps can call: the tools of the downstream MCP servers this "
-        "planner is connected to, by qualified name (`server.tool`), with description, input schema and "
-        "annotations (readOnlyHint/idempotentHint mean a step is safe to retry). Call this first, before "
-        "writing a plan. Also reports servers that failed to connect.",
-        annotations=_READ_ONLY,
-    )
-    async def list_tools(
-        server: Annotated[str | None, Field(description="only the tools of this downstream server")] = None,
-    ) -> Annotated[CallToolResult, views.ToolCatalog]:
-        service = await state.get()
-        catalog = await service.catalog()
-        tools = [
-            views.CatalogTool(
-                name=info.name,
-                server=info.server,
-                description=info.description,
-                input_schema=info.input_schema,
-                annotations=dict(info.annotations),
-            )
-            for info in sorted(catalog.values(), key=lambda i: i.name)
-            if server is None or info.server == server or info.name.startswith(f"{server}.")
-        ]
-        servers = views.server_views(service.server_status())
-        if server is not None:
-            servers = [s for s in servers if s.name == server]
-            if not tools and not servers:
-                known = sorted({i.server for i in catalog.values() if i.server})
-                raise PlannerError(f"no downstream server named {server!r}; known servers: {known}")
-        result = views.ToolCatalog(tools=tools, servers=servers)
-        return _result(result, views.catalog_text(result))
 
-    @server.tool(
-        description="Ask the client's LLM (MCP sampling) to write a plan for a task, using the tools from "
-        "list_tools; the plan is validated (and repaired up to 3 times) and stored. Returns the plan: show "
-        "it to the user, then call approve_plan and execute_plan. If this client cannot sample, draft the "
-        "plan yourself (the plan_task prompt has the instructions) and call create_plan.",
-        annotations=_hints(read_only=False, destructive=False, idempotent=False, open_world=False),
-    )
-    async def generate_plan(
-        task: Annotated[str, Field(min_length=1, description="what the plan should achieve")],
-        ctx: Context[Any, Any],
-        context: Annotated[str | None, Field(description="background the planner should know")] = None,
-        constraints: Annotated[
-            list[str] | str | None, Field(description="rules the plan must follow: a list, or one string")
-        ] = None,
-        options: Annotated[
-            ExecutionOptions | None, Field(description="execution options to apply (only those given)")
-        ] = None,
-    ) -> Annotated[CallToolResult, views.PlanView] | InputRequiredResult:
-        from mcp_planner.generation.generator import PlanRequest
-        from mcp_planner.generation.sampling import generate_with_sampling
+def _bound(fn: Callable[..., Awaitable[Any]], state: ServiceState) -> Callable[..., Awaitable[Any]]:
+    """`fn` with its first parameter (the state) given.
 
-        service = await state.get()
-        request = PlanRequest(task=task, context=context, constraints=constraints, options=options)
-        generated = await generate_with_sampling(ctx, await service.catalog(), request)
-        if isinstance(generated, InputRequiredResult):
-            return generated
-        plan = await service.add_plan(generated)
-        return _plan_result(plan, "generated and stored")
+    MCPServer builds a tool's name, input schema and injected parameters (context, resolvers) from the
+    function's name, `inspect.signature` and type hints, so the bound function shows those of `fn`
+    without `state`: what clients see is exactly what `fn` declares.
+    """
 
-    @server.tool(
-        description="Store a plan you wrote: a description and steps, each step calling one tool from "
-        "list_tools with parameters. Steps run in order of their dependencies (`depends_on`: ids of earlier "
-        "steps); a string parameter may use an earlier step's result as `{{ steps.<id>.result }}` (or "
-        "`.result.<field>`, `.text`, `.json`), which also makes it a dependency. Give steps short readable "
-        "ids. Set max_retries for flaky, idempotent calls only. The whole plan is validated against the "
-        "tools' input schemas and refused with every problem listed; fix them all and call again. A new plan "
-        "is pending_approval (call approve_plan) unless options.require_approval is false.",
-        annotations=_hints(read_only=False, destructive=False, idempotent=False, open_world=False),
-    )
-    async def create_plan(
-        description: Annotated[str, Field(description="what the plan achieves, in one sentence")],
-        steps: Annotated[list[StepSpec], Field(description="the steps, in a sensible order")],
-        options: Annotated[
-            ExecutionOptions | None,
-            Field(description="how to approve and run it (parallelism, error handling, timeouts)"),
-        ] = None,
-    ) -> Annotated[CallToolResult, views.PlanView]:
-        from mcp_planner.plan.model import PlanSpec
+    async def bound(**arguments: Any) -> Any:
+        return await fn(state, **arguments)
 
-        service = await state.get()
-        spec = PlanSpec(description=description, steps=steps, options=options or ExecutionOptions())
-        plan = await service.create_plan(spec)
-        return _plan_result(plan, "created")
+    signature = inspect.signature(fn)
+    bound.__name__ = fn.__name__
+    without_state = signature.replace(parameters=list(signature.parameters.values())[1:])
+    bound.__signature__ = without_state  # type: ignore[attr-defined]
+    bound.__annotations__ = {k: v for k, v in fn.__annotations__.items() if k != "state"}
+    return bound
 
-    @server.tool(
-        description="Replace the description, steps and/or options of a plan that has not started yet "
-        "(draft, pending_approval or approved). The plan is validated again, and any approval is cleared: "
-        "call approve_plan again afterwards. To change a plan that already ran, create a new one.",
-        annotations=_hints(read_only=False, destructive=True, idempotent=True, open_world=False),
-    )
-    async def update_plan(
-        plan_id: PlanId,
-        description: Annotated[str | None, Field(description="new description")] = None,
-        steps: Annotated[list[StepSpec] | None, Field(description="new steps (replace all steps)")] = None,
-        options: Annotated[ExecutionOptions | None, Field(description="new options (replace all)")] = None,
-    ) -> Annotated[CallToolResult, views.PlanView]:
-        service = await state.get()
-        plan = await service.update_plan(plan_id, description=description, steps=steps, options=options)
-        return _plan_result(plan, "updated (any earlier approval was cleared)")
 
-    @server.tool(
-        description="Approve a pending_approval plan so it can be executed. Show the plan to the user "
-        "first. Depending on the server's approval policy the user may be asked to confirm in their client; "
-        "if they decline, the plan is rejected. Approval pins the plan's content: editing it later needs a "
-        "new approval. Next: execute_plan.",
-        annotations=_hints(read_only=False, destructive=False, idempotent=True, open_world=False),
-    )
-    async def approve_plan(
-        plan_id: PlanId,
-        ctx: Context[Any, Any],
-        decision: Annotated[ElicitationResult[ApprovalForm], Resolve(_ask_person)],
-        approved_by: Annotated[
-            str | None, Field(max_length=200, description="who approves (default: agent)")
-        ] = None,
-    ) -> Annotated[CallToolResult, views.ApprovalView]:
-        service = await state.get()
-        shown = state.shown.pop((ctx.request_id, plan_id), None)
-        if isinstance(decision, DeclinedElicitation):
-            await service.reject_plan(
-                plan_id, "declined by the user when asked to approve", rejected_by="user"
-            )
-            raise PlanStateError(
-                f"the user declined plan {plan_id!r}: it is rejected (cancelled) and will never run. Ask the "
-                "user what to change, then create a new plan"
-            )
-        if isinstance(decision, CancelledElicitation):
-            raise PlanStateError(
-                f"the user dismissed the approval request: plan {plan_id!r} is still pending_approval. Call "
-                "approve_plan again when the user is ready, or reject_plan"
-            )
-        if isinstance(decision, AcceptedElicitation) and isinstance(decision.data, ApprovalForm):
-            if shown is None:
-                raise PlanChangedError(
-                    f"the approval of plan {plan_id!r} cannot be matched to what the user was shown: call "
-                    "approve_plan again"
-                )
-            client = _client_name(ctx)
-            by = f"user via {client}" if client else "user"
-            note = decision.data.note.strip() or None
-            plan = await service.approve_plan(
-                plan_id, approved_by=by, method="elicitation", note=note, expected_hash=shown
-            )
-            lead = f"plan {plan_id!r} approved by the user"
-        else:  # nobody was asked: the service refuses if only a person may approve this plan
-            plan = await service.approve_plan(plan_id, approved_by=approved_by or "agent", method="agent")
-            lead = f"plan {plan_id!r} approved by {plan.approved_by}"
-        view = views.approval_view(plan)
-        return _result(view, f"{lead}; next: {view.next_action}")
+# -- the tools -------------------------------------------------------------------------------------------
 
-    @server.tool(
-        description="Reject a plan that has not started (draft, pending_approval or approved): it becomes "
-        "cancelled and will never run. To stop a plan that is executing, use cancel_plan.",
-        annotations=_hints(read_only=False, destructive=True, idempotent=True, open_world=False),
-    )
-    async def reject_plan(
-        plan_id: PlanId,
-        reason: Annotated[str, Field(min_length=1, max_length=2000, description="why; kept with the plan")],
-    ) -> Annotated[CallToolResult, views.ApprovalView]:
-        service = await state.get()
-        plan = await service.reject_plan(plan_id, reason)
-        return _result(views.approval_view(plan), f"plan {plan_id!r} rejected: {reason}")
 
-    @server.tool(
-        description="Execute an approved plan: its steps call the downstream tools (real side effects). "
-        "Returns the summary when the plan finishes or after wait_seconds, whichever comes first; a plan "
-        "still executing keeps running in the server: follow it with get_summary, stop it with cancel_plan. "
-        "Sends progress notifications per step when the request has a progress token. Only for a plan that "
-        "is approved (or needs no approval); for a failed or partial plan use resume_plan.",
-        annotations=_hints(read_only=False, destructive=True, idempotent=False, open_world=True),
-    )
-    async def execute_plan(
-        plan_id: PlanId, ctx: Context[Any, Any], wait_seconds: WaitSeconds = 50.0
-    ) -> Annotated[CallToolResult, views.SummaryView]:
-        service = await state.get()
-        summary = await service.execute_plan(plan_id, wait_seconds=wait_seconds, on_progress=_progress(ctx))
-        return _summary_result(summary)
-
-    @server.tool(
-        description="Resume a failed or partial plan, or one left executing by a server that stopped: "
-        "completed steps are kept and never re-run; failed, skipped and pending steps run again. A step "
-        "that was interrupted mid-call (outcome unknown) is re-run only if that is safe (retries allowed, or "
-        "a read-only/idempotent tool) or rerun_interrupted is true; otherwise it fails and the summary says "
-        "so. Returns like execute_plan. Resuming a completed plan just returns its summary.",
-        annotations=_hints(read_only=False, destructive=True, idempotent=False, open_world=True),
-    )
-    async def resume_plan(
-        plan_id: PlanId,
-        ctx: Context[Any, Any],
-        rerun_interrupted: Annotated[
-            bool, Field(description="re-run steps interrupted mid-call even if not known to be safe")
-        ] = False,
-        wait_seconds: WaitSeconds = 50.0,
-    ) -> Annotated[CallToolResult, views.SummaryView]:
-        service = await state.get()
-        summary = await service.resume_plan(
-            plan_id,
-            rerun_interrupted=rerun_interrupted,
-            wait_seconds=wait_seconds,
-            on_progress=_progress(ctx),
+@_tool(
+    description="List the tools that plan steps can call: the tools of the downstream MCP servers this "
+    "planner is connected to, by qualified name (`server.tool`), with description, input schema and "
+    "annotations (readOnlyHint/idempotentHint mean a step is safe to retry). Call this first, before "
+    "writing a plan. Also reports servers that failed to connect.",
+    annotations=_READ_ONLY,
+)
+async def list_tools(
+    state: ServiceState,
+    server: Annotated[str | None, Field(description="only the tools of this downstream server")] = None,
+) -> Annotated[CallToolResult, views.ToolCatalog]:
+    service = await state.get()
+    catalog = await service.catalog()
+    tools = [
+        views.CatalogTool(
+            name=info.name,
+            server=info.server,
+            description=info.description,
+            input_schema=info.input_schema,
+            annotations=dict(info.annotations),
         )
-        return _summary_result(summary)
+        for info in sorted(catalog.values(), key=lambda i: i.name)
+        if server is None or info.server == server or info.name.startswith(f"{server}.")
+    ]
+    servers = views.server_views(service.server_status())
+    if server is not None:
+        servers = [s for s in servers if s.name == server]
+        if not tools and not servers:
+            known = sorted({i.server for i in catalog.values() if i.server})
+            raise PlannerError(f"no downstream server named {server!r}; known servers: {known}")
+    result = views.ToolCatalog(tools=tools, servers=servers)
+    return _result(result, views.catalog_text(result))
 
-    @server.tool(
-        description="Cancel a plan. An executing plan stops: running tool calls are cancelled and the steps "
-        "not finished are skipped. A plan not started yet is cancelled too. Cancelled is final: the plan can "
-        "never run or be resumed again.",
-        annotations=_hints(read_only=False, destructive=True, idempotent=True, open_world=False),
-    )
-    async def cancel_plan(
-        plan_id: PlanId,
-        reason: Annotated[
-            str, Field(max_length=2000, description="why; kept with the plan")
-        ] = "cancelled by the agent",
-    ) -> Annotated[CallToolResult, views.SummaryView]:
-        service = await state.get()
-        summary = await service.cancel_plan(plan_id, reason)
-        lead = None
-        if summary.status == PlanStatus.EXECUTING:
-            lead = "cancellation requested: the process executing the plan stops it within seconds"
-        return _summary_result(summary, lead)
 
-    @server.tool(
-        description="A plan's status, step counts, progress (percent of steps completed), duration, and for "
-        "each step its id, tool, status, duration, error and retry count. Cheap: use it to follow an "
-        "executing plan.",
-        annotations=_READ_ONLY,
-    )
-    async def get_summary(plan_id: PlanId) -> Annotated[CallToolResult, views.SummaryView]:
-        service = await state.get()
-        return _summary_result(await service.get_summary(plan_id))
+@_tool(
+    description="Ask the client's LLM (MCP sampling) to write a plan for a task, using the tools from "
+    "list_tools; the plan is validated (and repaired up to 3 times) and stored. Returns the plan: show "
+    "it to the user, then call approve_plan and execute_plan. If this client cannot sample, draft the "
+    "plan yourself (the plan_task prompt has the instructions) and call create_plan.",
+    annotations=_hints(read_only=False, destructive=False, idempotent=False, open_world=False),
+)
+async def generate_plan(
+    state: ServiceState,
+    task: Annotated[str, Field(min_length=1, description="what the plan should achieve")],
+    ctx: Context[Any, Any],
+    context: Annotated[str | None, Field(description="background the planner should know")] = None,
+    constraints: Annotated[
+        list[str] | str | None, Field(description="rules the plan must follow: a list, or one string")
+    ] = None,
+    options: Annotated[
+        ExecutionOptions | None, Field(description="execution options to apply (only those given)")
+    ] = None,
+) -> Annotated[CallToolResult, views.PlanView] | InputRequiredResult:
+    from mcp_planner.generation.generator import PlanRequest
+    from mcp_planner.generation.sampling import generate_with_sampling
 
-    @server.tool(
-        description="The whole plan: options, approval, every step with parameters, dependencies, status "
-        "and result, and a Mermaid graph of the steps coloured by status. Results over 64 KiB are shown as "
-        "a preview plus a plan:// resource URI to read them in full.",
-        annotations=_READ_ONLY,
-    )
-    async def get_plan(plan_id: PlanId) -> Annotated[CallToolResult, views.PlanView]:
-        service = await state.get()
-        plan = await service.get_plan(plan_id)
-        view = views.plan_view(plan)
-        text = (
-            views.plan_text(plan) + "\n" + views.summary_text(plan.summary()) + f"\nnext: {view.next_action}"
+    service = await state.get()
+    request = PlanRequest(task=task, context=context, constraints=constraints, options=options)
+    generated = await generate_with_sampling(ctx, await service.catalog(), request)
+    if isinstance(generated, InputRequiredResult):
+        return generated
+    plan = await service.add_plan(generated)
+    return _plan_result(plan, "generated and stored")
+
+
+@_tool(
+    description="Store a plan you wrote: a description and steps, each step calling one tool from "
+    "list_tools with parameters. Steps run in order of their dependencies (`depends_on`: ids of earlier "
+    "steps); a string parameter may use an earlier step's result as `{{ steps.<id>.result }}` (or "
+    "`.result.<field>`, `.text`, `.json`), which also makes it a dependency. Give steps short readable "
+    "ids. Set max_retries for flaky, idempotent calls only. The whole plan is validated against the "
+    "tools' input schemas and refused with every problem listed; fix them all and call again. A new plan "
+    "is pending_approval (call approve_plan) unless options.require_approval is false.",
+    annotations=_hints(read_only=False, destructive=False, idempotent=False, open_world=False),
+)
+async def create_plan(
+    state: ServiceState,
+    description: Annotated[str, Field(description="what the plan achieves, in one sentence")],
+    steps: Annotated[list[StepSpec], Field(description="the steps, in a sensible order")],
+    options: Annotated[
+        ExecutionOptions | None,
+        Field(description="how to approve and run it (parallelism, error handling, timeouts)"),
+    ] = None,
+) -> Annotated[CallToolResult, views.PlanView]:
+    from mcp_planner.plan.model import PlanSpec
+
+    service = await state.get()
+    spec = PlanSpec(description=description, steps=steps, options=options or ExecutionOptions())
+    plan = await service.create_plan(spec)
+    return _plan_result(plan, "created")
+
+
+@_tool(
+    description="Replace the description, steps and/or options of a plan that has not started yet "
+    "(draft, pending_approval or approved). The plan is validated again, and any approval is cleared: "
+    "call approve_plan again afterwards. To change a plan that already ran, create a new one.",
+    annotations=_hints(read_only=False, destructive=True, idempotent=True, open_world=False),
+)
+async def update_plan(
+    state: ServiceState,
+    plan_id: PlanId,
+    description: Annotated[str | None, Field(description="new description")] = None,
+    steps: Annotated[list[StepSpec] | None, Field(description="new steps (replace all steps)")] = None,
+    options: Annotated[ExecutionOptions | None, Field(description="new options (replace all)")] = None,
+) -> Annotated[CallToolResult, views.PlanView]:
+    service = await state.get()
+    plan = await service.update_plan(plan_id, description=description, steps=steps, options=options)
+    return _plan_result(plan, "updated (any earlier approval was cleared)")
+
+
+@_tool(
+    description="Approve a pending_approval plan so it can be executed. Show the plan to the user "
+    "first. Depending on the server's approval policy the user may be asked to confirm in their client; "
+    "if they decline, the plan is rejected. Approval pins the plan's content: editing it later needs a "
+    "new approval. Next: execute_plan.",
+    annotations=_hints(read_only=False, destructive=False, idempotent=True, open_world=False),
+)
+async def approve_plan(
+    state: ServiceState,
+    plan_id: PlanId,
+    ctx: Context[Any, Any],
+    decision: Annotated[ElicitationResult[ApprovalForm], Resolve(_ask_person)],
+    approved_by: Annotated[
+        str | None, Field(max_length=200, description="who approves (default: agent)")
+    ] = None,
+) -> Annotated[CallToolResult, views.ApprovalView]:
+    service = await state.get()
+    shown = state.shown.pop((ctx.request_id, plan_id), None)
+    if isinstance(decision, DeclinedElicitation):
+        await service.reject_plan(plan_id, "declined by the user when asked to approve", rejected_by="user")
+        raise PlanStateError(
+            f"the user declined plan {plan_id!r}: it is rejected (cancelled) and will never run. Ask the "
+            "user what to change, then create a new plan"
         )
-        return _result(view, text)
+    if isinstance(decision, CancelledElicitation):
+        raise PlanStateError(
+            f"the user dismissed the approval request: plan {plan_id!r} is still pending_approval. Call "
+            "approve_plan again when the user is ready, or reject_plan"
+        )
+    if isinstance(decision, AcceptedElicitation) and isinstance(decision.data, ApprovalForm):
+        if shown is None:
+            raise PlanChangedError(
+                f"the approval of plan {plan_id!r} cannot be matched to what the user was shown: call "
+                "approve_plan again"
+            )
+        client = _client_name(ctx)
+        by = f"user via {client}" if client else "user"
+        note = decision.data.note.strip() or None
+        plan = await service.approve_plan(
+            plan_id, approved_by=by, method="elicitation", note=note, expected_hash=shown
+        )
+        lead = f"plan {plan_id!r} approved by the user"
+    else:  # nobody was asked: the service refuses if only a person may approve this plan
+        plan = await service.approve_plan(plan_id, approved_by=approved_by or "agent", method="agent")
+        lead = f"plan {plan_id!r} approved by {plan.approved_by}"
+    view = views.approval_view(plan)
+    return _result(view, f"{lead}; next: {view.next_action}")
 
-    @server.tool(
-        description="Recent plans, newest first, optionally only those with one status (e.g. "
-        "pending_approval, executing, failed).",
-        annotations=_READ_ONLY,
+
+@_tool(
+    description="Reject a plan that has not started (draft, pending_approval or approved): it becomes "
+    "cancelled and will never run. To stop a plan that is executing, use cancel_plan.",
+    annotations=_hints(read_only=False, destructive=True, idempotent=True, open_world=False),
+)
+async def reject_plan(
+    state: ServiceState,
+    plan_id: PlanId,
+    reason: Annotated[str, Field(min_length=1, max_length=2000, description="why; kept with the plan")],
+) -> Annotated[CallToolResult, views.ApprovalView]:
+    service = await state.get()
+    plan = await service.reject_plan(plan_id, reason)
+    return _result(views.approval_view(plan), f"plan {plan_id!r} rejected: {reason}")
+
+
+@_tool(
+    description="Execute an approved plan: its steps call the downstream tools (real side effects). "
+    "Returns the summary when the plan finishes or after wait_seconds, whichever comes first; a plan "
+    "still executing keeps running in the server: follow it with get_summary, stop it with cancel_plan. "
+    "Sends progress notifications per step when the request has a progress token. Only for a plan that "
+    "is approved (or needs no approval); for a failed or partial plan use resume_plan.",
+    annotations=_hints(read_only=False, destructive=True, idempotent=False, open_world=True),
+)
+async def execute_plan(
+    state: ServiceState, plan_id: PlanId, ctx: Context[Any, Any], wait_seconds: WaitSeconds = 50.0
+) -> Annotated[CallToolResult, views.SummaryView]:
+    service = await state.get()
+    summary = await service.execute_plan(plan_id, wait_seconds=wait_seconds, on_progress=_progress(ctx))
+    return _summary_result(summary)
+
+
+@_tool(
+    description="Resume a failed or partial plan, or one left executing by a server that stopped: "
+    "completed steps are kept and never re-run; failed, skipped and pending steps run again. A step "
+    "that was interrupted mid-call (outcome unknown) is re-run only if that is safe (retries allowed, or "
+    "a read-only/idempotent tool) or rerun_interrupted is true; otherwise it fails and the summary says "
+    "so. Returns like execute_plan. Resuming a completed plan just returns its summary.",
+    annotations=_hints(read_only=False, destructive=True, idempotent=False, open_world=True),
+)
+async def resume_plan(
+    state: ServiceState,
+    plan_id: PlanId,
+    ctx: Context[Any, Any],
+    rerun_interrupted: Annotated[
+        bool, Field(description="re-run steps interrupted mid-call even if not known to be safe")
+    ] = False,
+    wait_seconds: WaitSeconds = 50.0,
+) -> Annotated[CallToolResult, views.SummaryView]:
+    service = await state.get()
+    summary = await service.resume_plan(
+        plan_id,
+        rerun_interrupted=rerun_interrupted,
+        wait_seconds=wait_seconds,
+        on_progress=_progress(ctx),
     )
-    async def list_plans(
-        status: Annotated[PlanStatus | None, Field(description="only plans with this status")] = None,
-        limit: Annotated[int, Field(ge=1, le=200, description="at most this many plans")] = 20,
-    ) -> Annotated[CallToolResult, views.PlanList]:
-        service = await state.get()
-        plans = views.plan_list(await service.list_plans(status=status, limit=limit))
-        return _result(plans, views.plan_list_text(plans))
+    return _summary_result(summary)
 
-    @server.prompt(
-        description="The planning instructions with the tool catalog, for a task: for clients without "
-        "sampling, so the agent drafts the plan itself and calls create_plan."
-    )
-    async def plan_task(task: str, context: str | None = None) -> str:
-        from mcp_planner.generation.generator import render_planning_prompt
 
-        service = await state.get()
-        return render_planning_prompt(await service.catalog(), task, context, None, for_agent=True)
+@_tool(
+    description="Cancel a plan. An executing plan stops: running tool calls are cancelled and the steps "
+    "not finished are skipped. A plan not started yet is cancelled too. Cancelled is final: the plan can "
+    "never run or be resumed again.",
+    annotations=_hints(read_only=False, destructive=True, idempotent=True, open_world=False),
+)
+async def cancel_plan(
+    state: ServiceState,
+    plan_id: PlanId,
+    reason: Annotated[
+        str, Field(max_length=2000, description="why; kept with the plan")
+    ] = "cancelled by the agent",
+) -> Annotated[CallToolResult, views.SummaryView]:
+    service = await state.get()
+    summary = await service.cancel_plan(plan_id, reason)
+    lead = None
+    if summary.status == PlanStatus.EXECUTING:
+        lead = "cancellation requested: the process executing the plan stops it within seconds"
+    return _summary_result(summary, lead)
+
+
+@_tool(
+    description="A plan's status, step counts, progress (percent of steps completed), duration, and for "
+    "each step its id, tool, status, duration, error and retry count. Cheap: use it to follow an "
+    "executing plan.",
+    annotations=_READ_ONLY,
+)
+async def get_summary(state: ServiceState, plan_id: PlanId) -> Annotated[CallToolResult, views.SummaryView]:
+    service = await state.get()
+    return _summary_result(await service.get_summary(plan_id))
+
+
+@_tool(
+    description="The whole plan: options, approval, every step with parameters, dependencies, status "
+    "and result, and a Mermaid graph of the steps coloured by status. Results over 64 KiB are shown as "
+    "a preview plus a plan:// resource URI to read them in full.",
+    annotations=_READ_ONLY,
+)
+async def get_plan(state: ServiceState, plan_id: PlanId) -> Annotated[CallToolResult, views.PlanView]:
+    service = await state.get()
+    plan = await service.get_plan(plan_id)
+    view = views.plan_view(plan)
+    text = views.plan_text(plan) + "\n" + views.summary_text(plan.summary()) + f"\nnext: {view.next_action}"
+    return _result(view, text)
+
+
+@_tool(
+    description="Recent plans, newest first, optionally only those with one status (e.g. "
+    "pending_approval, executing, failed).",
+    annotations=_READ_ONLY,
+)
+async def list_plans(
+    state: ServiceState,
+    status: Annotated[PlanStatus | None, Field(description="only plans with this status")] = None,
+    limit: Annotated[int, Field(ge=1, le=200, description="at most this many plans")] = 20,
+) -> Annotated[CallToolResult, views.PlanList]:
+    service = await state.get()
+    plans = views.plan_list(await service.list_plans(status=status, limit=limit))
+    return _result(plans, views.plan_list_text(plans))
+
+
+@_prompt(
+    description="The planning instructions with the tool catalog, for a task: for clients without "
+    "sampling, so the agent drafts the plan itself and calls create_plan."
+)
+async def plan_task(state: ServiceState, task: str, context: str | None = None) -> str:
+    from mcp_planner.generation.generator import render_planning_prompt
+
+    service = await state.get()
+    return render_planning_prompt(await service.catalog(), task, context, None, for_agent=True)
 
 
 def _plan_result(plan: Any, verb: str) -> CallToolResult:
@@ -429,10 +498,9 @@ def _plan_result(plan: Any, verb: str) -> CallToolResult:
     return _result(view, text)
 
 
-def _progress(ctx: Context[Any, Any]) -> Callable[[PlanSummary, Step | None], Any]:
-    async def report(summary: PlanSummary, step: Step | None) -> None:
+def _progress(ctx: Context[Any, Any]) -> Callable[[PlanSummary, str | None], Any]:
+    async def report(summary: PlanSummary, message: str | None) -> None:
         done = summary.completed + summary.failed + summary.skipped
-        message = f"step {step.id!r} {step.status.value}" if step is not None else None
         await ctx.report_progress(done, summary.total_steps, message)
 
     return report
