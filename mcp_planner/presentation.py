@@ -25,6 +25,7 @@ from mcp_planner.plan.model import (
     Step,
     StepResult,
     StepStatus,
+    StepSummary,
 )
 
 #: How much of a large result's text a preview shows.
@@ -268,37 +269,114 @@ def _mermaid_text(text: str) -> str:
     return text.replace('"', "#quot;")
 
 
-# -- short text -----------------------------------------------------------------------------------------
+# -- words and numbers (the CLI lays these out with rich) ------------------------------------------------
 
 
-def _duration(ms: int | None) -> str:
+def one_line(text: str, limit: int = 200) -> str:
+    """`text` with its whitespace flattened, cut to `limit` characters (an ellipsis marks the cut)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def duration_text(ms: int | None) -> str:
+    """`850 ms`, `12.3 s`, or empty when unknown."""
     if ms is None:
         return ""
-    return f" {ms} ms" if ms < 10_000 else f" {ms / 1000:.1f} s"
+    return f"{ms} ms" if ms < 1000 else f"{ms / 1000:.1f} s"
+
+
+def timestamp_text(at: datetime | None) -> str:
+    """Local time to the second, or empty."""
+    return at.astimezone().strftime("%Y-%m-%d %H:%M:%S") if at else ""
+
+
+def retries_text(count: int) -> str:
+    return f"{count} retr{'y' if count == 1 else 'ies'}"
+
+
+def counts_text(summary: PlanSummary) -> str:
+    """`3/5 completed, 1 failed, 1 running`: the completed count always, the others when not zero."""
+    counts = (
+        (summary.failed, "failed"),
+        (summary.skipped, "skipped"),
+        (summary.running, "running"),
+        (summary.pending, "pending"),
+    )
+    done = f"{summary.completed}/{summary.total_steps} completed"
+    return done + "".join(f", {n} {name}" for n, name in counts if n)
+
+
+def run_mode(plan: ExecutionPlan) -> str:
+    """How the steps run: `up to 4 in parallel, stop at the first failure`."""
+    options = plan.options
+    mode = f"up to {options.slots} in parallel" if options.allow_parallel else "one at a time"
+    stops = options.stop_on_error and not options.continue_on_error
+    return mode + (", stop at the first failure" if stops else ", continue after a failure")
+
+
+def result_preview(result: StepResult, limit: int = 200) -> str:
+    """A result on one line: its structured content as JSON when it has some, else its text."""
+    value = result.value
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    return one_line(text, limit)
+
+
+def parameters_text(schema: dict[str, Any] | None) -> str:
+    """A tool's parameter names from its input schema, optional ones marked `?`."""
+    if not schema:
+        return ""
+    required = set(schema.get("required", []))
+    return ", ".join(f"{name}{'' if name in required else '?'}" for name in schema.get("properties", {}))
+
+
+def tool_hints(annotations: Mapping[str, Any]) -> list[str]:
+    """The annotations that matter to a plan: `read-only`, `idempotent`, `destructive`."""
+    names = (
+        ("read-only", "readOnlyHint"),
+        ("idempotent", "idempotentHint"),
+        ("destructive", "destructiveHint"),
+    )
+    return [name for name, key in names if annotations.get(key)]
+
+
+def step_transition(before: StepSummary | None, now: StepSummary) -> str | None:
+    """One log line for what happened to a step since `before` (None when nothing did)."""
+    if before is not None and before.status == now.status and before.retry_count == now.retry_count:
+        return None
+    if now.status == StepStatus.RUNNING:
+        if before is not None and before.status == StepStatus.RUNNING:
+            return f"retry   {now.id} (retry {now.retry_count})"
+        return f"start   {now.id} -> {now.tool_name}"
+    if now.status == StepStatus.COMPLETED:
+        retries = f", {retries_text(now.retry_count)}" if now.retry_count else ""
+        return f"done    {now.id} ({duration_text(now.duration_ms)}{retries})"
+    if now.status == StepStatus.FAILED:
+        return f"FAILED  {now.id}: {now.error or 'no error message'}"
+    if now.status == StepStatus.SKIPPED:
+        return f"skipped {now.id}: {now.error or ''}"
+    return None
+
+
+# -- short text -----------------------------------------------------------------------------------------
 
 
 def summary_text(summary: PlanSummary, *, steps: bool = True, max_steps: int = 50) -> str:
     """A few lines a model reads at a glance: the status line, then one line per step."""
-    head = (
-        f"plan {summary.plan_id!r} ({summary.description}): {summary.status.value}, "
-        f"{summary.completed}/{summary.total_steps} completed"
-    )
-    extra = [f"{n} {name}" for n, name in ((summary.failed, "failed"), (summary.skipped, "skipped"))]
-    extra += [f"{summary.running} running"] if summary.running else []
-    head += "".join(f", {e}" for e in extra if not e.startswith("0 "))
+    head = f"plan {summary.plan_id!r} ({summary.description}): {summary.status.value}, {counts_text(summary)}"
     if summary.duration_ms is not None:
-        head += f",{_duration(summary.duration_ms)}"
+        head += f", {duration_text(summary.duration_ms)}"
     lines = [head]
     if summary.error:
         lines.append(f"  error: {summary.error}")
     if steps:
         for s in summary.steps[:max_steps]:
-            mark = _STATUS_MARK[s.status]
-            line = f"  {mark} {s.id} [{s.tool_name}] {s.status.value}{_duration(s.duration_ms)}"
+            line = f"  {_STATUS_MARK[s.status]} {s.id} [{s.tool_name}] {s.status.value}"
+            if s.duration_ms is not None:
+                line += f" {duration_text(s.duration_ms)}"
             if s.retry_count:
-                line += f", {s.retry_count} retr{'y' if s.retry_count == 1 else 'ies'}"
+                line += f", {retries_text(s.retry_count)}"
             if s.error:
-                line += f": {_one_line(s.error)}"
+                line += f": {one_line(s.error)}"
             lines.append(line)
         if len(summary.steps) > max_steps:
             lines.append(f"  ... and {len(summary.steps) - max_steps} more steps")
@@ -312,18 +390,14 @@ def plan_text(plan: ExecutionPlan, *, max_param_chars: int = 300, max_steps: int
         params = json.dumps(s.parameters, sort_keys=True, default=str)
         if len(params) > max_param_chars:
             params = params[:max_param_chars] + "…"
-        after = f" (after {', '.join(s.depends_on)})" if s.depends_on else ""
-        lines.append(f"{i}. {s.id}: {s.tool_name} {params}{after}")
+        notes = [f"after {', '.join(s.depends_on)}"] if s.depends_on else []
+        notes += [f"up to {retries_text(s.max_retries)}"] if s.max_retries else []
+        lines.append(f"{i}. {s.id}: {s.tool_name} {params}" + (f" ({'; '.join(notes)})" if notes else ""))
         if s.description:
-            lines.append(f"   {_one_line(s.description)}")
+            lines.append(f"   {one_line(s.description)}")
     if len(plan.steps) > max_steps:
         lines.append(f"... and {len(plan.steps) - max_steps} more steps (get_plan shows them all)")
-    options = plan.options
-    mode = f"up to {options.slots} in parallel" if options.allow_parallel else "one at a time"
-    stops = options.stop_on_error and not options.continue_on_error
-    lines.append(
-        f"Steps run {mode}; " + ("stop at the first failure." if stops else "continue after a failure.")
-    )
+    lines.append(f"Steps run {run_mode(plan)}.")
     return "\n".join(lines)
 
 
@@ -333,11 +407,6 @@ def plan_list_text(plans: PlanList) -> str:
     return "\n".join(
         f"{p.id} {p.status.value} {p.completed}/{p.total_steps} {p.description}" for p in plans.plans
     )
-
-
-def _one_line(text: str, limit: int = 200) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 # -- the tool catalog and approvals ---------------------------------------------------------------------
@@ -390,13 +459,9 @@ def server_views(status: Mapping[str, ServerStatus]) -> list[ServerView]:
 def catalog_text(catalog: ToolCatalog, *, max_tools: int = 100) -> str:
     lines = [f"{len(catalog.tools)} tool(s) available to plan steps:"]
     for tool in catalog.tools[:max_tools]:
-        hints = [
-            h
-            for h, key in (("read-only", "readOnlyHint"), ("idempotent", "idempotentHint"))
-            if tool.annotations.get(key)
-        ]
+        hints = tool_hints(tool.annotations)
         suffix = f" ({', '.join(hints)})" if hints else ""
-        about = f": {_one_line(tool.description, 120)}" if tool.description else ""
+        about = f": {one_line(tool.description, 120)}" if tool.description else ""
         lines.append(f"  {tool.name}{suffix}{about}")
     if len(catalog.tools) > max_tools:
         lines.append(f"  ... and {len(catalog.tools) - max_tools} more (see structured content)")

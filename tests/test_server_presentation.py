@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 from mcp_planner.plan.model import RESULT_PREVIEW_LIMIT, ExecutionPlan, StepResult, StepStatus
-from mcp_planner.presentation import PREVIEW_CHARS, mermaid, plan_text, plan_view, result_view, summary_text
+from mcp_planner.presentation import (
+    PREVIEW_CHARS,
+    counts_text,
+    duration_text,
+    mermaid,
+    plan_text,
+    plan_view,
+    result_preview,
+    result_view,
+    summary_text,
+)
 
 
 def sample_plan() -> ExecutionPlan:
@@ -57,3 +67,26 @@ def test_plan_text_lists_tools_parameters_and_dependencies() -> None:
 def test_plan_view_of_an_empty_plan_has_zero_progress() -> None:
     view = plan_view(ExecutionPlan.new("nothing"))
     assert view.progress == 0 and view.steps == [] and view.mermaid.startswith("flowchart TD")
+
+
+def test_durations_read_in_ms_under_a_second_and_in_seconds_above() -> None:
+    assert [duration_text(ms) for ms in (None, 0, 999, 1000, 12_345)] == [
+        "",
+        "0 ms",
+        "999 ms",
+        "1.0 s",
+        "12.3 s",
+    ]
+
+
+def test_counts_name_completed_always_and_other_states_only_when_present() -> None:
+    summary = sample_plan().summary()
+    assert counts_text(summary) == "1/3 completed, 1 failed, 1 skipped"
+    assert counts_text(ExecutionPlan.new("nothing").summary()) == "0/0 completed"
+
+
+def test_result_preview_is_one_line_of_the_structured_content_or_the_text() -> None:
+    assert result_preview(StepResult.from_value({"a": "x\ny"})) == '{"a": "x\\ny"}'
+    assert (
+        result_preview(StepResult.from_value("line one\nline two " + "z" * 300), 20) == "line one line two z…"
+    )

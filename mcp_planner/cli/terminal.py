@@ -1,15 +1,14 @@
 """Terminal rendering for the command line: plan tables, summaries and the live progress display.
 
-Everything here draws from the model (`ExecutionPlan`, `PlanSummary`) and `rich`; nothing does I/O other
-than writing to the console it is given, so `cli.py` stays about commands and exit codes.
+The words and numbers (durations, counts, previews, hints, step transitions) come from `presentation`;
+this module only lays them out with `rich`. Nothing does I/O other than writing to the console it is
+given, so `main.py` stays about commands and exit codes.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from datetime import datetime
-from typing import Any
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -18,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 from rich.text import Text
 
+from mcp_planner import presentation as views
 from mcp_planner.engine.tools import ServerState, ServerStatus, ToolInfo
 from mcp_planner.plan.model import ExecutionPlan, PlanStatus, PlanSummary, StepStatus, StepSummary
 
@@ -40,35 +40,12 @@ PLAN_STYLES: dict[PlanStatus, str] = {
 }
 
 
-def shorten(text: str, limit: int = 60) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def duration(ms: int | None) -> str:
-    if ms is None:
-        return ""
-    if ms < 1000:
-        return f"{ms} ms"
-    return f"{ms / 1000:.2f} s"
-
-
-def timestamp(at: datetime | None) -> str:
-    return at.astimezone().strftime("%Y-%m-%d %H:%M:%S") if at else ""
-
-
 def plan_status_text(status: PlanStatus) -> Text:
     return Text(status.value, style=PLAN_STYLES.get(status, ""))
 
 
 def step_status_text(status: StepStatus) -> Text:
     return Text(status.value, style=STEP_STYLES.get(status, ""))
-
-
-def _mode(plan: ExecutionPlan) -> str:
-    options = plan.options
-    mode = f"parallel, up to {options.slots} at once" if options.allow_parallel else "one step at a time"
-    return f"{len(plan.steps)} step(s), {mode}"
 
 
 def print_plan(console: Console, plan: ExecutionPlan, title: str) -> None:
@@ -79,24 +56,14 @@ def print_plan(console: Console, plan: ExecutionPlan, title: str) -> None:
     if console.is_terminal:
         console.print(plan_table(plan, title))
         return
-    console.print(
-        f"{title}: {plan.description} ({_mode(plan)})", markup=False, highlight=False, soft_wrap=True
-    )
-    for step in plan.steps:
-        params = json.dumps(step.parameters, ensure_ascii=False, default=str)
-        after = f" after {', '.join(step.depends_on)}" if step.depends_on else ""
-        retries = f" retries={step.max_retries}" if step.max_retries else ""
-        console.print(
-            f"  {step.index + 1:>3}. {step.id} -> {step.tool_name} {shorten(params, 200)}{after}{retries}",
-            markup=False,
-            highlight=False,
-            soft_wrap=True,
-        )
+    console.print(views.plan_text(plan), markup=False, highlight=False, soft_wrap=True)
 
 
 def plan_table(plan: ExecutionPlan, title: str) -> Table:
     table = Table(
-        title=f"{escape(title)}: {escape(plan.description)}", caption=_mode(plan), title_justify="left"
+        title=f"{escape(title)}: {escape(plan.description)}",
+        caption=f"{len(plan.steps)} step(s), {views.run_mode(plan)}",
+        title_justify="left",
     )
     table.add_column("#", justify="right", style="dim")
     table.add_column("step", style="bold")
@@ -111,7 +78,7 @@ def plan_table(plan: ExecutionPlan, title: str) -> Table:
             escape(step.id),
             escape(step.tool_name),
             escape(", ".join(step.depends_on)),
-            escape(shorten(params, 100)),
+            escape(views.one_line(params, 100)),
             str(step.max_retries) if step.max_retries else "",
         )
     return table
@@ -130,7 +97,7 @@ def steps_table(summary: PlanSummary, *, title: str | None = None) -> Table:
             escape(step.id),
             escape(step.tool_name),
             step_status_text(step.status),
-            duration(step.duration_ms),
+            views.duration_text(step.duration_ms),
             str(step.retry_count) if step.retry_count else "",
             escape(step.error or ""),
         )
@@ -144,11 +111,8 @@ def summary_renderable(summary: PlanSummary, *, steps: bool = True) -> Renderabl
         (summary.plan_id, "bold"),
         " ",
         plan_status_text(summary.status),
-        f"  {summary.completed}/{summary.total_steps} completed",
-        f", {summary.failed} failed" if summary.failed else "",
-        f", {summary.skipped} skipped" if summary.skipped else "",
-        f", {summary.pending} pending" if summary.pending else "",
-        f" in {duration(summary.duration_ms)}" if summary.duration_ms is not None else "",
+        f"  {views.counts_text(summary)}",
+        f" in {views.duration_text(summary.duration_ms)}" if summary.duration_ms is not None else "",
     )
     parts: list[RenderableType] = [steps_table(summary), head] if steps else [head]
     if summary.error:
@@ -157,24 +121,8 @@ def summary_renderable(summary: PlanSummary, *, steps: bool = True) -> Renderabl
 
 
 def summary_lines(summary: PlanSummary) -> list[str]:
-    """The summary as plain lines, for logs and CI output."""
-    lines = [
-        f"plan {summary.plan_id} {summary.status.value}: {summary.completed}/{summary.total_steps} "
-        f"completed, {summary.failed} failed, {summary.skipped} skipped"
-        + (f" in {duration(summary.duration_ms)}" if summary.duration_ms is not None else "")
-    ]
-    if summary.error:
-        lines.append(f"error: {summary.error}")
-    for step in summary.steps:
-        extra = f" ({duration(step.duration_ms)})" if step.duration_ms is not None else ""
-        retries = (
-            f" after {step.retry_count} retr{'y' if step.retry_count == 1 else 'ies'}"
-            if step.retry_count
-            else ""
-        )
-        error = f": {step.error}" if step.error else ""
-        lines.append(f"  {step.id:<20} {step.status.value:<10} {step.tool_name}{extra}{retries}{error}")
-    return lines
+    """The summary as plain lines, for logs and CI output: every step, however many."""
+    return views.summary_text(summary, max_steps=len(summary.steps)).splitlines()
 
 
 def plans_table(plans: Iterable[ExecutionPlan]) -> Table:
@@ -193,9 +141,9 @@ def plans_table(plans: Iterable[ExecutionPlan]) -> Table:
             plan_status_text(plan.status),
             str(summary.total_steps),
             f"{summary.progress:.0f}%",
-            timestamp(plan.created_at),
-            duration(plan.total_duration_ms),
-            escape(shorten(plan.description, 70)),
+            views.timestamp_text(plan.created_at),
+            views.duration_text(plan.total_duration_ms),
+            escape(views.one_line(plan.description, 70)),
         )
     return table
 
@@ -211,14 +159,19 @@ def plan_details(plan: ExecutionPlan) -> Table:
     if plan.approved_by:
         method = plan.metadata.get("approval_method")
         how = f" ({method})" if method else ""
-        grid.add_row("approved", f"by {escape(plan.approved_by)}{how} at {timestamp(plan.approved_at)}")
+        grid.add_row(
+            "approved", f"by {escape(plan.approved_by)}{how} at {views.timestamp_text(plan.approved_at)}"
+        )
     if plan.rejection_note:
         grid.add_row("rejected", escape(plan.rejection_note))
-    grid.add_row("created", timestamp(plan.created_at))
+    grid.add_row("created", views.timestamp_text(plan.created_at))
     if plan.started_at:
-        grid.add_row("started", timestamp(plan.started_at))
+        grid.add_row("started", views.timestamp_text(plan.started_at))
     if plan.completed_at:
-        grid.add_row("finished", f"{timestamp(plan.completed_at)} ({duration(plan.total_duration_ms)})")
+        grid.add_row(
+            "finished",
+            f"{views.timestamp_text(plan.completed_at)} ({views.duration_text(plan.total_duration_ms)})",
+        )
     if plan.error:
         grid.add_row("error", Text(plan.error, style="red"))
     grid.add_row("options", escape(json.dumps(plan.options.model_dump(mode="json"))))
@@ -232,9 +185,7 @@ def results_table(plan: ExecutionPlan, limit: int = 80) -> Table:
     for step in plan.steps:
         if step.result is None:
             continue
-        value = step.result.value
-        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
-        table.add_row(escape(step.id), escape(shorten(text, limit)))
+        table.add_row(escape(step.id), escape(views.result_preview(step.result, limit)))
     return table
 
 
@@ -248,9 +199,9 @@ def tools_table(catalog: Mapping[str, ToolInfo]) -> Table:
         info = catalog[name]
         table.add_row(
             escape(name),
-            escape(_parameters(info.input_schema)),
-            _hints(info),
-            escape(shorten(info.description, 80)),
+            escape(views.parameters_text(info.input_schema)),
+            ", ".join(views.tool_hints(info.annotations)),
+            escape(views.one_line(info.description, 80)),
         )
     return table
 
@@ -273,25 +224,6 @@ def servers_table(status: Mapping[str, ServerStatus]) -> Table:
             escape(server.error or ""),
         )
     return table
-
-
-def _parameters(schema: dict[str, Any] | None) -> str:
-    if not schema:
-        return ""
-    required = set(schema.get("required", []))
-    names = [f"{name}{'' if name in required else '?'}" for name in schema.get("properties", {})]
-    return ", ".join(names)
-
-
-def _hints(info: ToolInfo) -> str:
-    hints = []
-    if info.annotations.get("readOnlyHint"):
-        hints.append("read-only")
-    if info.annotations.get("idempotentHint"):
-        hints.append("idempotent")
-    if info.annotations.get("destructiveHint"):
-        hints.append("destructive")
-    return ", ".join(hints)
 
 
 class ProgressDisplay:
@@ -344,27 +276,8 @@ class ProgressDisplay:
             self._live.update(self._renderable())
         else:
             for step in summary.steps:
-                line = _transition(self._last.get(step.id), step)
+                line = views.step_transition(self._last.get(step.id), step)
                 if line:
                     self._console.print(line, markup=False, highlight=False, soft_wrap=True)
             self._summary = summary
         self._last = {s.id: s for s in summary.steps}
-
-
-def _transition(before: StepSummary | None, now: StepSummary) -> str | None:
-    if before is not None and before.status == now.status and before.retry_count == now.retry_count:
-        return None
-    if now.status == StepStatus.RUNNING:
-        if before is not None and before.status == StepStatus.RUNNING:
-            return f"retry   {now.id} (retry {now.retry_count})"
-        return f"start   {now.id} -> {now.tool_name}"
-    if now.status == StepStatus.COMPLETED:
-        retries = (
-            f", {now.retry_count} retr{'y' if now.retry_count == 1 else 'ies'}" if now.retry_count else ""
-        )
-        return f"done    {now.id} ({duration(now.duration_ms)}{retries})"
-    if now.status == StepStatus.FAILED:
-        return f"FAILED  {now.id}: {now.error or 'no error message'}"
-    if now.status == StepStatus.SKIPPED:
-        return f"skipped {now.id}: {now.error or ''}"
-    return None
