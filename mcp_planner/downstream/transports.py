@@ -16,8 +16,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
-from types import TracebackType
-from typing import IO, Self, TextIO, cast
+from typing import IO, TextIO, cast
 
 import anyio
 import anyio.abc
@@ -30,6 +29,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.message import SessionMessage
 
 from mcp_planner.downstream.config import ServerConfig
+from mcp_planner.downstream.streams import ReadStreamWrapper
 
 _HTTP_TIMEOUT = httpx2.Timeout(30.0, read=300.0)
 _TAIL_CHARS = 600
@@ -42,18 +42,13 @@ _REAP_WAIT = 0.5
 _POLL = 0.01
 
 
-class _WatchedReadStream:
+class _WatchedReadStream(ReadStreamWrapper):
     """A read stream that calls `on_eof` once when the other side is gone."""
 
     def __init__(self, inner: ReadStream[SessionMessage | Exception], on_eof: Callable[[], object]) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._on_eof = on_eof
         self._ended = False
-
-    @property
-    def last_context(self) -> object:
-        # The dispatcher reads the sender's contextvars snapshot from here when the transport has one.
-        return getattr(self._inner, "last_context", None)
 
     def _end(self) -> None:
         if not self._ended:
@@ -66,27 +61,6 @@ class _WatchedReadStream:
         except (anyio.EndOfStream, anyio.BrokenResourceError):
             self._end()
             raise
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> SessionMessage | Exception:
-        try:
-            return await self.receive()
-        except anyio.EndOfStream:
-            raise StopAsyncIteration from None
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None:
-        await self.aclose()
-        return None
 
 
 @contextlib.asynccontextmanager

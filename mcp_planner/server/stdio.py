@@ -19,8 +19,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import anyio
 from mcp.server.stdio import stdio_server
@@ -28,6 +27,8 @@ from mcp.shared._stream_protocols import ReadStream, WriteStream
 from mcp.shared.message import SessionMessage
 from mcp_types import INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, ErrorData, JSONRPCError, RequestId
 from pydantic import ValidationError
+
+from mcp_planner.downstream.streams import ReadStreamWrapper
 
 log = logging.getLogger("mcp_planner.stdio")
 
@@ -86,19 +87,14 @@ def unreadable(exc: Exception) -> Unreadable:
     return Unreadable(_error(request_id, INVALID_REQUEST, _INVALID_REQUEST))
 
 
-class _AnsweringReadStream:
+class _AnsweringReadStream(ReadStreamWrapper):
     """Yields the messages of `inner`; answers the exceptions on `write` (or turns them into messages)."""
 
     def __init__(
         self, inner: ReadStream[SessionMessage | Exception], write: WriteStream[SessionMessage]
     ) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._write = write
-
-    @property
-    def last_context(self) -> object:
-        # The dispatcher reads the sender's contextvars snapshot from here when the transport has one.
-        return getattr(self._inner, "last_context", None)
 
     async def receive(self) -> SessionMessage | Exception:
         while True:
@@ -116,27 +112,6 @@ class _AnsweringReadStream:
                 await self._write.send(SessionMessage(answer.error))
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                 pass  # the session is closing; nobody is left to answer
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> SessionMessage | Exception:
-        try:
-            return await self.receive()
-        except anyio.EndOfStream:
-            raise StopAsyncIteration from None
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool | None:
-        await self.aclose()
-        return None
 
 
 def _error(request_id: RequestId | None, code: int, message: str) -> JSONRPCError:
