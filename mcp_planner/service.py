@@ -1,23 +1,27 @@
 """The application layer: what the MCP server's tools and the CLI's commands do, with no MCP types.
 
-`PlannerService` owns a task group in which plan executions run, so `execute_plan` can return after
-`wait_seconds` while the plan keeps running (the MCP server's tools must answer within the client's
-timeout; the CLI passes `wait_seconds=None` and waits to the end). Every operation reads the plan from the
-store first and applies approval timeouts, so a plan that waited too long is cancelled before anything else
-looks at it. Every approval, rejection and cancellation is written to the plan's event log with who did it
-and how.
+Executing a plan is submitting a run to the store's queue and following the plan's stored state: a runner
+executes it (`runner.py`), so the run outlives the caller. `execute_plan` returns after `wait_seconds` or at
+the end (the MCP server's tools must answer within the client's timeout; the CLI passes `wait_seconds=None`).
+The rules of who may do what to a plan in which state belong to the engine's executor; every operation reads
+the plan from the store first (applying approval timeouts) and writes it back as a compare-and-set, so a
+race is lost cleanly and the operation re-applied to the state that won. Every approval, rejection and
+cancellation is written to the plan's event log with who did it and how.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+import math
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, Self, TypeVar
+from typing import Any, Concatenate, Literal, ParamSpec, Self, TypeVar
 
 import anyio
 
+from mcp_planner.engine.executor import Executor, check_can_execute, check_can_resume
 from mcp_planner.engine.tools import ServerStatus, StatusReporter, ToolInfo, ToolProvider, schema_catalog
 from mcp_planner.errors import (
     PlanChangedError,
@@ -38,19 +42,40 @@ from mcp_planner.plan.model import (
     StepStatus,
     utcnow,
 )
-from mcp_planner.runs import BackgroundRun, ProgressCallback, RunBody, Runs
-from mcp_planner.store.base import DEFAULT_STALE_AFTER, Event, Store, claim_is_live, new_owner_id
-
-if TYPE_CHECKING:
-    from mcp_planner.engine.executor import Executor
+from mcp_planner.runner import DetachedRunners, Runner, local_key, reclaim_orphans
+from mcp_planner.store.base import (
+    DEFAULT_STALE_AFTER,
+    Event,
+    QueueStore,
+    RunKind,
+    RunnerInfo,
+    RunRecord,
+    RunRequest,
+    RunState,
+    claim_is_live,
+    new_owner_id,
+)
 
 log = logging.getLogger("mcp_planner.service")
 
 ApprovalPolicy = Literal["auto", "agent", "human"]
 APPROVAL_POLICIES: tuple[ApprovalPolicy, ...] = ("auto", "agent", "human")
 
-#: How long `cancel_plan` waits for a run in this process to wind down.
+#: Called with the plan's summary as steps start and end, and what changed since the last call
+#: ("step 'b' completed"): `(summary, message)`; plain or async.
+ProgressCallback = Callable[[PlanSummary, str | None], Awaitable[None] | None]
+
+#: How long `cancel_plan` waits for an executing plan's runner to stop it.
 CANCEL_WAIT = 10.0
+#: How long a caller with `wait_seconds=0` still waits for a runner to take the run, so that a refusal
+#: (not approved, claimed elsewhere) reaches the caller instead of being lost.
+START_WAIT = 5.0
+#: How often a follower reads the stored plan when no in-process runner tells it of changes.
+FOLLOW_POLL_S = 0.25
+#: The least time between two progress summaries from an in-process runner (a burst becomes one).
+LOCAL_PROGRESS_S = 0.02
+#: How long a progress listener may take before it is skipped.
+LISTENER_WAIT = 2.0
 
 _NOT_STARTED = (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL, PlanStatus.APPROVED)
 #: How many times an operation is re-run from a fresh read when its compare-and-set write loses a race.
@@ -84,29 +109,33 @@ def _on_fresh_state(
 class PlannerService:
     """Create, approve, execute, resume, cancel and inspect plans over a store and a tool provider.
 
-    Use it as an async context manager: executions run in its task group and are cancelled when it exits
-    (a plan cut short that way stays `executing` with a dead claim and can be resumed later).
+    Use it as an async context manager. Without `launcher` it runs an in-process runner for its own runs
+    (the library, tests, the foreground `mcp-planner run`); they are cut short when it exits, left
+    `executing`, and resumable. With a launcher, runs go to runner processes that outlive it.
 
     Args:
-        store: where plans, events and execution claims live.
-        tools: the tools steps call (downstream MCP servers, or in-process tools).
+        store: where plans, events, execution claims and the run queue live.
+        tools: the tools steps call (downstream MCP servers, or in-process tools); used to validate plans,
+            and to execute them when there is no launcher.
         approval: the approval policy the MCP server applies (`auto`, `agent` or `human`); the service
             only records it, `approve_plan` records whatever approval the caller obtained.
         owner: this process's claim owner id (default: host, pid and a nonce).
         stale_after: seconds after which a claim whose heartbeat stopped is taken as dead.
         ready_timeout: how long the first operation that needs the tool catalog waits for the tool
             provider's initial connections (`tools.wait_ready`, when it has one).
+        launcher: starts runner processes on demand (`runner.DetachedRunners`); None: run in-process.
     """
 
     def __init__(
         self,
-        store: Store,
+        store: QueueStore,
         tools: ToolProvider,
         *,
         approval: ApprovalPolicy | str = "auto",
         owner: str | None = None,
         stale_after: float = DEFAULT_STALE_AFTER,
         ready_timeout: float = 30.0,
+        launcher: DetachedRunners | None = None,
     ) -> None:
         if approval not in APPROVAL_POLICIES:
             raise ValueError(f"approval policy must be one of {APPROVAL_POLICIES}, not {approval!r}")
@@ -116,17 +145,39 @@ class PlannerService:
         self.owner = owner or new_owner_id()
         self.stale_after = stale_after
         self.ready_timeout = ready_timeout
-        self._runs = Runs()
         self._ready = False
+        self._launcher = launcher
+        #: Runs submitted here without a launcher carry a key only this process's runner serves.
+        self._local_key = local_key(self.owner)
+        self._executor = Executor(tools, store, owner=self.owner, stale_after=stale_after)
+        self._runner: Runner | None = None
+        self._changed = anyio.Event()
+        self._tg: anyio.abc.TaskGroup | None = None
 
     async def __aenter__(self) -> Self:
-        await self._runs.__aenter__()
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        if self._launcher is None:
+            self._runner = Runner(
+                self.store,
+                self.tools,
+                servers=self._local_key,
+                owner=self.owner,
+                stale_after=self.stale_after,
+                on_change=self._wake,
+            )
+            await self._tg.start(self._runner.serve)
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
-        return await self._runs.__aexit__(exc_type, exc, tb)
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        try:
+            return await self._tg.__aexit__(exc_type, exc, tb)
+        finally:
+            self._tg = None
 
     # -- the tool catalog --------------------------------------------------------------------------------
 
@@ -198,7 +249,7 @@ class PlannerService:
             PlanValidationError: the updated plan has problems; the stored plan is unchanged.
         """
         plan = await self._load(plan_id)
-        if plan.id in self._runs or plan.status not in _NOT_STARTED:
+        if plan.status not in _NOT_STARTED:
             raise PlanStateError(
                 f"plan {plan.id!r} is {plan.status.value}: only a plan that has not started can be updated; "
                 "create a new plan instead"
@@ -366,28 +417,34 @@ class PlannerService:
 
     @_on_fresh_state
     async def execute_plan(
-        self, plan_id: str, wait_seconds: float | None = 50.0, on_progress: ProgressCallback | None = None
+        self,
+        plan_id: str,
+        wait_seconds: float | None = 50.0,
+        on_progress: ProgressCallback | None = None,
+        *,
+        submitted_by: str = "agent",
     ) -> PlanSummary:
-        """Start executing an approved plan; return its summary when it ends or after `wait_seconds`.
+        """Submit a run of an approved plan; return its summary when it ends or after `wait_seconds`.
 
-        The plan keeps running in this service's task group after `wait_seconds` (`None`: wait to the
-        end). `on_progress` is called after each step starts, completes or fails while the caller waits.
+        The run is a committed row in the store that a runner executes: it goes on whether or not the caller
+        keeps waiting, or even lives (`None`: wait to the end). `on_progress` is called with the summary as
+        steps start and end while the caller waits.
 
         Raises:
             PlanNotFoundError: no such plan.
-            PlanStateError: not approved, changed since approval, already executing, or ended.
-            PlanClaimedError: another live process is executing it.
+            PlanStateError: not approved, changed since approval, already executing or submitted, or ended;
+                or the runner refused it (the message says why).
             PlanValidationError: it no longer validates against the tool catalog.
         """
         plan = await self._load(plan_id)
-        await self._refuse_running(plan, resuming=False)
-        _check_executable(plan)
+        await self._refuse_if_claimed(plan)
+        check_can_execute(plan)
         await self._tools_ready()
         problems = plan.validate(schema_catalog(self.tools))
         if problems:
             raise PlanValidationError(problems + self._unreachable(problems), "the plan cannot run")
-        run = self._start(plan, lambda ex, p: ex.execute(p))
-        return await run.wait(wait_seconds, on_progress)
+        request = RunRequest(plan_id=plan.id, kind=RunKind.EXECUTE, submitted_by=submitted_by)
+        return await self._submit_and_follow(request, wait_seconds, on_progress)
 
     @_on_fresh_state
     async def resume_plan(
@@ -396,115 +453,137 @@ class PlannerService:
         rerun_interrupted: bool = False,
         wait_seconds: float | None = 50.0,
         on_progress: ProgressCallback | None = None,
+        *,
+        submitted_by: str = "agent",
     ) -> PlanSummary:
-        """Resume a `failed` or `partial` plan, or one left `executing` by a process that stopped.
+        """Submit a run that resumes a `failed` or `partial` plan, or one left `executing` by a dead process.
 
-        Completed steps are kept; the rest run again. A step interrupted mid-call is re-run only when
-        that is safe or `rerun_interrupted` is true. Resuming a `completed` plan returns its summary.
+        Completed steps are kept; the rest run again. A step interrupted mid-call is re-run only when that is
+        safe or `rerun_interrupted` is true. Resuming a `completed` plan returns its summary.
 
         Raises:
             PlanNotFoundError: no such plan.
-            PlanStateError: the plan never ran, is cancelled, or is executing in this process.
-            PlanClaimedError: another live process is executing it.
+            PlanStateError: the plan never ran, is cancelled, or is executing in a live process.
         """
         plan = await self._load(plan_id)
-        if plan.status == PlanStatus.COMPLETED:
+        if not check_can_resume(plan):
             return plan.summary()
-        if plan.status == PlanStatus.CANCELLED:
-            raise PlanStateError(
-                f"plan {plan.id!r} is cancelled: a cancelled plan can never run again; create a new plan"
-            )
-        if plan.status in _NOT_STARTED:
-            hint = (
-                "call approve_plan, then execute_plan" if plan.options.needs_approval else "call execute_plan"
-            )
-            if plan.status == PlanStatus.APPROVED:
-                hint = "call execute_plan"
-            raise PlanStateError(f"plan {plan.id!r} is {plan.status.value} and has never run: {hint}")
-        await self._refuse_running(plan, resuming=True)
+        await self._refuse_if_claimed(plan)
         await self._tools_ready()
-        run = self._start(plan, lambda ex, p: ex.resume(p, rerun_interrupted=rerun_interrupted))
-        return await run.wait(wait_seconds, on_progress)
+        request = RunRequest(
+            plan_id=plan.id,
+            kind=RunKind.RESUME,
+            rerun_interrupted=rerun_interrupted,
+            submitted_by=submitted_by,
+        )
+        return await self._submit_and_follow(request, wait_seconds, on_progress)
+
+    async def _refuse_if_claimed(self, plan: ExecutionPlan) -> None:
+        if plan.status == PlanStatus.EXECUTING:
+            claim = await self.store.get_claim(plan.id)
+            if claim is not None and claim_is_live(claim, utcnow(), self.stale_after):
+                raise PlanClaimedError(plan.id, claim.owner)
+
+    async def follow(
+        self, plan_id: str, wait_seconds: float | None = 50.0, on_progress: ProgressCallback | None = None
+    ) -> PlanSummary:
+        """Follow the plan's current run (if any) like `execute_plan` does, without submitting one.
+
+        Raises:
+            PlanNotFoundError: no such plan.
+        """
+        run = await self.store.active_run(plan_id)
+        if run is None:
+            return (await self._load(plan_id)).summary()
+        return await self._follow(run, wait_seconds, on_progress)
+
+    async def _submit_and_follow(
+        self, request: RunRequest, wait_seconds: float | None, on_progress: ProgressCallback | None
+    ) -> PlanSummary:
+        request.servers = await self._servers_key()
+        await reclaim_orphans(self.store, self.stale_after)  # a dead runner's run must not block this one
+        run = await self.store.submit_run(request)
+        if self._launcher is not None:
+            try:
+                await self._launcher.ensure(self.store, request.servers)
+            except OSError as exc:
+                log.error("could not start a runner: %s", exc)
+        self._wake()
+        return await self._follow(run, wait_seconds, on_progress)
+
+    async def _follow(
+        self, run: RunRecord, wait_seconds: float | None, on_progress: ProgressCallback | None
+    ) -> PlanSummary:
+        """Watch the stored plan until its run is done or `wait_seconds` pass; report progress on the way.
+
+        A caller that stops waiting early still learns of a refusal: it waits (bounded) until a runner has
+        taken the run and started it, or refused it.
+        """
+        deadline = math.inf if wait_seconds is None else anyio.current_time() + max(wait_seconds, 0)
+        start_by = anyio.current_time() + START_WAIT
+        last: PlanSummary | None = None
+        while True:
+            current = await self.store.get_run(run.id)
+            summary = await self._progress_summary(run.plan_id)
+            if on_progress is not None:
+                message = _what_changed(last, summary)
+                if last is None or message is not None or summary.status != last.status:
+                    await _report(on_progress, summary, message)
+                last = summary
+            if current.state == RunState.DONE:
+                if current.error is not None:
+                    raise PlanStateError(current.error)
+                return (await self._load(run.plan_id)).summary()
+            now = anyio.current_time()
+            started = current.state == RunState.CLAIMED and summary.status == PlanStatus.EXECUTING
+            if now >= deadline and (started or now >= start_by):
+                return summary
+            await self._wait_for_change(min(FOLLOW_POLL_S, max(deadline - now, 0.0) or FOLLOW_POLL_S))
+
+    async def _progress_summary(self, plan_id: str) -> PlanSummary:
+        live = self._runner.live_plan(plan_id) if self._runner is not None else None
+        return live.summary() if live is not None else (await self._load(plan_id)).summary()
+
+    async def _wait_for_change(self, seconds: float) -> None:
+        if self._runner is None:
+            await self.store.wait_for_work(seconds)
+            return
+        with anyio.move_on_after(seconds):  # the in-process runner says when a step moved
+            await self._changed.wait()
+        await anyio.sleep(LOCAL_PROGRESS_S)  # coalesce a burst of steps into one summary
+
+    def _wake(self, *_: Any) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def _servers_key(self) -> str | None:
+        if self._launcher is not None:
+            return await anyio.to_thread.run_sync(self._launcher.key)
+        return self._local_key
 
     @_on_fresh_state
     async def cancel_plan(
         self, plan_id: str, reason: str = "cancelled", *, cancelled_by: str = "agent"
     ) -> PlanSummary:
-        """Cancel a plan: stop it if it runs here, ask its process if it runs elsewhere, else mark it.
-
-        A plan executing in another live process is stopped by that process (it polls for the request on
-        its heartbeat); the summary returned then still says `executing`.
+        """Cancel a plan: a queued run is withdrawn, an executing one stopped by its runner (which sees the
+        request within a fraction of a second), and a plan that is not running is marked `cancelled`.
 
         Raises:
             PlanNotFoundError: no such plan.
             PlanStateError: the plan is already completed or cancelled.
         """
-        run = self._runs.get(plan_id)
-        if run is not None and run.executor is not None:
-            await self.store.append_event(
-                _event(run.plan, "cancel_requested", by=cancelled_by, how="in_process", reason=reason)
-            )
-            await run.executor.cancel(run.plan, reason)
-            with anyio.move_on_after(CANCEL_WAIT):
-                await run.done.wait()
-            return run.plan.summary()
         plan = await self._load(plan_id)
         if plan.status in (PlanStatus.COMPLETED, PlanStatus.CANCELLED):
             raise PlanStateError(f"plan {plan.id!r} is {plan.status.value}: there is nothing to cancel")
-        if plan.status == PlanStatus.EXECUTING:
-            claim = await self.store.get_claim(plan.id)
-            if claim is not None and claim_is_live(claim, utcnow(), self.stale_after):
-                if not await self.store.request_cancel(plan.id, reason):
-                    raise PlanConflictError(plan.id)  # the run ended meanwhile: decide on its final state
-                await self.store.append_event(
-                    _event(
-                        plan,
-                        "cancel_requested",
-                        by=cancelled_by,
-                        how="via_store",
-                        owner=claim.owner,
-                        reason=reason,
-                    )
-                )
-                return plan.summary()
-        _mark_cancelled(plan, reason)
-        await self.store.save_plan(
-            plan, [_event(plan, "plan_cancelled", by=cancelled_by, how="direct", reason=reason)]
-        )
-        return plan.summary()
-
-    async def _refuse_running(self, plan: ExecutionPlan, *, resuming: bool) -> None:
-        if plan.id in self._runs:
-            raise PlanStateError(
-                f"plan {plan.id!r} is already executing: "
-                "call get_summary to follow it, or cancel_plan to stop it"
-            )
-        if plan.status != PlanStatus.EXECUTING:
-            return
-        claim = await self.store.get_claim(plan.id)
-        if claim is not None and claim_is_live(claim, utcnow(), self.stale_after):
-            raise PlanClaimedError(plan.id, claim.owner)
-        if not resuming:
-            raise PlanStateError(
-                f"plan {plan.id!r} was left executing by a process that stopped: "
-                "call resume_plan to recover it"
-            )
-
-    def _start(self, plan: ExecutionPlan, body: RunBody) -> BackgroundRun:
-        from mcp_planner.engine.executor import Executor
-
-        def make_executor(on_step: Any, on_plan_complete: Any) -> Executor:
-            return Executor(
-                self.tools,
-                self.store,
-                on_step_start=on_step,
-                on_step_complete=on_step,
-                on_step_failed=on_step,
-                on_plan_complete=on_plan_complete,
-                owner=self.owner,
-            )
-
-        return self._runs.start(plan, make_executor, body)
+        await self.store.cancel_queued_run(plan.id, f"cancelled before it started: {reason}")
+        summary = await self._executor.cancel(plan, reason, by=cancelled_by)
+        if summary.status != PlanStatus.EXECUTING:
+            return summary
+        run = await self.store.active_run(plan.id)  # stopped by its runner: wait (bounded) for the end
+        if run is not None:
+            with anyio.move_on_after(CANCEL_WAIT):
+                summary = await self._follow(run, None, None)
+        return summary
 
     # -- reading ---------------------------------------------------------------------------------------
 
@@ -523,14 +602,13 @@ class PlannerService:
         plans = await self.store.list_plans(status=status, limit=limit)
         result = []
         for plan in plans:
-            if plan.expire_approval():
-                try:
-                    await self.store.save_plan(plan, [_event(plan, "approval_expired")])
-                except PlanConflictError:  # changed meanwhile: list it as it was read
-                    plan = await self.store.get_plan(plan.id)
-                if status is not None and plan.status != PlanStatus(status):
-                    continue
-            result.append(self._live(plan))
+            try:
+                expired = await self._executor.expire(plan)
+            except PlanConflictError:  # changed meanwhile: list it as it is now
+                plan, expired = await self.store.get_plan(plan.id), True
+            if expired and status is not None and plan.status != PlanStatus(status):
+                continue
+            result.append(plan)
         return result
 
     async def events(self, plan_id: str) -> list[Event]:
@@ -538,25 +616,36 @@ class PlannerService:
         await self.store.get_plan(plan_id)
         return await self.store.events(plan_id)
 
-    def is_running_here(self, plan_id: str) -> bool:
-        return plan_id in self._runs
-
-    def _live(self, plan: ExecutionPlan) -> ExecutionPlan:
-        # The executor mutates its plan in place and commits as it goes; the live object is never older.
-        run = self._runs.get(plan.id)
-        return run.plan if run is not None else plan
+    async def runners(self) -> list[RunnerInfo]:
+        """The live runners serving this database."""
+        return await self.store.live_runners(stale_after=self.stale_after)
 
     async def _load(self, plan_id: str) -> ExecutionPlan:
-        run = self._runs.get(plan_id)
-        if run is not None:
-            return run.plan
         plan = await self.store.get_plan(plan_id)
-        if plan.expire_approval():
-            await self.store.save_plan(plan, [_event(plan, "approval_expired")])
+        await self._executor.expire(plan)
         return plan
 
 
 # -- helpers --------------------------------------------------------------------------------------------
+
+
+def _what_changed(before: PlanSummary | None, now: PlanSummary) -> str | None:
+    """The step transitions between two summaries, e.g. "step 'a' completed; step 'b' running"."""
+    if before is None:
+        return None
+    old = {s.id: (s.status, s.retry_count) for s in before.steps}
+    moved = [s for s in now.steps if old.get(s.id) != (s.status, s.retry_count)]
+    return "; ".join(f"step {s.id!r} {s.status.value}" for s in moved[:5]) or None
+
+
+async def _report(on_progress: ProgressCallback, summary: PlanSummary, message: str | None) -> None:
+    try:
+        with anyio.move_on_after(LISTENER_WAIT):  # a slow client must not stall the follower
+            result = on_progress(summary, message)
+            if inspect.isawaitable(result):
+                await result
+    except Exception:  # a listener that fails (a client gone) does not stop the run, which is elsewhere
+        log.debug("progress listener failed", exc_info=True)
 
 
 _SHOW_AGAIN = "it was not approved; show the current version to the person and ask again"
@@ -564,37 +653,3 @@ _SHOW_AGAIN = "it was not approved; show the current version to the person and a
 
 def _event(plan: ExecutionPlan, kind: str, **data: Any) -> Event:
     return Event(plan_id=plan.id, kind=kind, data=data)
-
-
-def _check_executable(plan: ExecutionPlan) -> None:
-    pid, status = plan.id, plan.status
-    if status == PlanStatus.PENDING_APPROVAL or (status == PlanStatus.DRAFT and plan.options.needs_approval):
-        raise PlanStateError(f"plan {pid!r} is {status.value}: call approve_plan first")
-    if status == PlanStatus.APPROVED and not plan.is_approved():
-        raise PlanStateError(f"plan {pid!r} changed after it was approved: call approve_plan again")
-    if status in (PlanStatus.FAILED, PlanStatus.PARTIAL):
-        raise PlanStateError(
-            f"plan {pid!r} is {status.value}: call resume_plan to re-run the steps that did not complete"
-        )
-    if status == PlanStatus.COMPLETED:
-        raise PlanStateError(f"plan {pid!r} is already completed: call get_plan to read its results")
-    if status == PlanStatus.CANCELLED:
-        why = plan.rejection_note or plan.error
-        raise PlanStateError(
-            f"plan {pid!r} is cancelled{f' ({why})' if why else ''} and can never run: create a new plan"
-        )
-
-
-def _mark_cancelled(plan: ExecutionPlan, reason: str) -> None:
-    for step in plan.steps:
-        if step.status in (StepStatus.PENDING, StepStatus.RUNNING):
-            step.status = StepStatus.SKIPPED
-            step.error = f"not run: {reason}"
-    now = utcnow()
-    plan.status = PlanStatus.CANCELLED
-    plan.error = reason
-    plan.current_step = None
-    plan.pending_since = None
-    if plan.completed_at is None:
-        plan.completed_at = now
-    plan.touch()

@@ -531,8 +531,8 @@ async def test_every_approval_rejection_and_cancellation_is_an_event_with_who_an
         }
         assert last(await service.events(cancelled), "plan_cancelled") == {
             "by": "agent",
-            "how": "direct",
-            "reason": "not needed",
+            "status": "cancelled",
+            "error": "not needed",
         }
         again = await client.call_tool("cancel_plan", {"plan_id": cancelled})
         assert again.is_error and "nothing to cancel" in text(again)

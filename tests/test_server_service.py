@@ -13,7 +13,7 @@ import pytest
 
 from mcp_planner.engine.tools import LocalTools
 from mcp_planner.errors import PlanClaimedError, PlanStateError, PlanValidationError
-from mcp_planner.plan.model import PlanSpec, PlanStatus, PlanSummary, Step, StepSpec, StepStatus
+from mcp_planner.plan.model import PlanSpec, PlanStatus, PlanSummary, StepSpec, StepStatus
 from mcp_planner.service import PlannerService
 from mcp_planner.store.sqlite import PlanStore
 
@@ -55,11 +55,10 @@ def dead_pid() -> int:
 async def test_execute_without_wait_limit_runs_to_the_end_and_calls_plain_progress_callbacks(
     tmp_path: Path,
 ) -> None:
-    seen: list[tuple[str, StepStatus]] = []
+    seen: list[PlanSummary] = []
 
-    def on_progress(summary: PlanSummary, step: Step | None) -> None:
-        if step is not None:
-            seen.append((step.id, step.status))  # a snapshot: the step object keeps changing
+    def on_progress(summary: PlanSummary, step: object) -> None:
+        seen.append(summary)
 
     async with service(tmp_path) as svc:
         plan = await svc.create_plan(spec())
@@ -70,11 +69,9 @@ async def test_execute_without_wait_limit_runs_to_the_end_and_calls_plain_progre
         assert kinds[:2] == ["plan_created", "plan_approved"]
         stored = await svc.get_plan(plan.id)
         assert stored.step("b").result is not None and stored.step("b").result.structured == {"n": 1}
-    assert [(i, st) for i, st in seen if st == StepStatus.COMPLETED] == [
-        ("a", StepStatus.COMPLETED),
-        ("b", StepStatus.COMPLETED),
-    ]
-    assert ("a", StepStatus.RUNNING) in seen
+    done = [s.completed for s in seen]
+    assert done == sorted(done) and done[-1] == 2  # progress only moves forward, to the end
+    assert seen[-1].status == PlanStatus.COMPLETED
 
 
 async def test_create_refuses_an_invalid_plan_with_every_problem_and_stores_nothing(tmp_path: Path) -> None:
@@ -124,7 +121,7 @@ async def test_a_plan_executing_in_another_live_process_is_cancelled_through_the
         claim = await svc.store.get_claim(plan.id)
         assert claim is not None and claim.cancel_reason == "stop it"
         requested = [e for e in await svc.events(plan.id) if e.kind == "cancel_requested"]
-        assert requested[-1].data["by"] == "alice" and requested[-1].data["how"] == "via_store"
+        assert requested[-1].data["by"] == "alice" and requested[-1].data["owner"] == other
 
 
 async def test_update_is_refused_once_a_plan_has_run(tmp_path: Path) -> None:

@@ -15,7 +15,13 @@ import anyio
 
 from mcp_planner.engine.scheduling import CANCEL_GRACE_S, FINAL_SAVE_TIMEOUT_S, Hook, Hooks, Run
 from mcp_planner.engine.tools import ToolInfo, ToolProvider, as_provider
-from mcp_planner.errors import PlanClaimedError, PlanStateError, PlanValidationError, Problem
+from mcp_planner.errors import (
+    PlanClaimedError,
+    PlanConflictError,
+    PlanStateError,
+    PlanValidationError,
+    Problem,
+)
 from mcp_planner.plan.model import (
     INTERRUPTED_ERROR,
     INTERRUPTED_KEY,
@@ -33,7 +39,69 @@ from mcp_planner.store.memory import MemoryStore
 
 logger = logging.getLogger("mcp_planner.engine.executor")
 
-__all__ = ["Executor"]
+__all__ = ["Executor", "check_can_execute", "check_can_resume"]
+
+
+def check_can_execute(plan: ExecutionPlan) -> None:
+    """Refuse, with what to do instead, a plan that may not start executing now.
+
+    Raises:
+        PlanStateError: not approved, changed since approval, executing, or already run.
+    """
+    pid, status = plan.id, plan.status
+    if status == PlanStatus.EXECUTING:
+        raise PlanStateError(
+            f"plan {pid!r} is already executing: call get_summary to follow it (if the process running it "
+            "died, call resume_plan)"
+        )
+    if status in (PlanStatus.FAILED, PlanStatus.PARTIAL):
+        raise PlanStateError(
+            f"plan {pid!r} has already run and is {status.value}: call resume_plan to run its failed and "
+            "skipped steps again"
+        )
+    if status == PlanStatus.COMPLETED:
+        raise PlanStateError(f"plan {pid!r} has already completed: call get_plan to read its results")
+    if status == PlanStatus.CANCELLED:
+        raise PlanStateError(_cancelled_message(plan))
+    if status == PlanStatus.PENDING_APPROVAL or (status == PlanStatus.DRAFT and plan.options.needs_approval):
+        raise PlanStateError(f"plan {pid!r} is {status.value}: call approve_plan first")
+    if status == PlanStatus.APPROVED and not plan.is_approved():
+        raise PlanStateError(
+            f"plan {pid!r} was changed after it was approved (its hash no longer matches): have it "
+            "approved again before executing"
+        )
+
+
+def check_can_resume(plan: ExecutionPlan) -> bool:
+    """Whether resuming `plan` has work to do (False: it completed); refuse a plan that cannot resume.
+
+    Raises:
+        PlanStateError: cancelled, never ran, or changed since approval.
+    """
+    status = plan.status
+    if status == PlanStatus.COMPLETED:
+        return False
+    if status == PlanStatus.CANCELLED:
+        raise PlanStateError(_cancelled_message(plan) + "; cancelled plans cannot be resumed")
+    if status not in (PlanStatus.FAILED, PlanStatus.PARTIAL, PlanStatus.EXECUTING):
+        hint = "call approve_plan, then execute_plan" if plan.options.needs_approval else "call execute_plan"
+        if status == PlanStatus.APPROVED:
+            hint = "call execute_plan"
+        raise PlanStateError(f"plan {plan.id!r} is {status.value} and has never run: {hint}")
+    if not plan.is_approved():
+        raise PlanStateError(
+            f"plan {plan.id!r} was changed after it was approved (its hash no longer matches): it cannot "
+            "be resumed; create a new plan with the changes"
+        )
+    return True
+
+
+def _cancelled_message(plan: ExecutionPlan) -> str:
+    if plan.rejection_note is not None:
+        why = f" (rejected: {plan.rejection_note})"
+    else:
+        why = f" ({plan.error})" if plan.error else ""
+    return f"plan {plan.id!r} is cancelled{why} and can never run: create a new plan to run these steps"
 
 
 def _validate(plan: ExecutionPlan, catalog: Mapping[str, ToolInfo]) -> list[Problem]:
@@ -81,10 +149,6 @@ class Executor:
         self.stale_after = stale_after
         self._runs: dict[str, Run] = {}
 
-    def is_running(self, plan_id: str) -> bool:
-        """Whether this executor is running the plan now."""
-        return plan_id in self._runs
-
     async def execute(self, plan: ExecutionPlan) -> PlanSummary:
         """Run an approved plan (or a draft that needs no approval) to its end.
 
@@ -98,30 +162,9 @@ class Executor:
             PlanClaimedError: another live process is executing the plan.
         """
         self._refuse_if_running_here(plan)
-        await self._expire(plan)
+        await self.expire(plan)
+        check_can_execute(plan)
         status = plan.status
-        if status == PlanStatus.EXECUTING:
-            raise PlanStateError(
-                f"plan {plan.id!r} is already executing; if the process running it died, call resume_plan"
-            )
-        if status in (PlanStatus.FAILED, PlanStatus.PARTIAL):
-            raise PlanStateError(
-                f"plan {plan.id!r} has already run and is {status.value}: call resume_plan to run its failed "
-                "and skipped steps again"
-            )
-        if status == PlanStatus.COMPLETED:
-            raise PlanStateError(f"plan {plan.id!r} has already completed; there is nothing left to run")
-        if status == PlanStatus.CANCELLED:
-            raise PlanStateError(self._cancelled_message(plan))
-        if status == PlanStatus.PENDING_APPROVAL or (
-            status == PlanStatus.DRAFT and plan.options.needs_approval
-        ):
-            raise PlanStateError(f"plan {plan.id!r} is {status.value}: call approve_plan first")
-        if status == PlanStatus.APPROVED and not plan.is_approved():
-            raise PlanStateError(
-                f"plan {plan.id!r} was changed after it was approved (its hash no longer matches): "
-                "have it approved again before executing"
-            )
         catalog = self.provider.catalog()
         problems = _validate(plan, catalog)
         if problems:
@@ -157,19 +200,10 @@ class Executor:
             PlanClaimedError: another live process is executing the plan.
         """
         self._refuse_if_running_here(plan)
-        await self._expire(plan)
-        status = plan.status
-        if status == PlanStatus.COMPLETED:
+        await self.expire(plan)
+        if not check_can_resume(plan):
             return plan.summary()
-        if status == PlanStatus.CANCELLED:
-            raise PlanStateError(self._cancelled_message(plan) + "; cancelled plans cannot be resumed")
-        if status not in (PlanStatus.FAILED, PlanStatus.PARTIAL, PlanStatus.EXECUTING):
-            raise PlanStateError(f"plan {plan.id!r} is {status.value} and has not run yet: call execute_plan")
-        if not plan.is_approved():
-            raise PlanStateError(
-                f"plan {plan.id!r} was changed after it was approved (its hash no longer matches): it cannot "
-                "be resumed; create a new plan with the changes"
-            )
+        status = plan.status
         catalog = self.provider.catalog()
         problems = _validate(plan, catalog)
         if problems:
@@ -186,7 +220,9 @@ class Executor:
         )
         return await self._run(plan, catalog, events, interrupted=interrupted)
 
-    async def cancel(self, plan: ExecutionPlan, reason: str = "cancelled") -> PlanSummary:
+    async def cancel(
+        self, plan: ExecutionPlan, reason: str = "cancelled", *, by: str = "user"
+    ) -> PlanSummary:
         """Cancel a plan: running calls are cancelled, running and pending steps are skipped with `reason`.
 
         A plan running in this executor is stopped (this waits, bounded, until its final state is saved).
@@ -195,6 +231,7 @@ class Executor:
 
         Raises:
             PlanStateError: the plan has already completed.
+            PlanConflictError: the stored plan changed meanwhile (read it again and retry).
         """
         run = self._runs.get(plan.id)
         if run is not None:
@@ -206,42 +243,38 @@ class Executor:
         if plan.status == PlanStatus.CANCELLED:
             return plan.summary()
         if plan.status == PlanStatus.COMPLETED:
-            raise PlanStateError(f"plan {plan.id!r} has already completed; there is nothing to cancel")
+            raise PlanStateError(f"plan {plan.id!r} has already completed: there is nothing to cancel")
         if plan.status == PlanStatus.EXECUTING:
+            # Another executor (in another process, or a runner in this one) holds it: ask it to stop.
             claim = await self.store.get_claim(plan.id)
-            if (
-                claim is not None
-                and claim.owner != self.owner
-                and claim_is_live(claim, utcnow(), self.stale_after)
-            ):
-                await self.store.request_cancel(plan.id, reason)
+            if claim is not None and claim_is_live(claim, utcnow(), self.stale_after):
+                if not await self.store.request_cancel(plan.id, reason):
+                    raise PlanConflictError(plan.id)  # the run ended meanwhile: decide on its final state
                 await self.store.append_event(
                     Event(
                         plan_id=plan.id,
                         kind="cancel_requested",
-                        data={"reason": reason, "owner": claim.owner},
+                        data={"reason": reason, "by": by, "owner": claim.owner},
                     )
                 )
                 return plan.summary()
         now = utcnow()
-        changed = []
         events = []
         for step in plan.steps:
             if step.status in (StepStatus.PENDING, StepStatus.RUNNING):
                 step.status = StepStatus.SKIPPED
-                step.error = reason
-                changed.append(step)
+                step.error = f"not run: {reason}"
                 events.append(
                     Event(plan_id=plan.id, kind="step_skipped", step_id=step.id, data={"reason": reason})
                 )
         plan.status = PlanStatus.CANCELLED
         plan.error = reason
-        plan.completed_at = now
+        plan.current_step = None
+        plan.completed_at = plan.completed_at or now
         plan.updated_at = now
         plan.pending_since = None
-        events.append(
-            Event(plan_id=plan.id, kind="plan_cancelled", data={"status": "cancelled", "error": reason})
-        )
+        data = {"status": "cancelled", "error": reason, "by": by}
+        events.append(Event(plan_id=plan.id, kind="plan_cancelled", data=data))
         await self.store.save_plan(plan, events)
         return plan.summary()
 
@@ -251,22 +284,18 @@ class Executor:
         if plan.id in self._runs:
             raise PlanStateError(f"plan {plan.id!r} is already executing; call get_summary to follow it")
 
-    async def _expire(self, plan: ExecutionPlan) -> None:
-        # A plan that needs no approval cannot time out waiting for one.
-        if plan.options.needs_approval and plan.expire_approval():
-            await self.store.save_plan(
-                plan, [Event(plan_id=plan.id, kind="plan_cancelled", data={"error": "approval timed out"})]
-            )
+    async def expire(self, plan: ExecutionPlan) -> bool:
+        """Cancel and store a plan that waited for approval past its `approval_timeout_ms`; True if it did.
 
-    @staticmethod
-    def _cancelled_message(plan: ExecutionPlan) -> str:
-        if plan.rejection_note is not None:
-            why = f"was rejected ({plan.rejection_note})"
-        elif plan.error:
-            why = f"was cancelled ({plan.error})"
-        else:
-            why = "was cancelled"
-        return f"plan {plan.id!r} {why} and can never run; create a new plan to run these steps"
+        Raises:
+            PlanConflictError: the stored plan changed meanwhile.
+        """
+        if not plan.expire_approval():
+            return False
+        await self.store.save_plan(
+            plan, [Event(plan_id=plan.id, kind="approval_expired", data={"error": "approval timed out"})]
+        )
+        return True
 
     async def _claim(self, plan: ExecutionPlan) -> None:
         holder = await self.store.claim(plan.id, self.owner, self.stale_after)

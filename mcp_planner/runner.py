@@ -1,0 +1,306 @@
+"""Runners: the processes that execute submitted runs, so a run outlives whoever asked for it.
+
+A run is one committed row in the store's queue (`store.base.RunQueue`): `execute_plan` and `resume_plan`
+submit it and then only follow the plan's stored state. A `Runner` claims queued runs whose servers config it
+holds, executes them with the engine's `Executor` over its (warm) tools, heart-beats, and puts the runs of
+runners that died back in the queue, where the at-most-once rule of a resume applies to them.
+
+Two ways to have one:
+- `mcp-planner runner` (a process of its own; `start_detached` starts one on demand for a submitter), which
+  serves one database and one servers file;
+- in-process, inside a `PlannerService` built without a launcher (the library and tests): its runs carry a
+  servers key private to that process, so only it executes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from mcp_planner.engine.executor import Executor
+from mcp_planner.engine.tools import ToolProvider
+from mcp_planner.errors import PlannerError
+from mcp_planner.plan.model import ExecutionPlan, PlanStatus, utcnow
+from mcp_planner.store.base import (
+    DEFAULT_STALE_AFTER,
+    QueueStore,
+    RunKind,
+    RunnerInfo,
+    RunRecord,
+    new_owner_id,
+)
+
+log = logging.getLogger("mcp_planner.runner")
+
+#: How long a runner waits for new work before looking again (a submit wakes it sooner).
+POLL_S = 0.25
+#: How often a runner looks for runs whose runner died.
+ORPHAN_SCAN_S = 2.0
+#: The default `--idle-exit` of a runner started on demand.
+DEFAULT_IDLE_EXIT = 300.0
+#: After starting a runner, how long a submitter trusts it to come up before starting another.
+SPAWN_GRACE_S = 20.0
+#: Runners this process started, kept so that they are reaped when they exit (never waited for).
+_CHILDREN: list[subprocess.Popen[bytes]] = []
+
+
+#: The servers key of runs only the submitting process's own in-process runner may execute.
+LOCAL_KEY_PREFIX = "local:"
+
+
+def local_key(owner: str) -> str:
+    return LOCAL_KEY_PREFIX + owner
+
+
+def servers_key(servers_file: Path | None) -> str | None:
+    """The identity of a servers config: its absolute path and the sha256 of its content (None: no file).
+
+    A run records the key it was planned with; a runner executes only runs whose key it holds.
+    """
+    if servers_file is None:
+        return None
+    path = servers_file.resolve()
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return f"{path}#{digest}"
+
+
+class Runner:
+    """Claims and executes queued runs whose servers key is `servers`, until stopped or idle.
+
+    Args:
+        store: the store whose queue it serves.
+        tools: the tools steps call (kept connected between runs).
+        servers: the servers key of the runs it may claim.
+        owner: its id (host:pid:nonce); also the owner of its plans' execution claims.
+        max_runs: how many runs it executes at once.
+        on_change: called (plain function) after each step starts or ends in one of its runs, with the plan.
+    """
+
+    def __init__(
+        self,
+        store: QueueStore,
+        tools: ToolProvider,
+        *,
+        servers: str | None,
+        owner: str | None = None,
+        max_runs: int = 8,
+        stale_after: float = DEFAULT_STALE_AFTER,
+        heartbeat_interval: float = 5.0,
+        on_change: Callable[[ExecutionPlan], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.servers = servers
+        self.id = owner or new_owner_id()
+        self.max_runs = max(1, max_runs)
+        self.stale_after = stale_after
+        self.heartbeat_interval = heartbeat_interval
+        self._on_change = on_change
+        self.executor = Executor(
+            tools,
+            store,
+            on_step_start=self._changed,
+            on_step_complete=self._changed,
+            on_step_failed=self._changed,
+            on_plan_complete=self._changed,
+            owner=self.id,
+            heartbeat_interval=heartbeat_interval,
+            stale_after=stale_after,
+        )
+        self.running = 0
+        self.active: dict[str, ExecutionPlan] = {}
+        self.finished = 0
+        self._slot_free = anyio.Event()
+
+    def live_plan(self, plan_id: str) -> ExecutionPlan | None:
+        """The plan object a run of this runner is executing now (the executor updates it in place)."""
+        return self.active.get(plan_id)
+
+    def _changed(self, plan: ExecutionPlan, *_: Any) -> None:
+        if self._on_change is not None:
+            self._on_change(plan)
+
+    async def serve(
+        self,
+        *,
+        idle_exit: float | None = None,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Claim and execute runs until cancelled, or until `idle_exit` seconds pass with nothing to do.
+
+        Runs still executing when it is cancelled are cut short like a killed process: their plans are left
+        `executing` with this runner's claims, and the next runner resumes them.
+        """
+        now = utcnow()
+        await self.store.register_runner(
+            RunnerInfo(id=self.id, servers=self.servers, started_at=now, heartbeat_at=now)
+        )
+        log.info("runner %s serving runs for servers %s", self.id, self.servers or "(none)")
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._heartbeat)
+                task_status.started()
+                await self._claim_loop(tg, idle_exit)
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self.store.unregister_runner(self.id)
+            log.info("runner %s stopped after %d run(s)", self.id, self.finished)
+
+    async def _claim_loop(self, tg: anyio.abc.TaskGroup, idle_exit: float | None) -> None:
+        idle_since = anyio.current_time()
+        next_scan = 0.0
+        while True:
+            if anyio.current_time() >= next_scan:
+                next_scan = anyio.current_time() + ORPHAN_SCAN_S
+                await reclaim_orphans(self.store, self.stale_after)
+            claimed = None
+            if self.running < self.max_runs:
+                claimed = await self.store.claim_run(self.id, self.servers)
+            if claimed is not None:
+                self.running += 1
+                tg.start_soon(self._execute, claimed, name=f"run {claimed.id} (plan {claimed.plan_id})")
+                continue
+            if self.running:
+                idle_since = anyio.current_time()
+            elif idle_exit and anyio.current_time() - idle_since >= idle_exit:
+                log.info("runner %s: idle for %.0f s; exiting", self.id, idle_exit)
+                return
+            if self.running >= self.max_runs:
+                self._slot_free = anyio.Event()
+                with anyio.move_on_after(POLL_S):
+                    await self._slot_free.wait()
+            else:
+                await self.store.wait_for_work(POLL_S)
+
+    async def _execute(self, run: RunRecord) -> None:
+        error: str | None = None
+        try:
+            plan = await self.store.get_plan(run.plan_id)
+            self.active[run.plan_id] = plan
+            # A run queued again after its runner died may find its plan never started: then it executes.
+            if run.kind == RunKind.EXECUTE or plan.status in (PlanStatus.DRAFT, PlanStatus.APPROVED):
+                await self.executor.execute(plan)
+            else:
+                await self.executor.resume(plan, rerun_interrupted=run.rerun_interrupted)
+        except PlannerError as exc:
+            error = str(exc)
+        except Exception as exc:  # a bug must not take the runner's other runs down
+            log.exception("run %s of plan %r crashed", run.id, run.plan_id)
+            error = f"the runner failed: {type(exc).__name__}: {exc}"
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await self.store.finish_run(run.id, self.id, error)
+            self.active.pop(run.plan_id, None)
+            self.running -= 1
+            self.finished += 1
+            self._slot_free.set()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await anyio.sleep(self.heartbeat_interval)
+            try:
+                if not await self.store.heartbeat_runner(self.id):  # swept as dead: say who we are again
+                    now = utcnow()
+                    await self.store.register_runner(
+                        RunnerInfo(
+                            id=self.id,
+                            servers=self.servers,
+                            started_at=now,
+                            heartbeat_at=now,
+                            runs=self.finished,
+                        )
+                    )
+            except PlannerError:
+                log.warning("runner %s: heartbeat failed; trying again", self.id, exc_info=True)
+
+
+async def reclaim_orphans(store: QueueStore, stale_after: float = DEFAULT_STALE_AFTER) -> None:
+    """Queue again, as resumes, the runs whose runner died; a live runner with their servers takes them.
+
+    A run that only its own (now dead) process could execute, an in-process one, is ended instead: its
+    plan is left as it was (`executing` with a dead claim), for a person or agent to resume.
+    """
+    for orphan in await store.requeue_orphans(stale_after):
+        if orphan.servers is not None and orphan.servers.startswith(LOCAL_KEY_PREFIX):
+            await store.cancel_queued_run(orphan.plan_id, "the process running it stopped: resume the plan")
+            log.warning("run %s of plan %r: the process running it stopped", orphan.id, orphan.plan_id)
+        else:
+            log.warning("run %s of plan %r: its runner is gone; queued to resume", orphan.id, orphan.plan_id)
+
+
+@dataclass
+class DetachedRunners:
+    """Starts a `mcp-planner runner` process on demand for one database and one servers file.
+
+    The runner is detached (its own session, stdio to /dev/null, its log in `runner.log` beside the
+    database, mode 0600) and inherits this process's environment, from which it expands `${VAR}` values.
+    """
+
+    db_path: Path
+    servers_file: Path | None
+    idle_exit: float = DEFAULT_IDLE_EXIT
+    stale_after: float = DEFAULT_STALE_AFTER
+    _spawned: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _spawned_at: float = field(default=0.0, init=False, repr=False)
+
+    def key(self) -> str | None:
+        return servers_key(self.servers_file)
+
+    async def ensure(self, store: QueueStore, key: str | None) -> bool:
+        """Start a runner unless a live one serves `key` (or one started here moments ago is coming up).
+
+        Returns:
+            True if it started one.
+        """
+        _CHILDREN[:] = [child for child in _CHILDREN if child.poll() is None]
+        if await store.live_runners(key, stale_after=self.stale_after):
+            return False
+        coming_up = self._spawned is not None and self._spawned.poll() is None
+        if coming_up and anyio.current_time() - self._spawned_at < SPAWN_GRACE_S:
+            return False
+        self._spawned = await anyio.to_thread.run_sync(self._start)
+        self._spawned_at = anyio.current_time()
+        return True
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        return start_detached(self.db_path, self.servers_file, idle_exit=self.idle_exit)
+
+
+def start_detached(
+    db_path: Path, servers_file: Path | None, *, idle_exit: float = DEFAULT_IDLE_EXIT
+) -> subprocess.Popen[bytes]:
+    """Start `mcp-planner runner` for `db_path` and `servers_file`, detached from this process."""
+    log_path = db_path.parent / "runner.log"
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    cmd = [sys.executable, "-m", "mcp_planner", "runner", "--db", str(db_path), "--idle-exit", str(idle_exit)]
+    if servers_file is not None:
+        cmd += ["--servers", str(servers_file.resolve())]
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=fd,
+            start_new_session=True,
+            close_fds=True,
+            cwd=str(db_path.parent),
+        )
+    finally:
+        os.close(fd)
+    _CHILDREN.append(proc)
+    log.info("started runner pid %d on %s (log: %s)", proc.pid, socket.gethostname(), log_path)
+    return proc
+
+
+__all__ = ["DetachedRunners", "Runner", "local_key", "reclaim_orphans", "servers_key", "start_detached"]
