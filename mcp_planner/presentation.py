@@ -9,7 +9,7 @@ which it can be read in full.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -27,6 +27,7 @@ from mcp_planner.plan.model import (
     StepStatus,
     StepSummary,
 )
+from mcp_planner.store.base import RunnerInfo
 
 #: How much of a large result's text a preview shows.
 PREVIEW_CHARS = 2048
@@ -62,7 +63,8 @@ def next_action(plan: ExecutionPlan | PlanSummary) -> str:
         PlanStatus.PENDING_APPROVAL: f"show the plan to the user, then call approve_plan({pid!r}) "
         f"or reject_plan({pid!r})",
         PlanStatus.APPROVED: f"call execute_plan({pid!r})",
-        PlanStatus.EXECUTING: f"it runs in the background: call get_summary({pid!r}) to follow it",
+        PlanStatus.EXECUTING: f"a runner executes it (it goes on if this client exits): call "
+        f"get_summary({pid!r}) to follow it",
         PlanStatus.COMPLETED: f"done: call get_plan({pid!r}) to read the results",
         PlanStatus.FAILED: f"read the failed steps' errors, fix the cause, then call resume_plan({pid!r}) "
         "to re-run what did not complete",
@@ -471,3 +473,17 @@ def catalog_text(catalog: ToolCatalog, *, max_tools: int = 100) -> str:
                 f"server {server.name!r}: {server.state}" + (f" ({server.error})" if server.error else "")
             )
     return "\n".join(lines)
+
+
+def runner_lines(runners: Sequence[RunnerInfo]) -> list[str]:
+    """One line per live runner: pid, host, since when, runs executed, servers file."""
+    lines = []
+    for runner in runners:
+        host, _, rest = runner.id.partition(":")
+        pid = rest.partition(":")[0]
+        servers = runner.servers.rpartition("#")[0] if runner.servers else "(no servers file)"
+        lines.append(
+            f"runner pid {pid} on {host}: since {timestamp_text(runner.started_at)}, {runner.runs} run(s), "
+            f"servers {servers}"
+        )
+    return lines

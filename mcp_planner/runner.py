@@ -20,7 +20,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +29,9 @@ import anyio
 import anyio.abc
 
 from mcp_planner.engine.executor import Executor
-from mcp_planner.engine.tools import ToolProvider
-from mcp_planner.errors import PlannerError
-from mcp_planner.plan.model import ExecutionPlan, PlanStatus, utcnow
+from mcp_planner.engine.tools import ToolInfo, ToolProvider
+from mcp_planner.errors import DownstreamError, PlannerError
+from mcp_planner.plan.model import ExecutionPlan, PlanStatus, StepResult, utcnow
 from mcp_planner.store.base import (
     DEFAULT_STALE_AFTER,
     QueueStore,
@@ -225,6 +225,32 @@ class Runner:
                 log.warning("runner %s: heartbeat failed; trying again", self.id, exc_info=True)
 
 
+class CachedCatalog:
+    """The tool catalog a runner published in the store: enough to validate plans without starting servers.
+
+    It cannot call tools: runs go to the runner that published it.
+    """
+
+    def __init__(self, tools: list[dict[str, Any]]) -> None:
+        infos = (ToolInfo(**{k: v for k, v in t.items() if k in _TOOL_FIELDS}) for t in tools)
+        self._catalog = {info.name: info for info in infos}
+
+    def catalog(self) -> Mapping[str, ToolInfo]:
+        return self._catalog
+
+    async def call(self, tool_name: str, parameters: dict[str, Any]) -> StepResult:
+        raise DownstreamError(f"this process does not call tools: a runner executes {tool_name!r}")
+
+
+_TOOL_FIELDS = ("name", "description", "input_schema", "output_schema", "annotations", "server")
+
+
+async def publish_catalog(store: QueueStore, servers: str | None, tools: ToolProvider) -> None:
+    """Store `tools`' catalog under `servers`, for `CachedCatalog`."""
+    entries = [{k: getattr(info, k) for k in _TOOL_FIELDS} for info in tools.catalog().values()]
+    await store.save_catalog(servers, entries)
+
+
 async def reclaim_orphans(store: QueueStore, stale_after: float = DEFAULT_STALE_AFTER) -> None:
     """Queue again, as resumes, the runs whose runner died; a live runner with their servers takes them.
 
@@ -249,7 +275,8 @@ class DetachedRunners:
 
     db_path: Path
     servers_file: Path | None
-    idle_exit: float = DEFAULT_IDLE_EXIT
+    #: None: the runner's own default (its environment's MCP_PLANNER_RUNNER_IDLE_EXIT, else 300 s).
+    idle_exit: float | None = None
     stale_after: float = DEFAULT_STALE_AFTER
     _spawned: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _spawned_at: float = field(default=0.0, init=False, repr=False)
@@ -278,12 +305,14 @@ class DetachedRunners:
 
 
 def start_detached(
-    db_path: Path, servers_file: Path | None, *, idle_exit: float = DEFAULT_IDLE_EXIT
+    db_path: Path, servers_file: Path | None, *, idle_exit: float | None = None
 ) -> subprocess.Popen[bytes]:
     """Start `mcp-planner runner` for `db_path` and `servers_file`, detached from this process."""
     log_path = db_path.parent / "runner.log"
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    cmd = [sys.executable, "-m", "mcp_planner", "runner", "--db", str(db_path), "--idle-exit", str(idle_exit)]
+    cmd = [sys.executable, "-m", "mcp_planner", "runner", "--db", str(db_path)]
+    if idle_exit is not None:
+        cmd += ["--idle-exit", str(idle_exit)]
     if servers_file is not None:
         cmd += ["--servers", str(servers_file.resolve())]
     try:
@@ -303,4 +332,13 @@ def start_detached(
     return proc
 
 
-__all__ = ["DetachedRunners", "Runner", "local_key", "reclaim_orphans", "servers_key", "start_detached"]
+__all__ = [
+    "CachedCatalog",
+    "DetachedRunners",
+    "Runner",
+    "local_key",
+    "publish_catalog",
+    "reclaim_orphans",
+    "servers_key",
+    "start_detached",
+]

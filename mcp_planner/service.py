@@ -179,6 +179,11 @@ class PlannerService:
         finally:
             self._tg = None
 
+    @property
+    def runs_in_process(self) -> bool:
+        """Whether this process executes the runs it submits (else runner processes do)."""
+        return self._launcher is None
+
     # -- the tool catalog --------------------------------------------------------------------------------
 
     async def catalog(self) -> dict[str, ToolInfo]:

@@ -36,6 +36,7 @@ CLI_TIMEOUT = 45
 
 def cli_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MCP_PLANNER_")}
+    env["MCP_PLANNER_RUNNER_IDLE_EXIT"] = "3"  # runners started by these tests do not linger
     env.update(
         CI_STATE_DIR=str(tmp_path / "ci-state"),
         CI_DELAY="0.05",

@@ -10,6 +10,7 @@ from pathlib import Path
 import anyio
 import mcp_types as types
 import pytest
+from conftest import RUNNER_IDLE_EXIT
 from mcp import Client, StdioServerParameters
 from mcp.client.session import ClientRequestContext
 
@@ -51,7 +52,7 @@ async def test_generate_plan_over_stdio_samples_the_client_and_the_plan_runs(
     params = StdioServerParameters(
         command=sys.executable,
         args=["-m", "mcp_planner", "serve", "--servers", str(tmp_path / "servers.json")],
-        env={"MCP_PLANNER_DB": str(tmp_path / "plans.db"), "PATH": "/usr/bin:/bin"},
+        env={"MCP_PLANNER_DB": str(tmp_path / "plans.db"), "PATH": "/usr/bin:/bin", **RUNNER_IDLE_EXIT},
         cwd=str(tmp_path),
     )
     with anyio.fail_after(50):

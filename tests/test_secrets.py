@@ -92,7 +92,8 @@ async def test_an_expanded_token_is_in_no_result_database_byte_or_log_record(
         config = servers_file(tmp_path, int(line))
         db = tmp_path / "plans.db"
         seen: list[str] = []
-        server = build_server(service_factory=service_factory(db, config))
+        factory = service_factory(db, config.source, {"TOKEN": TOKEN}, runners=False)
+        server = build_server(service_factory=factory)
         async with Client(server) as client:
             await call(client, "list_tools", {}, seen)
             assert "?key=${TOKEN}" in seen[-1]  # the closed port's error names the URL, redacted

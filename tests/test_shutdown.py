@@ -71,6 +71,7 @@ async def test_stopping_serve_ends_the_downstream_server_and_its_child_even_if_t
     }
     servers.write_text(json.dumps({"mcpServers": {"stubborn": entry}}), encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MCP_PLANNER_")}
+    env["MCP_PLANNER_RUNNER_IDLE_EXIT"] = "3"  # runners started by these tests do not linger
     command = [
         sys.executable,
         "-m",

@@ -20,7 +20,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
@@ -39,7 +39,12 @@ from mcp_planner.cli.runtime import (
     terminal_user,
 )
 from mcp_planner.engine.tools import ServerStatus, ToolInfo
-from mcp_planner.plan.model import ExecutionPlan, PlanStatus, PlanSummary
+from mcp_planner.plan.model import ExecutionPlan, PlanSpec, PlanStatus, PlanSummary
+from mcp_planner.presentation import runner_lines
+from mcp_planner.store.base import RunnerInfo
+
+if TYPE_CHECKING:
+    from mcp_planner.stack import Tools
 
 T = TypeVar("T")
 log = logging.getLogger("mcp_planner.cli.main")
@@ -160,10 +165,28 @@ def _config_env() -> dict[str, str]:
     return {"PYTHON": sys.executable, **os.environ}
 
 
-def _runtime(settings: Settings, *, tools: bool) -> AbstractAsyncContextManager[Runtime]:
-    """The application stack for a command; downstream servers only when it needs `tools`."""
-    servers = _servers_path(settings) if tools else None
-    return open_runtime(_db_path(settings), servers, _config_env())
+def _runtime(
+    settings: Settings, *, tools: Tools = "none", runners: bool = True
+) -> AbstractAsyncContextManager[Runtime]:
+    """The application stack for a command: which downstream servers it connects, who executes runs."""
+    return open_runtime(
+        _db_path(settings), _servers_path(settings), _config_env(), tools=tools, runners=runners
+    )
+
+
+async def _submitting_tools(settings: Settings) -> Tools:
+    """What a command that submits runs validates against: a warm runner's catalog, else the servers."""
+    from mcp_planner.stack import warm_runner
+
+    return "cached" if await warm_runner(_db_path(settings), _servers_path(settings)) else "all"
+
+
+def _plan_servers(spec: PlanSpec) -> Tools:
+    """The downstream servers a plan names (`server.tool`); all of them if a tool name is bare."""
+    names = [step.tool_name for step in spec.steps]
+    if all("." in name for name in names):
+        return {name.split(".", 1)[0] for name in names}
+    return "all"
 
 
 def _run(settings: Settings, fn: Callable[[], Awaitable[T]]) -> T:
@@ -271,23 +294,29 @@ def run(
         Path, typer.Argument(metavar="PLAN_FILE", help="JSON file with description, steps and options.")
     ],
     yes: YesOpt = False,
+    detach: Annotated[
+        bool, typer.Option("--detach", help="Submit the plan to a runner and return its id at once.")
+    ] = False,
     servers: ServersOpt = None,
     db: DbOpt = None,
     verbose: VerboseOpt = 0,
 ) -> None:
     """Create a plan from PLAN_FILE, show it, ask y/N (unless --yes), execute it and print the summary.
 
-    Exits 0 only if the plan completed. Ctrl-C cancels the plan (exit 5).
+    Exits 0 only if the plan completed. Ctrl-C cancels the plan (exit 5). A live runner for this database
+    and servers file executes it; else this command does, starting only the servers the plan names.
     """
     settings = _settings(ctx, servers, db, verbose)
     spec = load_plan_file(plan_file)
 
     async def body() -> PlanSummary:
-        async with _runtime(settings, tools=True) as rt:
-            return await run_plan(rt, spec, yes)
+        tools = await _submitting_tools(settings)
+        runners = detach or tools == "cached"
+        async with _runtime(settings, tools=tools if runners else _plan_servers(spec), runners=runners) as rt:
+            return await run_plan(rt, spec, yes, detach=detach)
 
     summary = _run(settings, body)
-    raise typer.Exit(int(exit_code(summary.status)))
+    raise typer.Exit(0 if detach else int(exit_code(summary.status)))
 
 
 @app.command()
@@ -309,7 +338,7 @@ def plans(
     settings = _settings(ctx, servers, db, verbose)
 
     async def body() -> list[ExecutionPlan]:
-        async with _runtime(settings, tools=False) as rt:
+        async with _runtime(settings) as rt:
             found: list[ExecutionPlan] = await rt.service.list_plans(status=status, limit=limit)
             return found
 
@@ -338,7 +367,7 @@ def show(
     settings = _settings(ctx, servers, db, verbose)
 
     async def body() -> ExecutionPlan:
-        async with _runtime(settings, tools=False) as rt:
+        async with _runtime(settings) as rt:
             plan: ExecutionPlan = await rt.service.get_plan(plan_id)
             return plan
 
@@ -369,7 +398,7 @@ def approve(
     settings = _settings(ctx, servers, db, verbose)
 
     async def body() -> ExecutionPlan:
-        async with _runtime(settings, tools=False) as rt:
+        async with _runtime(settings) as rt:
             return await approve_here(rt, await rt.service.get_plan(plan_id), yes)
 
     plan = _run(settings, body)
@@ -396,7 +425,7 @@ def execute(
     settings = _settings(ctx, servers, db, verbose)
 
     async def body() -> PlanSummary:
-        async with _runtime(settings, tools=True) as rt:
+        async with _runtime(settings, tools=await _submitting_tools(settings)) as rt:
             plan: ExecutionPlan = await rt.service.get_plan(plan_id)
             if plan.status in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL) and plan.options.needs_approval:
                 plan = await approve_here(rt, plan, yes)
@@ -419,7 +448,7 @@ def reject(
     settings = _settings(ctx, servers, db, verbose)
 
     async def body() -> ExecutionPlan:
-        async with _runtime(settings, tools=False) as rt:
+        async with _runtime(settings) as rt:
             plan: ExecutionPlan = await rt.service.reject_plan(plan_id, reason, rejected_by=terminal_user())
             return plan
 
@@ -446,7 +475,7 @@ def resume(
     settings = _settings(ctx, servers, db, verbose)
 
     async def body() -> PlanSummary:
-        async with _runtime(settings, tools=True) as rt:
+        async with _runtime(settings, tools=await _submitting_tools(settings)) as rt:
             plan: ExecutionPlan = await rt.service.get_plan(plan_id)
             return await execute_with_progress(rt, plan, resume=True, rerun_interrupted=rerun_interrupted)
 
@@ -469,7 +498,7 @@ def cancel(
     settings = _settings(ctx, servers, db, verbose)
 
     async def body() -> PlanSummary:
-        async with _runtime(settings, tools=False) as rt:
+        async with _runtime(settings) as rt:
             summary: PlanSummary = await rt.service.cancel_plan(plan_id, reason, cancelled_by=terminal_user())
             return summary
 
@@ -478,8 +507,8 @@ def cancel(
         out.print(f"plan {plan_id} cancelled: {reason}", markup=False)
     else:
         out.print(
-            f"plan {plan_id} is executing in another process: asked it to cancel ({reason}); it stops at its "
-            f"next heartbeat. `mcp-planner show {plan_id}` follows it.",
+            f"plan {plan_id} is executing in another process: asked it to cancel ({reason}), but it has not "
+            f"stopped yet. `mcp-planner show {plan_id}` follows it.",
             markup=False,
         )
 
@@ -502,7 +531,7 @@ def tools(
         fail("no servers file: pass --servers FILE or set MCP_PLANNER_SERVERS", ExitCode.INVALID)
 
     async def body() -> tuple[dict[str, ToolInfo], dict[str, ServerStatus]]:
-        async with _runtime(settings, tools=True) as rt:
+        async with _runtime(settings, tools="all") as rt:
             return await rt.service.catalog(), rt.service.server_status()
 
     catalog, status = _run(settings, body)
@@ -511,6 +540,66 @@ def tools(
     failed = sorted(name for name, server in status.items() if server.error)
     if failed:
         fail(f"error: unreachable downstream server(s): {', '.join(failed)}")
+
+
+@app.command()
+def runner(
+    ctx: typer.Context,
+    idle_exit: Annotated[
+        float | None,
+        typer.Option(
+            "--idle-exit",
+            envvar="MCP_PLANNER_RUNNER_IDLE_EXIT",
+            help="Exit after this many seconds without work (default 300); 0 runs as a service.",
+            show_default=False,
+        ),
+    ] = None,
+    max_runs: Annotated[int, typer.Option("--max-runs", help="How many runs to execute at once.")] = 8,
+    servers: ServersOpt = None,
+    db: DbOpt = None,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Execute submitted runs for this database and servers file, keeping the servers connected.
+
+    Agents' `execute_plan` and `mcp-planner execute` submit runs and start a runner on demand; run one
+    yourself (e.g. under systemd with --idle-exit 0) to keep it warm. Any number may share a database.
+    """
+    settings = _settings(ctx, servers, db, verbose)
+
+    async def body() -> int:
+        from mcp_planner.runner import DEFAULT_IDLE_EXIT
+        from mcp_planner.stack import run_runner
+
+        idle = DEFAULT_IDLE_EXIT if idle_exit is None else idle_exit
+        where, what = _db_path(settings), _servers_path(settings)
+        return await run_runner(where, what, _config_env(), idle_exit=idle, max_runs=max_runs)
+
+    run_async(body, verbose=settings.verbose, stop_on_interrupt=True)
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    servers: ServersOpt = None,
+    db: DbOpt = None,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """The live runners serving this database: pid, host, since, runs executed, servers file."""
+    settings = _settings(ctx, servers, db, verbose)
+
+    async def body() -> list[RunnerInfo]:
+        async with _runtime(settings) as rt:
+            return await rt.service.runners()
+
+    runners = _run(settings, body)
+    if as_json:
+        out.print_json(json.dumps([r.model_dump(mode="json") for r in runners]))
+        return
+    if not runners:
+        out.print("no live runner: one starts when a plan is submitted", markup=False)
+    for line in runner_lines(runners):
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -26,7 +26,7 @@ import click
 import typer
 from pydantic import ValidationError
 
-from mcp_planner.engine.tools import LocalTools, ToolProvider
+from mcp_planner.engine.tools import ToolProvider
 from mcp_planner.errors import PlanChangedError, PlannerError, PlanValidationError, Problem
 from mcp_planner.plan.model import ExecutionPlan, PlanSpec, PlanStatus, PlanSummary
 
@@ -34,13 +34,12 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from mcp_planner.service import PlannerService
+    from mcp_planner.stack import Tools
 
 log = logging.getLogger("mcp_planner.cli.main")
 T = TypeVar("T")
 E = TypeVar("E", bound=BaseException)
 
-#: How long commands that need tools wait for the downstream servers to connect.
-CONNECT_TIMEOUT = 30.0
 #: How the person at the terminal approves, as recorded with the plan.
 METHOD = "human-terminal"
 
@@ -184,8 +183,15 @@ class Runtime:
 
 
 @asynccontextmanager
-async def open_runtime(db_path: Path, servers: Path | None, env: Mapping[str, str]) -> AsyncIterator[Runtime]:
-    """Open the store, the downstream servers of the `servers` file (if any) and the service.
+async def open_runtime(
+    db_path: Path,
+    servers: Path | None,
+    env: Mapping[str, str],
+    *,
+    tools: Tools = "none",
+    runners: bool = True,
+) -> AsyncIterator[Runtime]:
+    """The production stack (`stack.open_stack`) for a command.
 
     The approval policy is the MCP server's business: here a person at the terminal approves (or
     passes --yes), so the service records what the command says.
@@ -194,21 +200,10 @@ async def open_runtime(db_path: Path, servers: Path | None, env: Mapping[str, st
         StoreError: the database cannot be opened.
         ConfigError: the servers file is unreadable or malformed.
     """
-    from mcp_planner.service import PlannerService
-    from mcp_planner.store.sqlite import PlanStore
+    from mcp_planner.stack import open_stack
 
-    async with AsyncExitStack() as stack:
-        store = await stack.enter_async_context(PlanStore.open(db_path))
-        provider: ToolProvider = LocalTools({})
-        if servers is not None:
-            from mcp_planner.downstream.client import Downstream
-            from mcp_planner.downstream.config import load_config
-
-            provider = await stack.enter_async_context(Downstream(load_config(servers, env=env)))
-        service = await stack.enter_async_context(
-            PlannerService(store, provider, approval="agent", ready_timeout=CONNECT_TIMEOUT)
-        )
-        yield Runtime(tools=provider, service=service, servers=servers)
+    async with open_stack(db_path, servers, env, tools=tools, runners=runners, approval="agent") as stack:
+        yield Runtime(tools=stack.tools, service=stack.service, servers=servers)
 
 
 # -- plan files, prompts --------------------------------------------------------------------------------
@@ -273,8 +268,8 @@ def can_ask() -> bool:
 # -- running plans --------------------------------------------------------------------------------------
 
 
-async def run_plan(rt: Runtime, spec: PlanSpec, yes: bool) -> PlanSummary:
-    """What `run` does: validate, show, ask (unless `yes`), create, approve, execute."""
+async def run_plan(rt: Runtime, spec: PlanSpec, yes: bool, *, detach: bool = False) -> PlanSummary:
+    """What `run` does: validate, show, ask (unless `yes`), create, approve, execute (or only submit)."""
     from mcp_planner.cli import terminal
 
     plan = await checked_plan(rt, spec)
@@ -295,6 +290,15 @@ async def run_plan(rt: Runtime, spec: PlanSpec, yes: bool) -> PlanSummary:
         plan = await rt.service.approve_plan(
             plan.id, terminal_user(), METHOD, expected_hash=plan.compute_hash()
         )
+    if detach:
+        summary = await rt.service.execute_plan(plan.id, wait_seconds=0, submitted_by=terminal_user())
+        out.print(
+            f"plan {plan.id} submitted: a runner executes it ({summary.status.value} now). "
+            f"`mcp-planner show {plan.id}` follows it, `mcp-planner cancel {plan.id}` stops it.",
+            markup=False,
+            highlight=False,
+        )
+        return summary
     out.print(f"plan {plan.id} approved by {plan.approved_by}; executing", markup=False, highlight=False)
     return await execute_with_progress(rt, plan, resume=False, rerun_interrupted=False)
 
@@ -366,15 +370,18 @@ async def execute_with_progress(
         async with anyio.create_task_group() as tg:
             if sys.platform != "win32":
                 await tg.start(watch_interrupts, tg)
+            by = terminal_user()
             if resume:
                 summary: PlanSummary = await rt.service.resume_plan(
-                    plan.id, rerun_interrupted=rerun_interrupted, wait_seconds=None, on_progress=on_progress
+                    plan.id, rerun_interrupted, None, on_progress, submitted_by=by
                 )
             else:
-                summary = await rt.service.execute_plan(plan.id, wait_seconds=None, on_progress=on_progress)
+                summary = await rt.service.execute_plan(plan.id, None, on_progress, submitted_by=by)
             tg.cancel_scope.cancel()
-        if interrupts > 1:
+        if interrupts > 1 and rt.service.runs_in_process:
             fail(f"aborted: plan {plan.id} may be left executing; `mcp-planner resume {plan.id}` recovers it")
+        if interrupts > 1:
+            fail(f"stopped following plan {plan.id}; `mcp-planner cancel {plan.id}` stops it")
         display.update(summary)
     print_summary(summary)
     return summary

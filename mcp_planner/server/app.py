@@ -11,8 +11,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -222,33 +222,33 @@ def _register_resources(server: PlannerMCPServer, state: ServiceState) -> None:
 
 def service_factory(
     db_path: str | Path | None = None,
-    config: Any = None,
+    servers_file: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
     *,
     approval: ApprovalPolicy | str = "auto",
+    runners: bool = True,
 ) -> ServiceFactory:
-    """Opens the production stack: SQLite store, downstream servers from `config`, and the service.
+    """Opens the production stack (`stack.open_stack`) for the server.
 
     Args:
         db_path: the SQLite file (default `PlanStore.default_path()`).
-        config: a `config.ServersConfig`, or None for no downstream servers.
+        servers_file: the downstream servers, or None for none; `${VAR}` values expand from `env`.
         approval: the approval policy.
+        runners: runs execute in runner processes started on demand, so they outlive this server (the
+            default); else in this process.
     """
 
     @asynccontextmanager
     async def open_service() -> AsyncIterator[PlannerService]:
         # Import the heavy modules off the event loop, so initialize and tools/list are answered meanwhile.
-        await anyio.to_thread.run_sync(_import_stack, config is not None)
-        from mcp_planner.engine.tools import LocalTools, ToolProvider
+        await anyio.to_thread.run_sync(_import_stack, servers_file is not None)
+        from mcp_planner.stack import open_stack
         from mcp_planner.store.sqlite import PlanStore
 
-        async with AsyncExitStack() as stack:
-            store = await stack.enter_async_context(PlanStore.open(db_path or PlanStore.default_path()))
-            tools: ToolProvider = LocalTools({})
-            if config is not None:
-                from mcp_planner.downstream.client import Downstream
-
-                tools = await stack.enter_async_context(Downstream(config))
-            yield await stack.enter_async_context(PlannerService(store, tools, approval=approval))
+        db = Path(db_path) if db_path is not None else PlanStore.default_path()
+        servers = Path(servers_file) if servers_file is not None else None
+        async with open_stack(db, servers, env or {}, approval=approval, runners=runners) as stack:
+            yield stack.service
 
     return open_service
 
@@ -256,7 +256,7 @@ def service_factory(
 def _import_stack(downstream: bool) -> None:
     import importlib
 
-    for name in ("store.sqlite", "engine.executor", *(("downstream.client",) if downstream else ())):
+    for name in ("stack", *(("downstream.client",) if downstream else ())):
         importlib.import_module(f"mcp_planner.{name}")
 
 
@@ -266,9 +266,8 @@ async def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     db_path: str | Path | None = None,
-    config: Any = None,
     servers_file: str | Path | None = None,
-    env: dict[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
     approval: ApprovalPolicy | str = "auto",
     auth_token: str | None = None,
     allowed_hosts: Sequence[str] = (),
@@ -280,8 +279,7 @@ async def serve(
         host: HTTP bind address.
         port: HTTP port.
         db_path: the SQLite file (default `PlanStore.default_path()`).
-        config: a loaded `config.ServersConfig` (the CLI loads it); or
-        servers_file: a servers file to load with `env` for `${VAR}` expansion.
+        servers_file: the servers file, loaded with `env` for `${VAR}` expansion.
         env: the environment for `servers_file`.
         approval: `auto`, `agent` or `human`.
         auth_token: HTTP only: the bearer token every request must carry (required off loopback).
@@ -293,10 +291,10 @@ async def serve(
     """
     if approval not in ("auto", "agent", "human"):
         raise ValueError(f"approval policy must be auto, agent or human, not {approval!r}")
-    if config is None and servers_file is not None:
+    if servers_file is not None:  # a bad file is reported before serving, not in the first tool call
         from mcp_planner.downstream.config import load_config
 
-        config = load_config(Path(servers_file), env=env or {})
+        load_config(Path(servers_file), env=env or {})
     http = transport in ("http", "streamable-http")
     if http:
         check_bind(host, auth_token=auth_token, allowed_hosts=allowed_hosts)
@@ -304,7 +302,9 @@ async def serve(
         raise ValueError(f"transport must be stdio or http, not {transport!r}")
     service_closed = anyio.Event()
     server = build_server(
-        service_factory=_reporting_close(service_factory(db_path, config, approval=approval), service_closed),
+        service_factory=_reporting_close(
+            service_factory(db_path, servers_file, env, approval=approval), service_closed
+        ),
         auth_token=auth_token if http else None,
     )
     run: Callable[[], Awaitable[None]]

@@ -1,0 +1,160 @@
+"""The composition root: the production stack the MCP server, the CLI and runner processes are built from.
+
+One place decides how the pieces fit: the SQLite store, the downstream servers (all of them, only the ones
+a plan names, or none, validating against the catalog a warm runner published), the service, and whether
+runs execute in this process or in runner processes started on demand.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Collection, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import anyio
+
+from mcp_planner.engine.tools import LocalTools, ToolProvider
+from mcp_planner.runner import (
+    CachedCatalog,
+    DetachedRunners,
+    Runner,
+    publish_catalog,
+    servers_key,
+)
+from mcp_planner.service import ApprovalPolicy, PlannerService
+from mcp_planner.store.sqlite import PlanStore
+
+log = logging.getLogger("mcp_planner.stack")
+
+#: How long a stack waits for its downstream servers' first connections.
+CONNECT_TIMEOUT = 30.0
+
+#: Which downstream servers a stack connects: every one, only those named, none, or none but validating
+#: against the catalog a live runner published ("cached").
+Tools = Literal["all", "none", "cached"] | Collection[str]
+
+
+@dataclass
+class Stack:
+    store: PlanStore
+    tools: ToolProvider
+    service: PlannerService
+    servers_file: Path | None
+
+
+@asynccontextmanager
+async def open_stack(
+    db_path: Path,
+    servers_file: Path | None,
+    env: Mapping[str, str],
+    *,
+    tools: Tools = "all",
+    runners: bool = False,
+    approval: ApprovalPolicy | str = "agent",
+    idle_exit: float | None = None,
+) -> AsyncIterator[Stack]:
+    """Open the store, the downstream servers `tools` says, and the service.
+
+    Args:
+        runners: runs go to runner processes (started on demand, outliving this one); else this process
+            executes them itself.
+
+    Raises:
+        StoreError: the database cannot be opened.
+        ConfigError: the servers file is unreadable or malformed.
+    """
+    async with AsyncExitStack() as stack:
+        store = await stack.enter_async_context(PlanStore.open(db_path))
+        provider = await stack.enter_async_context(_tools(store, servers_file, env, tools))
+        launcher = DetachedRunners(db_path, servers_file, idle_exit=idle_exit) if runners else None
+        service = await stack.enter_async_context(
+            PlannerService(
+                store, provider, approval=approval, ready_timeout=CONNECT_TIMEOUT, launcher=launcher
+            )
+        )
+        yield Stack(store=store, tools=provider, service=service, servers_file=servers_file)
+
+
+@asynccontextmanager
+async def _tools(
+    store: PlanStore, servers_file: Path | None, env: Mapping[str, str], tools: Tools
+) -> AsyncIterator[ToolProvider]:
+    if servers_file is None or tools == "none":
+        yield LocalTools({})
+        return
+    if tools == "cached":
+        published = await store.get_catalog(servers_key(servers_file))
+        yield CachedCatalog(published[0] if published else [])
+        return
+    from mcp_planner.downstream.client import Downstream
+    from mcp_planner.downstream.config import load_config
+
+    config = load_config(servers_file, env=env)
+    if tools != "all":
+        config = config.model_copy(
+            update={"servers": {n: s for n, s in config.servers.items() if n in tools}}
+        )
+    async with Downstream(config) as downstream:
+        yield downstream
+
+
+async def warm_runner(db_path: Path, servers_file: Path | None) -> bool:
+    """Whether a live runner serves this database and servers file, with its catalog published."""
+    if not await anyio.Path(db_path).exists():
+        return False
+    key = servers_key(servers_file)
+    async with PlanStore.open(db_path) as store:
+        return bool(await store.live_runners(key)) and await store.get_catalog(key) is not None
+
+
+async def run_runner(
+    db_path: Path,
+    servers_file: Path | None,
+    env: Mapping[str, str],
+    *,
+    idle_exit: float | None,
+    max_runs: int = 8,
+) -> int:
+    """Be a runner: keep the downstream servers connected, claim and execute runs until idle or cancelled.
+
+    Returns:
+        How many runs it executed.
+    """
+    async with AsyncExitStack() as stack:
+        store = await stack.enter_async_context(PlanStore.open(db_path))
+        provider = await stack.enter_async_context(_tools(store, servers_file, env, "all"))
+        key = servers_key(servers_file)
+        runner = Runner(store, provider, servers=key, max_runs=max_runs)
+        wait_ready = getattr(provider, "wait_ready", None)
+        if callable(wait_ready):
+            with anyio.move_on_after(CONNECT_TIMEOUT):
+                await wait_ready(CONNECT_TIMEOUT)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_keep_catalog_published, store, key, provider)
+            tg.start_soon(_stop_when_deleted, db_path, tg.cancel_scope)
+            await runner.serve(idle_exit=idle_exit or None)
+            tg.cancel_scope.cancel()
+        return runner.finished
+
+
+async def _stop_when_deleted(db_path: Path, scope: anyio.CancelScope) -> None:
+    """A runner whose database file was deleted has nothing left to serve: stop."""
+    while True:  # a file vanishing is no event anyio offers
+        if not await anyio.Path(db_path).exists():
+            break
+        await anyio.sleep(2)
+    log.warning("the database %s is gone: the runner stops", db_path)
+    scope.cancel()
+
+
+async def _keep_catalog_published(store: PlanStore, key: str | None, provider: ToolProvider) -> None:
+    published = None
+    while True:  # the downstream catalog follows tools/list_changed; the published copy follows it
+        current = sorted(provider.catalog())
+        if current != published:
+            await publish_catalog(store, key, provider)
+            published = current
+        await anyio.sleep(5)
