@@ -8,15 +8,13 @@ The engine never imports `mcp`: downstream MCP servers reach it through `ToolPro
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
 from mcp_planner.errors import StepError, ToolCallError, ToolNotFoundError
 from mcp_planner.plan.model import StepResult
-
-ToolFn = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
 @dataclass(frozen=True)

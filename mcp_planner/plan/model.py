@@ -64,10 +64,6 @@ class PlanStatus(StrEnum):
     PARTIAL = "partial"
     CANCELLED = "cancelled"
 
-    @property
-    def is_terminal(self) -> bool:
-        return self in (PlanStatus.COMPLETED, PlanStatus.FAILED, PlanStatus.PARTIAL, PlanStatus.CANCELLED)
-
 
 class StepStatus(StrEnum):
     PENDING = "pending"
