@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +213,7 @@ def ideal_makespan(plan: ExecutionPlan, duration: float) -> float:
 
 
 async def timed_run(plan: ExecutionPlan, tools: dict[str, Any], store: Store) -> float:
-    p = plan.model_copy(deep=True)
+    p = plan.model_copy(deep=True, update={"id": uuid.uuid4().hex[:12]})  # each run a plan of its own
     start = time.perf_counter()
     await Executor(tools, store).execute(p)
     elapsed = time.perf_counter() - start
