@@ -128,11 +128,12 @@ async def starts_per_step(db: Path, plan_id: str) -> Counter[str | None]:
 
 async def wait_for_events(db: Path, plan_id: str, *wanted: tuple[str, str | None]) -> None:
     """Until every (kind, step) in `wanted` is in the plan's event log."""
-    with anyio.fail_after(PLAN_S):
-        for _ in range(PLAN_S * 50):
-            if set(wanted) <= set(await events_of(db, plan_id)):
-                return
-            await anyio.sleep(0.02)
+    async with PlanStore.open(db) as store:
+        with anyio.fail_after(PLAN_S):
+            for _ in range(PLAN_S * 100):
+                if set(wanted) <= {(e.kind, e.step_id) for e in await store.events(plan_id)}:
+                    return
+                await anyio.sleep(0.01)
     raise AssertionError(f"plan {plan_id} never logged {wanted}")
 
 
@@ -183,7 +184,8 @@ async def test_a_runner_killed_mid_plan_is_replaced_by_the_next_runner_without_r
     tmp_path: Path, completed_before_kill: int
 ) -> None:
     db, servers = tmp_path / "plans.db", ci_and_basic(tmp_path)
-    spec = chain(*(nap(0.3 + 0.02 * n) for n in range(6)))
+    # The step the kill lands in is the longest, so that it is still running when the kill arrives.
+    spec = chain(*(nap(1.0 if n == completed_before_kill else 0.3) for n in range(6)))
     async with runner_process(tmp_path, servers, name="first") as first:
         await wait_warm(db, servers, first.pid)
         plan_id = await submit(db, servers, spec)
