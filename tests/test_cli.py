@@ -1,4 +1,7 @@
-"""The `mcp-planner` command line through its real entry point (`python -m mcp_planner`) in a subprocess.
+"""The `mcp-planner` command line: its commands driven in-process (typer's `CliRunner`, which is quick), and
+its real entry point (`python -m mcp_planner`) in a subprocess where the process is what is under test: the
+README's main job, a prompt on a real pseudo-terminal, Ctrl-C, a killed process, serving stdio, and a cancel
+from another process.
 
 Plans run against the example downstream servers (`examples/servers.json`) on a fresh SQLite file per
 test; the example servers' state (flaky counters, the workspace) lives under `tmp_path` too.
@@ -6,7 +9,10 @@ test; the example servers' state (flaky counters, the workspace) lives under `tm
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -20,8 +26,9 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 from mcp_types import CallToolResult, TextContent
+from typer.testing import CliRunner
 
-from mcp_planner.cli.main import ExitCode
+from mcp_planner.cli.main import ExitCode, app
 from mcp_planner.engine.tools import LocalTools
 from mcp_planner.plan.model import PlanSpec, PlanStatus
 from mcp_planner.server.app import build_server
@@ -48,12 +55,29 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 
 def cli(
-    tmp_path: Path, *args: str | Path, stdin: int | None = subprocess.DEVNULL, db: bool = True
+    tmp_path: Path, *args: str | Path, db: bool = True, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`mcp-planner ARGS --db <tmp>/plans.db` in this process, with `cli_env` and `tmp_path` as the working
+    directory; stdin is not a terminal. An exception the command did not turn into an exit code is raised."""
+    argv = [*map(str, args), *(["--db", str(tmp_path / "plans.db")] if db else [])]
+    env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("MCP_PLANNER_")}
+    env.update(cli_env(tmp_path))
+    handlers, level = logging.root.handlers[:], logging.root.level  # the command configures logging
+    try:
+        with contextlib.chdir(tmp_path):
+            result = CliRunner().invoke(app, argv, input=input, env=env, catch_exceptions=True)
+    finally:
+        logging.root.handlers[:], logging.root.level = handlers, level
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(argv, result.exit_code, result.stdout, result.stderr)
+
+
+def cli_process(
+    tmp_path: Path, *args: str | Path, stdin: int | None = subprocess.DEVNULL
 ) -> subprocess.CompletedProcess[str]:
     """Run `python -m mcp_planner ARGS --db <tmp>/plans.db`; stdin is not a terminal unless given one."""
-    cmd = [sys.executable, "-m", "mcp_planner", *map(str, args)]
-    if db:
-        cmd += ["--db", str(tmp_path / "plans.db")]
+    cmd = [sys.executable, "-m", "mcp_planner", *map(str, args), "--db", str(tmp_path / "plans.db")]
     return subprocess.run(
         cmd,
         stdin=stdin,
@@ -98,7 +122,9 @@ def assert_clean_error(result: subprocess.CompletedProcess[str]) -> None:
 def ci_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
     """The README's main job, run once for the tests that only read what it left behind."""
     tmp_path = tmp_path_factory.mktemp("ci-run")
-    return tmp_path, cli(tmp_path, "run", EXAMPLES / "ci_pipeline.json", "--servers", SERVERS, "--yes")
+    return tmp_path, cli_process(
+        tmp_path, "run", EXAMPLES / "ci_pipeline.json", "--servers", SERVERS, "--yes"
+    )
 
 
 def test_run_ci_pipeline_example_completes_and_exits_zero(
@@ -191,15 +217,17 @@ def run_on_a_terminal(
     master, slave = os.openpty()
     try:
         os.write(master, answer.encode())
-        return cli(tmp_path, *args, stdin=slave)
+        return cli_process(tmp_path, *args, stdin=slave)
     finally:
         os.close(slave)
         os.close(master)
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
-def test_run_asks_on_a_terminal_and_a_no_rejects_the_plan(tmp_path: Path) -> None:
-    result = run_on_a_terminal(tmp_path, ["run", EXAMPLES / "ci_pipeline.json", "--servers", SERVERS], "n\n")
+def test_run_asks_on_a_terminal_and_a_no_rejects_the_plan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("mcp_planner.cli.runtime.can_ask", lambda: True)  # the yes test uses a real terminal
+    result = cli(tmp_path, "run", EXAMPLES / "ci_pipeline.json", "--servers", SERVERS, input="n\n")
 
     assert result.returncode == ExitCode.NOT_APPROVED, result.stderr
     assert "Run this plan?" in result.stdout
@@ -304,9 +332,10 @@ async def test_ctrl_c_during_run_cancels_the_plan_cleanly(tmp_path: Path) -> Non
 
     assert code == ExitCode.CANCELLED, output
     assert "cancelled" in output
-    [stored] = stored_plans(tmp_path)
+    [stored] = await anyio.to_thread.run_sync(stored_plans, tmp_path)
     assert stored["status"] == "cancelled"
-    steps = {s["id"]: s["status"] for s in show_json(tmp_path, stored["plan_id"])["steps"]}
+    shown = await anyio.to_thread.run_sync(show_json, tmp_path, stored["plan_id"])
+    steps = {s["id"]: s["status"] for s in shown["steps"]}
     assert steps == {"first": "completed", "long": "skipped", "after": "skipped"}
 
 
@@ -402,10 +431,16 @@ async def planner_over_mcp(
                 yield client, service
 
 
-async def acli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
-    cmd = [sys.executable, "-m", "mcp_planner", *args, "--db", str(tmp_path / "plans.db")]
+async def acli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`cli` from an async test: the command runs its own event loop, so it runs in a worker thread."""
     with anyio.fail_after(CLI_TIMEOUT):
-        return await anyio.run_process(cmd, env=cli_env(tmp_path), stdin=subprocess.DEVNULL, check=False)
+        return await anyio.to_thread.run_sync(functools.partial(cli, tmp_path, *args))
+
+
+async def acli_process(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`cli_process` from an async test."""
+    with anyio.fail_after(CLI_TIMEOUT):
+        return await anyio.to_thread.run_sync(functools.partial(cli_process, tmp_path, *args))
 
 
 def text(result: CallToolResult) -> str:
@@ -431,14 +466,14 @@ async def test_approve_from_the_cli_lets_a_plan_created_over_mcp_execute(tmp_pat
         assert refused.is_error and f"mcp-planner approve {plan_id}" in text(refused)
 
         approved = await acli(tmp_path, "approve", plan_id, "--yes")
-        assert approved.returncode == 0, approved.stderr.decode()
-        assert b"approved by" in approved.stdout
+        assert approved.returncode == 0, approved.stderr
+        assert "approved by" in approved.stdout
 
         executed = await client.call_tool("execute_plan", {"plan_id": plan_id})
         assert not executed.is_error, text(executed)
         assert executed.structured_content["status"] == "completed"  # type: ignore[index]
 
-    shown = show_json(tmp_path, plan_id)
+    shown = await anyio.to_thread.run_sync(show_json, tmp_path, plan_id)
     assert shown["metadata"]["approval_method"] == "human-terminal"
 
 
@@ -451,7 +486,7 @@ async def test_approve_without_a_terminal_and_without_yes_leaves_the_plan_pendin
         result = await acli(tmp_path, "approve", plan_id)
 
         assert result.returncode == ExitCode.NOT_APPROVED
-        assert b"--yes" in result.stderr
+        assert "--yes" in result.stderr
         assert (await service.get_plan(plan_id)).status == PlanStatus.PENDING_APPROVAL
 
 
@@ -462,7 +497,7 @@ async def test_reject_from_the_cli_cancels_a_pending_plan_for_good(tmp_path: Pat
         plan_id = created.structured_content["id"]  # type: ignore[index]
 
         result = await acli(tmp_path, "reject", plan_id, "--reason", "not today")
-        assert result.returncode == 0, result.stderr.decode()
+        assert result.returncode == 0, result.stderr
 
         plan = await service.get_plan(plan_id)
         assert plan.status == PlanStatus.CANCELLED and plan.rejection_note == "not today"
@@ -478,7 +513,7 @@ async def test_cancel_from_the_cli_cancels_an_approved_plan(tmp_path: Path) -> N
         assert (await service.get_plan(plan_id)).status == PlanStatus.APPROVED
 
         result = await acli(tmp_path, "cancel", plan_id, "--reason", "changed my mind")
-        assert result.returncode == 0, result.stderr.decode()
+        assert result.returncode == 0, result.stderr
 
         assert (await service.get_plan(plan_id)).status == PlanStatus.CANCELLED
 
@@ -506,8 +541,8 @@ async def test_cancel_from_the_cli_stops_a_plan_executing_in_another_process(tmp
             async with anyio.create_task_group() as tg:
                 tg.start_soon(execute)
                 await gate.entered.wait()
-                result = await acli(tmp_path, "cancel", plan.id, "--reason", "stop it")
-                assert result.returncode == 0, result.stderr.decode()
+                result = await acli_process(tmp_path, "cancel", plan.id, "--reason", "stop it")
+                assert result.returncode == 0, result.stderr
 
         assert outcome["summary"].status == PlanStatus.CANCELLED
         stopped = await service.get_plan(plan.id)
@@ -541,8 +576,8 @@ async def test_no_arguments_serves_stdio_and_execute_runs_a_plan_the_agent_creat
             assert not created.is_error, text(created)
             plan_id = created.structured_content["id"]  # type: ignore[index]
 
-            executed = await acli(tmp_path, "execute", plan_id, "--yes", "--servers", str(SERVERS))
-            assert executed.returncode == 0, executed.stderr.decode()
+            executed = await acli_process(tmp_path, "execute", plan_id, "--yes", "--servers", str(SERVERS))
+            assert executed.returncode == 0, executed.stderr
 
             summary = await client.call_tool("get_summary", {"plan_id": plan_id})
             assert summary.structured_content["status"] == "completed"  # type: ignore[index]
@@ -580,12 +615,13 @@ async def test_resume_recovers_a_plan_whose_cli_process_was_killed(tmp_path: Pat
             proc.kill()
             await proc.wait()
 
-    [stored] = stored_plans(tmp_path)
+    [stored] = await anyio.to_thread.run_sync(stored_plans, tmp_path)
     assert stored["status"] == "executing"  # left behind by the dead process
 
-    resumed = cli(tmp_path, "resume", stored["plan_id"], "--servers", SERVERS)
+    resumed = await acli_process(tmp_path, "resume", stored["plan_id"], "--servers", str(SERVERS))
 
     # `ci.sleep` is read-only, so the interrupted call is safe to send again.
     assert resumed.returncode == ExitCode.OK, resumed.stdout + resumed.stderr
-    steps = {s["id"]: s["status"] for s in show_json(tmp_path, stored["plan_id"])["steps"]}
+    shown = await anyio.to_thread.run_sync(show_json, tmp_path, stored["plan_id"])
+    steps = {s["id"]: s["status"] for s in shown["steps"]}
     assert steps == {"first": "completed", "slow": "completed", "after": "completed"}
