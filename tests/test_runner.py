@@ -72,6 +72,7 @@ def ci_and_basic(tmp_path: Path) -> Path:
 
 def subprocess_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MCP_PLANNER_")}
+    env["MCP_PLANNER_RUNNER_IDLE_EXIT"] = "3"  # runners the commands start on demand do not linger
     env.update(CI_STATE_DIR=str(tmp_path / "ci-state"), CI_DELAY="0", PYTHONUNBUFFERED="1")
     return env
 
