@@ -238,9 +238,12 @@ def test_run_asks_on_a_terminal_and_a_no_rejects_the_plan(
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
 def test_run_asks_on_a_terminal_and_a_yes_runs_the_plan(tmp_path: Path) -> None:
-    result = run_on_a_terminal(tmp_path, ["run", EXAMPLES / "ci_pipeline.json", "--servers", SERVERS], "y\n")
+    # One step: what is under test is the prompt on a real terminal, not the pipeline (ci_run runs that).
+    plan = write_plan(tmp_path, {"description": "lint", "steps": [{"id": "lint", "tool_name": "ci.lint"}]})
+    result = run_on_a_terminal(tmp_path, ["run", plan, "--servers", SERVERS], "y\n")
 
     assert result.returncode == ExitCode.OK, result.stderr
+    assert "Run this plan?" in result.stdout
     assert [p["status"] for p in stored_plans(tmp_path)] == ["completed"]
 
 
