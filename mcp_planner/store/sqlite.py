@@ -169,7 +169,7 @@ UPDATE runs SET state = 'queued', kind = 'resume', runner = NULL, claimed_at = N
 WHERE id = ? AND state = 'claimed' RETURNING {_RUN_COLUMNS}
 """
 #: How often `wait_for_work` looks for another connection's commit.
-_POLL_INTERVAL = 0.05
+_POLL_INTERVAL = 0.02
 _INSERT_EVENT = """
 INSERT INTO events (plan_id, seq, at, kind, step_id, data)
 VALUES (:plan_id, (SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE plan_id = :plan_id),
