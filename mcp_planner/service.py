@@ -72,8 +72,8 @@ CANCEL_WAIT = 10.0
 START_WAIT = 5.0
 #: How often a follower reads the stored plan when no in-process runner tells it of changes.
 FOLLOW_POLL_S = 0.25
-#: The least time between two progress summaries from an in-process runner (a burst becomes one).
-LOCAL_PROGRESS_S = 0.02
+#: The least time between two reads of a followed plan (a burst of steps becomes one summary).
+PROGRESS_COALESCE_S = 0.02
 #: How long a progress listener may take before it is skipped.
 LISTENER_WAIT = 2.0
 
@@ -551,11 +551,13 @@ class PlannerService:
 
     async def _wait_for_change(self, seconds: float) -> None:
         if self._runner is None:
-            await self.store.wait_for_work(seconds)
-            return
-        with anyio.move_on_after(seconds):  # the in-process runner says when a step moved
-            await self._changed.wait()
-        await anyio.sleep(LOCAL_PROGRESS_S)  # coalesce a burst of steps into one summary
+            await self.store.wait_for_work(seconds)  # a runner elsewhere committed something
+        else:
+            with anyio.move_on_after(seconds):  # the in-process runner says when a step moved
+                await self._changed.wait()
+        # Coalesce a burst of steps into one read and one summary: following a plan costs per interval,
+        # never per step, however many steps it has.
+        await anyio.sleep(PROGRESS_COALESCE_S)
 
     def _wake(self, *_: Any) -> None:
         self._changed.set()
