@@ -527,7 +527,9 @@ class PlannerService:
         deadline = math.inf if wait_seconds is None else anyio.current_time() + max(wait_seconds, 0)
         start_by = anyio.current_time() + START_WAIT
         last: PlanSummary | None = None
+        pause = PROGRESS_COALESCE_S
         while True:
+            began = anyio.current_time()
             current = await self.store.get_run(run.id)
             summary = await self._progress_summary(run.plan_id)
             if on_progress is not None:
@@ -535,6 +537,9 @@ class PlannerService:
                 if last is None or message is not None or summary.status != last.status:
                     await _report(on_progress, summary, message)
                 last = summary
+            # A look at the plan costs in proportion to its size: look at most a tenth of the time, so that
+            # following a plan of any size slows nothing down by more than that.
+            pause = max(PROGRESS_COALESCE_S, 9 * (anyio.current_time() - began))
             if current.state == RunState.DONE:
                 if current.error is not None:
                     raise PlanStateError(current.error)
@@ -543,13 +548,13 @@ class PlannerService:
             started = current.state == RunState.CLAIMED and summary.status == PlanStatus.EXECUTING
             if now >= deadline and (started or now >= start_by):
                 return summary
-            await self._wait_for_change(min(FOLLOW_POLL_S, max(deadline - now, 0.0) or FOLLOW_POLL_S))
+            await self._wait_for_change(min(FOLLOW_POLL_S, max(deadline - now, 0.0) or FOLLOW_POLL_S), pause)
 
     async def _progress_summary(self, plan_id: str) -> PlanSummary:
         live = self._runner.live_plan(plan_id) if self._runner is not None else None
         return live.summary() if live is not None else (await self._load(plan_id)).summary()
 
-    async def _wait_for_change(self, seconds: float) -> None:
+    async def _wait_for_change(self, seconds: float, coalesce: float) -> None:
         if self._runner is None:
             await self.store.wait_for_work(seconds)  # a runner elsewhere committed something
         else:
@@ -557,7 +562,7 @@ class PlannerService:
                 await self._changed.wait()
         # Coalesce a burst of steps into one read and one summary: following a plan costs per interval,
         # never per step, however many steps it has.
-        await anyio.sleep(PROGRESS_COALESCE_S)
+        await anyio.sleep(coalesce)
 
     def _wake(self, *_: Any) -> None:
         self._changed.set()
