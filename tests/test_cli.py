@@ -236,6 +236,7 @@ def test_run_asks_on_a_terminal_and_a_no_rejects_the_plan(
     assert "declined at the terminal" in show_json(tmp_path, plan["plan_id"])["rejection_note"]
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
 def test_run_asks_on_a_terminal_and_a_yes_runs_the_plan(tmp_path: Path) -> None:
     # One step: what is under test is the prompt on a real terminal, not the pipeline (ci_run runs that).
@@ -299,6 +300,7 @@ def test_partial_plan_exits_with_the_partial_code(tmp_path: Path) -> None:
     assert "unknown artifact 'bogus'" in result.stdout
 
 
+@pytest.mark.e2e
 @pytest.mark.anyio
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 async def test_ctrl_c_during_run_cancels_the_plan_cleanly(tmp_path: Path) -> None:
@@ -521,6 +523,7 @@ async def test_cancel_from_the_cli_cancels_an_approved_plan(tmp_path: Path) -> N
         assert (await service.get_plan(plan_id)).status == PlanStatus.CANCELLED
 
 
+@pytest.mark.e2e
 @pytest.mark.anyio
 async def test_cancel_from_the_cli_stops_a_plan_executing_in_another_process(tmp_path: Path) -> None:
     gate = Gate()
@@ -553,6 +556,7 @@ async def test_cancel_from_the_cli_stops_a_plan_executing_in_another_process(tmp
         assert [s.status for s in stopped.steps] == ["skipped", "skipped"]
 
 
+@pytest.mark.e2e
 @pytest.mark.anyio
 async def test_no_arguments_serves_stdio_and_execute_runs_a_plan_the_agent_created(tmp_path: Path) -> None:
     db = str(tmp_path / "plans.db")
@@ -586,6 +590,7 @@ async def test_no_arguments_serves_stdio_and_execute_runs_a_plan_the_agent_creat
             assert summary.structured_content["status"] == "completed"  # type: ignore[index]
 
 
+@pytest.mark.e2e
 @pytest.mark.anyio
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 async def test_resume_recovers_a_plan_whose_cli_process_was_killed(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from conftest import RUNNER_IDLE_EXIT
 from mcp import Client, StdioServerParameters
 from mcp.client.session import ClientRequestContext
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 SERVERS = Path(__file__).parent / "servers"
 

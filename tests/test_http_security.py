@@ -19,7 +19,7 @@ from anyio.streams.text import TextReceiveStream
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 BASIC_SERVER = Path(__file__).resolve().parent / "servers" / "basic.py"
 TOKEN = "s3cret-token-for-tests"

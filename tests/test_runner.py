@@ -30,7 +30,7 @@ from mcp_planner.stack import open_stack
 from mcp_planner.store.base import RunState
 from mcp_planner.store.sqlite import PlanStore
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 ROOT = Path(__file__).resolve().parent.parent
 CI_SERVER = ROOT / "examples" / "servers" / "ci.py"

@@ -19,7 +19,7 @@ import anyio
 import anyio.abc
 import pytest
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 SERVERS = Path(__file__).parent / "servers"
 READY = 30  # seconds for the planner and the downstream server to start on a busy machine

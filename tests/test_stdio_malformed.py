@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from mcp_planner.server.stdio import unreadable
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 
 def deep_line(message: dict[str, Any], depth: int) -> str:

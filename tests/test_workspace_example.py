@@ -18,7 +18,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp_types import CallToolResult, TextContent
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "servers" / "workspace.py"
 SECRET = "the secret 4711"
