@@ -17,7 +17,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from types import TracebackType
-from typing import Any, Concatenate, Literal, ParamSpec, Self, TypeVar
+from typing import Any, Concatenate, Literal, ParamSpec, Self, TypeVar, get_args
 
 import anyio
 
@@ -59,7 +59,7 @@ from mcp_planner.store.base import (
 log = logging.getLogger("mcp_planner.service")
 
 ApprovalPolicy = Literal["auto", "agent", "human"]
-APPROVAL_POLICIES: tuple[ApprovalPolicy, ...] = ("auto", "agent", "human")
+APPROVAL_POLICIES: tuple[ApprovalPolicy, ...] = get_args(ApprovalPolicy)
 
 #: Called with the plan's summary as steps start and end, and what changed since the last call
 #: ("step 'b' completed"): `(summary, message)`; plain or async.

@@ -31,7 +31,7 @@ from mcp_planner.errors import PlannerError, PlanNotFoundError
 from mcp_planner.server.http_security import bearer_auth, check_bind, transport_security
 from mcp_planner.server.stdio import answering_stdio_server
 from mcp_planner.server.tools import ServiceState, register_tools
-from mcp_planner.service import ApprovalPolicy, PlannerService
+from mcp_planner.service import APPROVAL_POLICIES, ApprovalPolicy, PlannerService
 
 log = logging.getLogger("mcp_planner.server.app")
 
@@ -289,8 +289,8 @@ async def serve(
         ValueError: an unknown transport or approval policy, or HTTP off loopback without a token and
             allowed hosts.
     """
-    if approval not in ("auto", "agent", "human"):
-        raise ValueError(f"approval policy must be auto, agent or human, not {approval!r}")
+    if approval not in APPROVAL_POLICIES:
+        raise ValueError(f"approval policy must be one of {', '.join(APPROVAL_POLICIES)}, not {approval!r}")
     if servers_file is not None:  # a bad file is reported before serving, not in the first tool call
         from mcp_planner.downstream.config import load_config
 
