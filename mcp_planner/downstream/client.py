@@ -247,14 +247,6 @@ class Downstream:
             for name, server in self._servers.items()
         }
 
-    def server_for(self, tool_name: str) -> str | None:
-        """The configured server a tool name belongs to (by `server.` prefix or a unique bare name)."""
-        prefixed = self._split(tool_name)
-        if prefixed is not None:
-            return prefixed[0].name
-        owners = [s.name for s in self._servers.values() if s.tools and tool_name in s.tools]
-        return owners[0] if len(owners) == 1 else None
-
     def unavailable_reason(self, server_name: str) -> str | None:
         """Why a server cannot take calls now (None when it is connected), naming it."""
         server = self._servers.get(server_name)

@@ -130,9 +130,6 @@ class StepResult(BaseModel):
     def size(self) -> int:
         return len(self.model_dump_json())
 
-    def is_large(self) -> bool:
-        return self.size() > RESULT_PREVIEW_LIMIT
-
     @classmethod
     def from_value(cls, value: Any) -> StepResult:
         """The result of an in-process tool: a string becomes text, anything else structured content."""

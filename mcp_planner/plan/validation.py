@@ -21,7 +21,7 @@ from typing import Any
 import jsonschema
 import referencing.exceptions
 
-from mcp_planner.errors import PlanValidationError, Problem
+from mcp_planner.errors import Problem
 from mcp_planner.plan.model import (
     MAX_BACKOFF,
     MAX_DESCRIPTION_CHARS,
@@ -103,17 +103,6 @@ def validate_plan(
             problems.extend(_tool_problems(step, catalog, budget, validators))
     problems.extend(_cycle_problems(plan))
     return problems
-
-
-def validate_or_raise(plan: ExecutionPlan, catalog: Catalog | None) -> None:
-    """Check `plan` like `validate_plan`, and refuse it when anything is wrong.
-
-    Raises:
-        PlanValidationError: carrying every problem `validate_plan` found.
-    """
-    problems = validate_plan(plan, catalog)
-    if problems:
-        raise PlanValidationError(problems, f"plan {plan.id!r} is invalid")
 
 
 def qualify_tool_names(plan: ExecutionPlan, tool_names: Iterable[str]) -> None:
