@@ -302,10 +302,10 @@ class PlannerService:
         qualify_tool_names(plan, catalog.keys())
         problems = plan.validate(schema_catalog(self.tools))
         if problems:
-            raise PlanValidationError(problems + self._unreachable(problems))
+            raise PlanValidationError(problems + self.unreachable_problems(problems))
 
-    def _unreachable(self, problems: list[Problem]) -> list[Problem]:
-        """A problem per downstream server that is not connected, when a tool could not be found."""
+    def unreachable_problems(self, problems: list[Problem]) -> list[Problem]:
+        """A problem per downstream server that is not connected, when `problems` has a tool not found."""
         if not any(p.field == "tool_name" for p in problems):
             return []
         extra = []
@@ -447,7 +447,7 @@ class PlannerService:
         await self._tools_ready()
         problems = plan.validate(schema_catalog(self.tools))
         if problems:
-            raise PlanValidationError(problems + self._unreachable(problems), "the plan cannot run")
+            raise PlanValidationError(problems + self.unreachable_problems(problems), "the plan cannot run")
         request = RunRequest(plan_id=plan.id, kind=RunKind.EXECUTE, submitted_by=submitted_by)
         return await self._submit_and_follow(request, wait_seconds, on_progress)
 

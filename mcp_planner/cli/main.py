@@ -26,25 +26,22 @@ import typer
 
 from mcp_planner.cli.runtime import (
     ExitCode,
-    Runtime,
-    approve_here,
-    execute_with_progress,
+    approve_stored,
+    execute_stored,
     exit_code,
     fail,
     load_plan_file,
-    open_runtime,
     out,
+    resume_stored,
     run_async,
     run_plan,
     terminal_user,
 )
-from mcp_planner.engine.tools import ServerStatus, ToolInfo
-from mcp_planner.plan.model import ExecutionPlan, PlanSpec, PlanStatus, PlanSummary
-from mcp_planner.presentation import runner_lines
-from mcp_planner.store.base import RunnerInfo
+from mcp_planner.plan.model import PlanSpec, PlanStatus
 
 if TYPE_CHECKING:
-    from mcp_planner.stack import Tools
+    from mcp_planner.engine.tools import ServerStatus, ToolInfo
+    from mcp_planner.stack import Stack, Tools
 
 T = TypeVar("T")
 log = logging.getLogger("mcp_planner.cli.main")
@@ -165,20 +162,53 @@ def _config_env() -> dict[str, str]:
     return {"PYTHON": sys.executable, **os.environ}
 
 
-def _runtime(
-    settings: Settings, *, tools: Tools = "none", runners: bool = True
-) -> AbstractAsyncContextManager[Runtime]:
+def _open_stack(settings: Settings, *, tools: Tools, runners: bool) -> AbstractAsyncContextManager[Stack]:
     """The application stack for a command: which downstream servers it connects, who executes runs."""
-    return open_runtime(
-        _db_path(settings), _servers_path(settings), _config_env(), tools=tools, runners=runners
+    from mcp_planner.stack import open_stack
+
+    # The approval policy is the MCP server's business: here a person at the terminal approves (or passes
+    # --yes), so the service records what the command says.
+    return open_stack(
+        _db_path(settings),
+        _servers_path(settings),
+        _config_env(),
+        tools=tools,
+        runners=runners,
+        approval="agent",
     )
 
 
-async def _submitting_tools(settings: Settings) -> Tools:
-    """What a command that submits runs validates against: a warm runner's catalog, else the servers."""
-    from mcp_planner.stack import warm_runner
+def _with_stack(settings: Settings, fn: Callable[[Stack], Awaitable[T]], *, tools: Tools = "none") -> T:
+    """`fn` on the command's stack, connected to the downstream servers `tools` says; runs go to runners.
 
-    return "cached" if await warm_runner(_db_path(settings), _servers_path(settings)) else "all"
+    Planner errors end the command with a message and an exit code (`run_async`).
+    """
+
+    async def body() -> T:
+        async with _open_stack(settings, tools=tools, runners=True) as stack:
+            return await fn(stack)
+
+    return run_async(body, verbose=settings.verbose)
+
+
+def _submitting(settings: Settings, fn: Callable[[Stack], Awaitable[T]], *, here: Tools | None = None) -> T:
+    """`fn`, which submits runs, on a stack validating against a warm runner's catalog if there is one.
+
+    Without a warm runner the stack connects every downstream server and runners started on demand execute
+    the runs; or, given `here`, it connects only those servers and this process executes the runs.
+    """
+
+    async def body() -> T:
+        from mcp_planner.stack import warm_runner
+
+        tools: Tools = "all" if here is None else here
+        runners = here is None
+        if await warm_runner(_db_path(settings), _servers_path(settings)):
+            tools, runners = "cached", True
+        async with _open_stack(settings, tools=tools, runners=runners) as stack:
+            return await fn(stack)
+
+    return run_async(body, verbose=settings.verbose)
 
 
 def _plan_servers(spec: PlanSpec) -> Tools:
@@ -187,10 +217,6 @@ def _plan_servers(spec: PlanSpec) -> Tools:
     if all("." in name for name in names):
         return {name.split(".", 1)[0] for name in names}
     return "all"
-
-
-def _run(settings: Settings, fn: Callable[[], Awaitable[T]]) -> T:
-    return run_async(fn, verbose=settings.verbose)
 
 
 # -- commands -------------------------------------------------------------------------------------------
@@ -308,14 +334,8 @@ def run(
     """
     settings = _settings(ctx, servers, db, verbose)
     spec = load_plan_file(plan_file)
-
-    async def body() -> PlanSummary:
-        tools = await _submitting_tools(settings)
-        runners = detach or tools == "cached"
-        async with _runtime(settings, tools=tools if runners else _plan_servers(spec), runners=runners) as rt:
-            return await run_plan(rt, spec, yes, detach=detach)
-
-    summary = _run(settings, body)
+    here = None if detach else _plan_servers(spec)
+    summary = _submitting(settings, lambda stack: run_plan(stack, spec, yes, detach=detach), here=here)
     raise typer.Exit(0 if detach else int(exit_code(summary.status)))
 
 
@@ -336,13 +356,7 @@ def plans(
     from mcp_planner.cli import terminal
 
     settings = _settings(ctx, servers, db, verbose)
-
-    async def body() -> list[ExecutionPlan]:
-        async with _runtime(settings) as rt:
-            found: list[ExecutionPlan] = await rt.service.list_plans(status=status, limit=limit)
-            return found
-
-    found = _run(settings, body)
+    found = _with_stack(settings, lambda stack: stack.service.list_plans(status=status, limit=limit))
     if as_json:
         out.print_json(json.dumps([p.summary().model_dump(mode="json", exclude={"steps"}) for p in found]))
         return
@@ -365,13 +379,7 @@ def show(
     from mcp_planner.cli import terminal
 
     settings = _settings(ctx, servers, db, verbose)
-
-    async def body() -> ExecutionPlan:
-        async with _runtime(settings) as rt:
-            plan: ExecutionPlan = await rt.service.get_plan(plan_id)
-            return plan
-
-    plan = _run(settings, body)
+    plan = _with_stack(settings, lambda stack: stack.service.get_plan(plan_id))
     if as_json:
         out.print_json(plan.model_dump_json())
         return
@@ -396,12 +404,7 @@ def approve(
 ) -> None:
     """Approve a pending plan as the person at this terminal (what the `human` policy asks for)."""
     settings = _settings(ctx, servers, db, verbose)
-
-    async def body() -> ExecutionPlan:
-        async with _runtime(settings) as rt:
-            return await approve_here(rt, await rt.service.get_plan(plan_id), yes)
-
-    plan = _run(settings, body)
+    plan = _with_stack(settings, lambda stack: approve_stored(stack, plan_id, yes))
     out.print(
         f"plan {plan.id} approved by {plan.approved_by}: the agent can now call execute_plan "
         f"(or run `mcp-planner execute {plan.id}`)",
@@ -423,15 +426,7 @@ def execute(
     A plan still pending approval is shown and approved first, as `approve` does (y/N unless --yes).
     """
     settings = _settings(ctx, servers, db, verbose)
-
-    async def body() -> PlanSummary:
-        async with _runtime(settings, tools=await _submitting_tools(settings)) as rt:
-            plan: ExecutionPlan = await rt.service.get_plan(plan_id)
-            if plan.status in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL) and plan.options.needs_approval:
-                plan = await approve_here(rt, plan, yes)
-            return await execute_with_progress(rt, plan, resume=False, rerun_interrupted=False)
-
-    summary = _run(settings, body)
+    summary = _submitting(settings, lambda stack: execute_stored(stack, plan_id, yes))
     raise typer.Exit(int(exit_code(summary.status)))
 
 
@@ -446,13 +441,8 @@ def reject(
 ) -> None:
     """Reject a plan that has not started: it becomes cancelled and never runs."""
     settings = _settings(ctx, servers, db, verbose)
-
-    async def body() -> ExecutionPlan:
-        async with _runtime(settings) as rt:
-            plan: ExecutionPlan = await rt.service.reject_plan(plan_id, reason, rejected_by=terminal_user())
-            return plan
-
-    plan = _run(settings, body)
+    by = terminal_user()
+    plan = _with_stack(settings, lambda stack: stack.service.reject_plan(plan_id, reason, rejected_by=by))
     out.print(f"plan {plan.id} rejected: {plan.status.value}", markup=False)
 
 
@@ -473,13 +463,7 @@ def resume(
 ) -> None:
     """Resume a failed, partial or interrupted plan: completed steps are kept, the rest run again."""
     settings = _settings(ctx, servers, db, verbose)
-
-    async def body() -> PlanSummary:
-        async with _runtime(settings, tools=await _submitting_tools(settings)) as rt:
-            plan: ExecutionPlan = await rt.service.get_plan(plan_id)
-            return await execute_with_progress(rt, plan, resume=True, rerun_interrupted=rerun_interrupted)
-
-    summary = _run(settings, body)
+    summary = _submitting(settings, lambda stack: resume_stored(stack, plan_id, rerun_interrupted))
     raise typer.Exit(int(exit_code(summary.status)))
 
 
@@ -496,13 +480,8 @@ def cancel(
 ) -> None:
     """Cancel a plan: stops it if it is executing (in any process on this database), else cancels it."""
     settings = _settings(ctx, servers, db, verbose)
-
-    async def body() -> PlanSummary:
-        async with _runtime(settings) as rt:
-            summary: PlanSummary = await rt.service.cancel_plan(plan_id, reason, cancelled_by=terminal_user())
-            return summary
-
-    summary = _run(settings, body)
+    by = terminal_user()
+    summary = _with_stack(settings, lambda stack: stack.service.cancel_plan(plan_id, reason, cancelled_by=by))
     if summary.status == PlanStatus.CANCELLED:
         out.print(f"plan {plan_id} cancelled: {reason}", markup=False)
     else:
@@ -530,11 +509,10 @@ def tools(
     if _servers_path(settings) is None:
         fail("no servers file: pass --servers FILE or set MCP_PLANNER_SERVERS", ExitCode.INVALID)
 
-    async def body() -> tuple[dict[str, ToolInfo], dict[str, ServerStatus]]:
-        async with _runtime(settings, tools="all") as rt:
-            return await rt.service.catalog(), rt.service.server_status()
+    async def listed(stack: Stack) -> tuple[dict[str, ToolInfo], dict[str, ServerStatus]]:
+        return await stack.service.catalog(), stack.service.server_status()
 
-    catalog, status = _run(settings, body)
+    catalog, status = _with_stack(settings, listed, tools="all")
     out.print(terminal.tools_table(catalog))
     out.print(terminal.servers_table(status))
     failed = sorted(name for name, server in status.items() if server.error)
@@ -587,12 +565,9 @@ def status(
 ) -> None:
     """The live runners serving this database: pid, host, since, runs executed, servers file."""
     settings = _settings(ctx, servers, db, verbose)
+    runners = _with_stack(settings, lambda stack: stack.service.runners())
+    from mcp_planner.presentation import runner_lines
 
-    async def body() -> list[RunnerInfo]:
-        async with _runtime(settings) as rt:
-            return await rt.service.runners()
-
-    runners = _run(settings, body)
     if as_json:
         out.print_json(json.dumps([r.model_dump(mode="json") for r in runners]))
         return

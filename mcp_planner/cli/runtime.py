@@ -1,8 +1,8 @@
-"""What the command line's commands run on: the application stack, clean errors, prompts and execution.
+"""What the command line's commands do on the application stack: clean errors, prompts and execution.
 
-`cli.py` resolves the settings (flags and environment) and defines the commands; this module opens the
-store, the downstream servers and `service.PlannerService` for them, turns planner errors into a message
-and an exit code, asks y/N questions, and executes plans with the live display and Ctrl-C handling.
+`main.py` resolves the settings (flags and environment), defines the commands and opens the stack
+(`stack.open_stack`) for them; this module turns planner errors into a message and an exit code, asks y/N
+questions, and approves and executes plans with the live display and Ctrl-C handling.
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ import logging
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
 from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -26,15 +24,13 @@ import click
 import typer
 from pydantic import ValidationError
 
-from mcp_planner.engine.tools import ToolProvider
 from mcp_planner.errors import PlanChangedError, PlannerError, PlanValidationError, Problem
 from mcp_planner.plan.model import ExecutionPlan, PlanSpec, PlanStatus, PlanSummary
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from mcp_planner.service import PlannerService
-    from mcp_planner.stack import Tools
+    from mcp_planner.stack import Stack
 
 log = logging.getLogger("mcp_planner.cli.main")
 T = TypeVar("T")
@@ -173,39 +169,6 @@ def run_async(fn: Callable[[], Awaitable[T]], *, verbose: int = 0, stop_on_inter
         fail(f"internal error: {type(exc).__name__}: {exc} (run with -v for details)")
 
 
-@dataclass
-class Runtime:
-    """What a command works with: the tools (downstream servers, if any) and the service over the store."""
-
-    tools: ToolProvider
-    service: PlannerService
-    servers: Path | None = None
-
-
-@asynccontextmanager
-async def open_runtime(
-    db_path: Path,
-    servers: Path | None,
-    env: Mapping[str, str],
-    *,
-    tools: Tools = "none",
-    runners: bool = True,
-) -> AsyncIterator[Runtime]:
-    """The production stack (`stack.open_stack`) for a command.
-
-    The approval policy is the MCP server's business: here a person at the terminal approves (or
-    passes --yes), so the service records what the command says.
-
-    Raises:
-        StoreError: the database cannot be opened.
-        ConfigError: the servers file is unreadable or malformed.
-    """
-    from mcp_planner.stack import open_stack
-
-    async with open_stack(db_path, servers, env, tools=tools, runners=runners, approval="agent") as stack:
-        yield Runtime(tools=stack.tools, service=stack.service, servers=servers)
-
-
 # -- plan files, prompts --------------------------------------------------------------------------------
 
 
@@ -268,7 +231,7 @@ def can_ask() -> bool:
 # -- running plans --------------------------------------------------------------------------------------
 
 
-async def run_plan(rt: Runtime, spec: PlanSpec, yes: bool, *, detach: bool = False) -> PlanSummary:
+async def run_plan(rt: Stack, spec: PlanSpec, yes: bool, *, detach: bool = False) -> PlanSummary:
     """What `run` does: validate, show, ask (unless `yes`), create, approve, execute (or only submit)."""
     from mcp_planner.cli import terminal
 
@@ -303,7 +266,7 @@ async def run_plan(rt: Runtime, spec: PlanSpec, yes: bool, *, detach: bool = Fal
     return await execute_with_progress(rt, plan, resume=False, rerun_interrupted=False)
 
 
-async def checked_plan(rt: Runtime, spec: PlanSpec) -> ExecutionPlan:
+async def checked_plan(rt: Stack, spec: PlanSpec) -> ExecutionPlan:
     """The plan as `create_plan` would store it, validated against the catalog, but not stored yet.
 
     Raises:
@@ -317,7 +280,7 @@ async def checked_plan(rt: Runtime, spec: PlanSpec) -> ExecutionPlan:
     qualify_tool_names(plan, catalog.keys())
     problems = plan.validate(schema_catalog(rt.tools))
     if problems:
-        if rt.servers is None and any(p.field == "tool_name" for p in problems):
+        if rt.servers_file is None and any(p.field == "tool_name" for p in problems):
             problems.append(
                 Problem(
                     None,
@@ -326,17 +289,31 @@ async def checked_plan(rt: Runtime, spec: PlanSpec) -> ExecutionPlan:
                     "set MCP_PLANNER_SERVERS",
                 )
             )
-        for name, server in sorted(rt.service.server_status().items()):
-            if server.error:
-                problems.append(
-                    Problem(None, "servers", f"downstream server {name!r} is unreachable: {server.error}")
-                )
-        raise PlanValidationError(problems)
+        raise PlanValidationError(problems + rt.service.unreachable_problems(problems))
     return plan
 
 
+async def approve_stored(rt: Stack, plan_id: str, yes: bool) -> ExecutionPlan:
+    """What `approve` does: show the stored plan and approve it here (`approve_here`)."""
+    return await approve_here(rt, await rt.service.get_plan(plan_id), yes)
+
+
+async def execute_stored(rt: Stack, plan_id: str, yes: bool) -> PlanSummary:
+    """What `execute` does: approve the stored plan here if it still waits for that, then execute it."""
+    plan = await rt.service.get_plan(plan_id)
+    if plan.status in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL) and plan.options.needs_approval:
+        plan = await approve_here(rt, plan, yes)
+    return await execute_with_progress(rt, plan, resume=False, rerun_interrupted=False)
+
+
+async def resume_stored(rt: Stack, plan_id: str, rerun_interrupted: bool) -> PlanSummary:
+    """What `resume` does: resume the stored plan with the live display."""
+    plan = await rt.service.get_plan(plan_id)
+    return await execute_with_progress(rt, plan, resume=True, rerun_interrupted=rerun_interrupted)
+
+
 async def execute_with_progress(
-    rt: Runtime, plan: ExecutionPlan, *, resume: bool, rerun_interrupted: bool
+    rt: Stack, plan: ExecutionPlan, *, resume: bool, rerun_interrupted: bool
 ) -> PlanSummary:
     """Execute or resume with a live display; the first Ctrl-C cancels the plan, a second one aborts."""
     from mcp_planner.cli import terminal
@@ -405,7 +382,7 @@ def print_summary(summary: PlanSummary) -> None:
         )
 
 
-async def approve_here(rt: Runtime, plan: ExecutionPlan, yes: bool) -> ExecutionPlan:
+async def approve_here(rt: Stack, plan: ExecutionPlan, yes: bool) -> ExecutionPlan:
     """Show the plan and approve it as the person at this terminal, asking y/N unless `yes`.
 
     What is approved is exactly what was shown: if the plan changes meanwhile (an agent's update_plan),
