@@ -189,6 +189,23 @@ def test_invalid_plan_exits_with_the_invalid_code_and_lists_every_problem(tmp_pa
     assert stored_plans(tmp_path) == []
 
 
+def test_a_plan_naming_an_unreachable_server_is_invalid_and_says_what_to_check(tmp_path: Path) -> None:
+    failing = REPO / "tests" / "servers" / "exit_at_start.py"
+    servers = tmp_path / "servers.json"
+    vault = {"command": sys.executable, "args": [str(failing)]}
+    servers.write_text(json.dumps({"mcpServers": {"vault": vault}}))
+    plan = write_plan(tmp_path, {"description": "read", "steps": [{"tool_name": "vault.read"}]})
+
+    result = cli(tmp_path, "run", plan, "--servers", servers, "--yes")
+
+    assert result.returncode == ExitCode.INVALID
+    assert_clean_error(result)
+    assert "vault.read" in result.stderr
+    assert "'vault' is unreachable" in result.stderr
+    assert "check its entry in the servers file" in result.stderr  # the MCP server's advice, word for word
+    assert stored_plans(tmp_path) == []
+
+
 def test_malformed_plan_file_exits_with_the_invalid_code(tmp_path: Path) -> None:
     not_json = tmp_path / "bad.json"
     not_json.write_text("{not json", encoding="utf-8")

@@ -97,6 +97,7 @@ VerboseOpt = Annotated[
         "--verbose", "-v", count=True, show_default=False, help="Log to stderr (-v info, -vv debug)."
     ),
 ]
+PlanIdArg = Annotated[str, typer.Argument(metavar="ID", help="Plan id.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 
@@ -369,7 +370,7 @@ def plans(
 @app.command()
 def show(
     ctx: typer.Context,
-    plan_id: Annotated[str, typer.Argument(metavar="ID", help="Plan id.")],
+    plan_id: PlanIdArg,
     as_json: JsonOpt = False,
     servers: ServersOpt = None,
     db: DbOpt = None,
@@ -396,7 +397,7 @@ def show(
 @app.command(epilog=EXIT_CODES_HELP)
 def approve(
     ctx: typer.Context,
-    plan_id: Annotated[str, typer.Argument(metavar="ID", help="Plan id.")],
+    plan_id: PlanIdArg,
     yes: YesOpt = False,
     servers: ServersOpt = None,
     db: DbOpt = None,
@@ -415,7 +416,7 @@ def approve(
 @app.command(epilog=EXIT_CODES_HELP)
 def execute(
     ctx: typer.Context,
-    plan_id: Annotated[str, typer.Argument(metavar="ID", help="Plan id.")],
+    plan_id: PlanIdArg,
     yes: YesOpt = False,
     servers: ServersOpt = None,
     db: DbOpt = None,
@@ -433,7 +434,7 @@ def execute(
 @app.command()
 def reject(
     ctx: typer.Context,
-    plan_id: Annotated[str, typer.Argument(metavar="ID", help="Plan id.")],
+    plan_id: PlanIdArg,
     reason: Annotated[str, typer.Option("--reason", help="Why (kept with the plan).")],
     servers: ServersOpt = None,
     db: DbOpt = None,
@@ -449,7 +450,7 @@ def reject(
 @app.command(epilog=EXIT_CODES_HELP)
 def resume(
     ctx: typer.Context,
-    plan_id: Annotated[str, typer.Argument(metavar="ID", help="Plan id.")],
+    plan_id: PlanIdArg,
     rerun_interrupted: Annotated[
         bool,
         typer.Option(
@@ -470,7 +471,7 @@ def resume(
 @app.command()
 def cancel(
     ctx: typer.Context,
-    plan_id: Annotated[str, typer.Argument(metavar="ID", help="Plan id.")],
+    plan_id: PlanIdArg,
     reason: Annotated[
         str, typer.Option("--reason", help="Why (kept with the plan).")
     ] = "cancelled from the command line",
