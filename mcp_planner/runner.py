@@ -20,7 +20,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,7 @@ class Runner:
         owner: its id (host:pid:nonce); also the owner of its plans' execution claims.
         max_runs: how many runs it executes at once.
         on_change: called (plain function) after each step starts or ends in one of its runs, with the plan.
+        ready: awaited before each run executes: the tools' first connections (it returns at once after).
     """
 
     def __init__(
@@ -98,6 +99,7 @@ class Runner:
         stale_after: float = DEFAULT_STALE_AFTER,
         heartbeat_interval: float = 5.0,
         on_change: Callable[[ExecutionPlan], None] | None = None,
+        ready: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.store = store
         self.servers = servers
@@ -106,6 +108,7 @@ class Runner:
         self.stale_after = stale_after
         self.heartbeat_interval = heartbeat_interval
         self._on_change = on_change
+        self._ready = ready
         self.executor = Executor(
             tools,
             store,
@@ -186,6 +189,8 @@ class Runner:
     async def _execute(self, run: RunRecord) -> None:
         error: str | None = None
         try:
+            if self._ready is not None:  # claimed at once, executed once the tools are connected
+                await self._ready()
             plan = await self.store.get_plan(run.plan_id)
             self.active[run.plan_id] = plan
             # A run queued again after its runner died may find its plan never started: then it executes.
@@ -284,6 +289,14 @@ class DetachedRunners:
     def key(self) -> str | None:
         return servers_key(self.servers_file)
 
+    def started_runner_died(self) -> bool:
+        """Whether the runner this process started last has already exited (it failed to start)."""
+        return self._spawned is not None and self._spawned.poll() is not None
+
+    @property
+    def log_path(self) -> Path:
+        return self.db_path.parent / "runner.log"
+
     async def ensure(self, store: QueueStore, key: str | None) -> bool:
         """Start a runner unless a live one serves `key` (or one started here moments ago is coming up).
 
@@ -308,7 +321,7 @@ def start_detached(
     db_path: Path, servers_file: Path | None, *, idle_exit: float | None = None
 ) -> subprocess.Popen[bytes]:
     """Start `mcp-planner runner` for `db_path` and `servers_file`, detached from this process."""
-    log_path = db_path.parent / "runner.log"
+    log_path = DetachedRunners(db_path, servers_file).log_path
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     cmd = [sys.executable, "-m", "mcp_planner", "runner", "--db", str(db_path)]
     if idle_exit is not None:

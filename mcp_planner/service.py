@@ -67,9 +67,10 @@ ProgressCallback = Callable[[PlanSummary, str | None], Awaitable[None] | None]
 
 #: How long `cancel_plan` waits for an executing plan's runner to stop it.
 CANCEL_WAIT = 10.0
-#: How long a caller with `wait_seconds=0` still waits for a runner to take the run, so that a refusal
-#: (not approved, claimed elsewhere) reaches the caller instead of being lost.
-START_WAIT = 5.0
+#: How long a caller with `wait_seconds=0` still waits for a runner to take the run and start it, so that
+#: a refusal (not approved, claimed elsewhere) reaches the caller instead of being lost. A runner started on
+#: demand takes its run as soon as it is up (a second, or several on a busy machine).
+START_WAIT = 30.0
 #: How often a follower reads the stored plan when no in-process runner tells it of changes.
 FOLLOW_POLL_S = 0.25
 #: The least time between two reads of a followed plan (a burst of steps becomes one summary).
@@ -544,11 +545,23 @@ class PlannerService:
                 if current.error is not None:
                     raise PlanStateError(current.error)
                 return (await self._load(run.plan_id)).summary()
+            if current.state == RunState.QUEUED and self._launcher is not None:
+                await self._check_runner_started(run)
             now = anyio.current_time()
             started = current.state == RunState.CLAIMED and summary.status == PlanStatus.EXECUTING
             if now >= deadline and (started or now >= start_by):
                 return summary
             await self._wait_for_change(min(FOLLOW_POLL_S, max(deadline - now, 0.0) or FOLLOW_POLL_S), pause)
+
+    async def _check_runner_started(self, run: RunRecord) -> None:
+        """Refuse to wait on a queued run whose runner, started here, died before taking it."""
+        assert self._launcher is not None
+        if self._launcher.started_runner_died() and not await self.store.live_runners(run.servers):
+            await self.store.cancel_queued_run(run.plan_id, "no runner could start")
+            raise PlanStateError(
+                f"the runner started to execute plan {run.plan_id!r} exited before it could: see "
+                f"{str(self._launcher.log_path)!r}; the plan was not run"
+            )
 
     async def _progress_summary(self, plan_id: str) -> PlanSummary:
         live = self._runner.live_plan(plan_id) if self._runner is not None else None

@@ -8,7 +8,7 @@ runs execute in this process or in runner processes started on demand.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,13 +127,19 @@ async def run_runner(
         store = await stack.enter_async_context(PlanStore.open(db_path))
         provider = await stack.enter_async_context(_tools(store, servers_file, env, "all"))
         key = servers_key(servers_file)
-        runner = Runner(store, provider, servers=key, max_runs=max_runs)
-        wait_ready = getattr(provider, "wait_ready", None)
-        if callable(wait_ready):
-            with anyio.move_on_after(CONNECT_TIMEOUT):
-                await wait_ready(CONNECT_TIMEOUT)
+
+        async def ready() -> None:
+            wait_ready = getattr(provider, "wait_ready", None)
+            if callable(wait_ready):
+                with anyio.move_on_after(
+                    CONNECT_TIMEOUT
+                ):  # slow or failed servers are reported, not waited for
+                    await wait_ready(CONNECT_TIMEOUT)
+
+        # It claims runs at once (a submitter sees its run taken) and executes them once connected.
+        runner = Runner(store, provider, servers=key, max_runs=max_runs, ready=ready)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_keep_catalog_published, store, key, provider)
+            tg.start_soon(_keep_catalog_published, store, key, provider, ready)
             tg.start_soon(_stop_when_deleted, db_path, tg.cancel_scope)
             await runner.serve(idle_exit=idle_exit or None)
             tg.cancel_scope.cancel()
@@ -150,7 +156,10 @@ async def _stop_when_deleted(db_path: Path, scope: anyio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _keep_catalog_published(store: PlanStore, key: str | None, provider: ToolProvider) -> None:
+async def _keep_catalog_published(
+    store: PlanStore, key: str | None, provider: ToolProvider, ready: Callable[[], Awaitable[None]]
+) -> None:
+    await ready()
     published = None
     while True:  # the downstream catalog follows tools/list_changed; the published copy follows it
         current = sorted(provider.catalog())
