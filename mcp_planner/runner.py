@@ -28,7 +28,6 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from mcp_planner.engine.executor import Executor
 from mcp_planner.engine.tools import ToolInfo, ToolProvider
 from mcp_planner.errors import DownstreamError, PlannerError
 from mcp_planner.plan.model import ExecutionPlan, PlanStatus, StepResult, utcnow
@@ -109,6 +108,8 @@ class Runner:
         self.heartbeat_interval = heartbeat_interval
         self._on_change = on_change
         self._ready = ready
+        from mcp_planner.engine.executor import Executor  # imported when a runner is made: serve starts lean
+
         self.executor = Executor(
             tools,
             store,

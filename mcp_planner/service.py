@@ -21,7 +21,7 @@ from typing import Any, Concatenate, Literal, ParamSpec, Self, TypeVar, get_args
 
 import anyio
 
-from mcp_planner.engine.executor import Executor, check_can_execute, check_can_resume
+from mcp_planner.engine.admission import check_can_execute, check_can_resume
 from mcp_planner.engine.tools import ServerStatus, StatusReporter, ToolInfo, ToolProvider, schema_catalog
 from mcp_planner.errors import (
     PlanChangedError,
@@ -150,6 +150,8 @@ class PlannerService:
         self._launcher = launcher
         #: Runs submitted here without a launcher carry a key only this process's runner serves.
         self._local_key = local_key(self.owner)
+        from mcp_planner.engine.executor import Executor  # the engine loads with the service, not the server
+
         self._executor = Executor(tools, store, owner=self.owner, stale_after=stale_after)
         self._runner: Runner | None = None
         self._changed = anyio.Event()
