@@ -1,4 +1,4 @@
-"""The MCP server: the planning tools (`server_tools`), plan resources, and running over stdio or HTTP.
+"""The MCP server: the planning tools (`server/tools.py`), plan resources, and running over stdio or HTTP.
 
 Exceptions become tool error results in exactly one place, `PlannerMCPServer.call_tool`, so no traceback,
 pydantic report or protocol error reaches the client.

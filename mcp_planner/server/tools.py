@@ -43,7 +43,7 @@ WaitSeconds = Annotated[
         ge=0,
         le=600,
         description="seconds to wait for the plan to finish before returning its summary; the plan keeps "
-        "running in the server after that (follow it with get_summary)",
+        "running in a runner after that, even if this client exits (follow it with get_summary)",
     ),
 ]
 
@@ -379,7 +379,8 @@ async def reject_plan(
 @_tool(
     description="Execute an approved plan: its steps call the downstream tools (real side effects). "
     "Returns the summary when the plan finishes or after wait_seconds, whichever comes first; a plan "
-    "still executing keeps running in the server: follow it with get_summary, stop it with cancel_plan. "
+    "still executing keeps running in a runner process, even if this client exits: follow it with "
+    "get_summary, stop it with cancel_plan. "
     "Sends progress notifications per step when the request has a progress token. Only for a plan that "
     "is approved (or needs no approval); for a failed or partial plan use resume_plan.",
     annotations=_hints(read_only=False, destructive=True, idempotent=False, open_world=True),

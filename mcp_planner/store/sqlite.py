@@ -565,7 +565,7 @@ class PlanStore(SqliteRunQueue):
         return _claim_from_row(plan_id, row) if row is not None else None
 
     async def request_cancel(self, plan_id: str, reason: str) -> bool:
-        """Ask the process holding the plan's claim to cancel (it sees the reason on its next heartbeat).
+        """Ask the process holding the plan's claim to cancel (its run polls for it every 0.2 s).
 
         Returns:
             False when nobody holds a live claim, so there is no process to ask.
