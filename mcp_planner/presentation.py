@@ -481,9 +481,14 @@ def runner_lines(runners: Sequence[RunnerInfo]) -> list[str]:
     for runner in runners:
         host, _, rest = runner.id.partition(":")
         pid = rest.partition(":")[0]
-        servers = runner.servers.rpartition("#")[0] if runner.servers else "(no servers file)"
+        if runner.servers is None:
+            serves = "servers: none"
+        elif "#" in runner.servers:  # "<servers file>#<sha256 of its content>"
+            serves = f"servers {runner.servers.rpartition('#')[0]}"
+        else:  # a process running its own submissions (a foreground `run`, the library)
+            serves = "in-process, its own runs only"
         lines.append(
             f"runner pid {pid} on {host}: since {timestamp_text(runner.started_at)}, {runner.runs} run(s), "
-            f"servers {servers}"
+            f"{serves}"
         )
     return lines
