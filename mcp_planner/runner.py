@@ -189,6 +189,7 @@ class Runner:
 
     async def _execute(self, run: RunRecord) -> None:
         error: str | None = None
+        cut_short = False
         try:
             if self._ready is not None:  # claimed at once, executed once the tools are connected
                 await self._ready()
@@ -204,9 +205,15 @@ class Runner:
         except Exception as exc:  # a bug must not take the runner's other runs down
             log.exception("run %s of plan %r crashed", run.id, run.plan_id)
             error = f"the runner failed: {type(exc).__name__}: {exc}"
+        except anyio.get_cancelled_exc_class():
+            # The runner is stopping: the run stays claimed by it, and once it is gone the next runner
+            # resumes the plan, as if this one had been killed.
+            cut_short = True
+            raise
         finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                await self.store.finish_run(run.id, self.id, error)
+            if not cut_short:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                    await self.store.finish_run(run.id, self.id, error)
             self.active.pop(run.plan_id, None)
             self.running -= 1
             self.finished += 1

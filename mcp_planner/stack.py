@@ -8,6 +8,8 @@ runs execute in this process or in runner processes started on demand.
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -141,9 +143,21 @@ async def run_runner(
         async with anyio.create_task_group() as tg:
             tg.start_soon(_keep_catalog_published, store, key, provider, ready)
             tg.start_soon(_stop_when_deleted, db_path, tg.cancel_scope)
+            if sys.platform != "win32":
+                tg.start_soon(_stop_on_signals, tg.cancel_scope)
             await runner.serve(idle_exit=idle_exit or None)
             tg.cancel_scope.cancel()
         return runner.finished
+
+
+async def _stop_on_signals(scope: anyio.CancelScope) -> None:
+    """SIGTERM or SIGINT stops the runner in order: runs cut short stay claimed, and the next runner resumes
+    them (a service manager's stop or restart loses nothing)."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("%s: the runner stops", signal.Signals(signum).name)
+            scope.cancel()
+            return
 
 
 async def _stop_when_deleted(db_path: Path, scope: anyio.CancelScope) -> None:

@@ -212,6 +212,33 @@ async def test_a_runner_killed_mid_plan_is_replaced_by_the_next_runner_without_r
     assert "plan_resumed" in {kind for kind, _ in await events_of(db, plan_id)}
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+async def test_a_runner_stopped_mid_plan_leaves_the_plan_to_the_next_runner(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
+    db, servers = tmp_path / "plans.db", ci_and_basic(tmp_path)
+    spec = chain(nap(0.2), nap(2.0), nap(0.2))
+    async with runner_process(tmp_path, servers, name="first") as first:
+        await wait_warm(db, servers, first.pid)
+        plan_id = await submit(db, servers, spec)
+        await wait_for_events(db, plan_id, ("step_started", "s2"))
+        first.send_signal(stop)
+        with anyio.fail_after(20):
+            assert await first.wait() == 0  # an orderly stop, not a crash
+
+    async with PlanStore.open(db) as store:
+        stopped = await store.get_plan(plan_id)
+    assert stopped.status == PlanStatus.FAILED  # cut short, its interrupted step's outcome unknown
+
+    async with runner_process(tmp_path, servers, name="second"):
+        # The run was not marked done by the runner that stopped: the next one resumes it by itself.
+        await wait_for_events(db, plan_id, ("plan_resumed", None))
+        plan = await ended(db, plan_id)
+
+    assert plan.status == PlanStatus.COMPLETED, plan.error
+    assert await starts_per_step(db, plan_id) == {"s1": 1, "s2": 2, "s3": 1}
+
+
 @pytest.mark.parametrize(("max_retries", "safe"), [(1, True), (0, False)])
 async def test_an_interrupted_non_idempotent_step_is_rerun_by_the_next_runner_only_when_retries_allow(
     tmp_path: Path, max_retries: int, safe: bool
