@@ -341,22 +341,28 @@ def tool_hints(annotations: Mapping[str, Any]) -> list[str]:
     return [name for name, key in names if annotations.get(key)]
 
 
-def step_transition(before: StepSummary | None, now: StepSummary) -> str | None:
-    """One log line for what happened to a step since `before` (None when nothing did)."""
+def step_transitions(before: StepSummary | None, now: StepSummary) -> list[str]:
+    """The log lines for what happened to a step since `before` (none when nothing did).
+
+    Progress arrives as snapshots, so a short step can go from pending to done between two of them: its
+    start is then implied, and logged too.
+    """
     if before is not None and before.status == now.status and before.retry_count == now.retry_count:
-        return None
+        return []
+    start = f"start   {now.id} -> {now.tool_name}"
     if now.status == StepStatus.RUNNING:
         if before is not None and before.status == StepStatus.RUNNING:
-            return f"retry   {now.id} (retry {now.retry_count})"
-        return f"start   {now.id} -> {now.tool_name}"
+            return [f"retry   {now.id} (retry {now.retry_count})"]
+        return [start]
+    started = [start] if before is None or before.status == StepStatus.PENDING else []
     if now.status == StepStatus.COMPLETED:
         retries = f", {retries_text(now.retry_count)}" if now.retry_count else ""
-        return f"done    {now.id} ({duration_text(now.duration_ms)}{retries})"
+        return [*started, f"done    {now.id} ({duration_text(now.duration_ms)}{retries})"]
     if now.status == StepStatus.FAILED:
-        return f"FAILED  {now.id}: {now.error or 'no error message'}"
+        return [*started, f"FAILED  {now.id}: {now.error or 'no error message'}"]
     if now.status == StepStatus.SKIPPED:
-        return f"skipped {now.id}: {now.error or ''}"
-    return None
+        return [f"skipped {now.id}: {now.error or ''}"]
+    return []
 
 
 # -- short text -----------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mcp_planner.plan.model import RESULT_PREVIEW_LIMIT, ExecutionPlan, StepResult, StepStatus
+from mcp_planner.plan.model import RESULT_PREVIEW_LIMIT, ExecutionPlan, StepResult, StepStatus, StepSummary
 from mcp_planner.presentation import (
     PREVIEW_CHARS,
     counts_text,
@@ -12,6 +12,7 @@ from mcp_planner.presentation import (
     plan_view,
     result_preview,
     result_view,
+    step_transitions,
     summary_text,
 )
 
@@ -90,3 +91,13 @@ def test_result_preview_is_one_line_of_the_structured_content_or_the_text() -> N
     assert (
         result_preview(StepResult.from_value("line one\nline two " + "z" * 300), 20) == "line one line two z…"
     )
+
+
+def test_a_step_that_started_and_ended_between_two_snapshots_logs_its_start_too() -> None:
+    pending = StepSummary(id="lint", tool_name="ci.lint", status=StepStatus.PENDING)
+    done = StepSummary(id="lint", tool_name="ci.lint", status=StepStatus.COMPLETED, duration_ms=40)
+    running = StepSummary(id="lint", tool_name="ci.lint", status=StepStatus.RUNNING)
+
+    assert step_transitions(pending, done) == ["start   lint -> ci.lint", "done    lint (40 ms)"]
+    assert step_transitions(running, done) == ["done    lint (40 ms)"]
+    assert step_transitions(done, done) == []

@@ -276,8 +276,7 @@ class ProgressDisplay:
             self._live.update(self._renderable())
         else:
             for step in summary.steps:
-                line = views.step_transition(self._last.get(step.id), step)
-                if line:
+                for line in views.step_transitions(self._last.get(step.id), step):
                     self._console.print(line, markup=False, highlight=False, soft_wrap=True)
             self._summary = summary
         self._last = {s.id: s for s in summary.steps}
