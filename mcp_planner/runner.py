@@ -14,6 +14,7 @@ Two ways to have one:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -130,6 +131,12 @@ class Runner:
         """The plan object a run of this runner is executing now (the executor updates it in place)."""
         return self.active.get(plan_id)
 
+    def _info(self) -> RunnerInfo:
+        now = utcnow()
+        return RunnerInfo(
+            id=self.id, servers=self.servers, started_at=now, heartbeat_at=now, runs=self.finished
+        )
+
     def _changed(self, plan: ExecutionPlan, *_: Any) -> None:
         if self._on_change is not None:
             self._on_change(plan)
@@ -145,10 +152,7 @@ class Runner:
         Runs still executing when it is cancelled are cut short like a killed process: their plans are left
         `executing` with this runner's claims, and the next runner resumes them.
         """
-        now = utcnow()
-        await self.store.register_runner(
-            RunnerInfo(id=self.id, servers=self.servers, started_at=now, heartbeat_at=now)
-        )
+        await self.store.register_runner(self._info())
         log.info("runner %s serving runs for servers %s", self.id, self.servers or "(none)")
         try:
             async with anyio.create_task_group() as tg:
@@ -224,16 +228,7 @@ class Runner:
             await anyio.sleep(self.heartbeat_interval)
             try:
                 if not await self.store.heartbeat_runner(self.id):  # swept as dead: say who we are again
-                    now = utcnow()
-                    await self.store.register_runner(
-                        RunnerInfo(
-                            id=self.id,
-                            servers=self.servers,
-                            started_at=now,
-                            heartbeat_at=now,
-                            runs=self.finished,
-                        )
-                    )
+                    await self.store.register_runner(self._info())
             except PlannerError:
                 log.warning("runner %s: heartbeat failed; trying again", self.id, exc_info=True)
 
@@ -245,7 +240,7 @@ class CachedCatalog:
     """
 
     def __init__(self, tools: list[dict[str, Any]]) -> None:
-        infos = (ToolInfo(**{k: v for k, v in t.items() if k in _TOOL_FIELDS}) for t in tools)
+        infos = (ToolInfo(**t) for t in tools)
         self._catalog = {info.name: info for info in infos}
 
     def catalog(self) -> Mapping[str, ToolInfo]:
@@ -255,12 +250,9 @@ class CachedCatalog:
         raise DownstreamError(f"this process does not call tools: a runner executes {tool_name!r}")
 
 
-_TOOL_FIELDS = ("name", "description", "input_schema", "output_schema", "annotations", "server")
-
-
 async def publish_catalog(store: QueueStore, servers: str | None, tools: ToolProvider) -> None:
     """Store `tools`' catalog under `servers`, for `CachedCatalog`."""
-    entries = [{k: getattr(info, k) for k in _TOOL_FIELDS} for info in tools.catalog().values()]
+    entries = [dataclasses.asdict(info) for info in tools.catalog().values()]
     await store.save_catalog(servers, entries)
 
 
@@ -303,7 +295,7 @@ class DetachedRunners:
 
     @property
     def log_path(self) -> Path:
-        return self.db_path.parent / "runner.log"
+        return runner_log(self.db_path)
 
     async def ensure(self, store: QueueStore, key: str | None) -> bool:
         """Start a runner unless a live one serves `key` (or one started here moments ago is coming up).
@@ -325,11 +317,16 @@ class DetachedRunners:
         return start_detached(self.db_path, self.servers_file, idle_exit=self.idle_exit)
 
 
+def runner_log(db_path: Path) -> Path:
+    """Where a runner started on demand for `db_path` writes its log: beside the database."""
+    return db_path.parent / "runner.log"
+
+
 def start_detached(
     db_path: Path, servers_file: Path | None, *, idle_exit: float | None = None
 ) -> subprocess.Popen[bytes]:
     """Start `mcp-planner runner` for `db_path` and `servers_file`, detached from this process."""
-    log_path = DetachedRunners(db_path, servers_file).log_path
+    log_path = runner_log(db_path)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     cmd = [sys.executable, "-m", "mcp_planner", "runner", "--db", str(db_path)]
     if idle_exit is not None:

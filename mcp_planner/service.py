@@ -492,19 +492,6 @@ class PlannerService:
             if claim is not None and claim_is_live(claim, utcnow(), self.stale_after):
                 raise PlanClaimedError(plan.id, claim.owner)
 
-    async def follow(
-        self, plan_id: str, wait_seconds: float | None = 50.0, on_progress: ProgressCallback | None = None
-    ) -> PlanSummary:
-        """Follow the plan's current run (if any) like `execute_plan` does, without submitting one.
-
-        Raises:
-            PlanNotFoundError: no such plan.
-        """
-        run = await self.store.active_run(plan_id)
-        if run is None:
-            return (await self._load(plan_id)).summary()
-        return await self._follow(run, wait_seconds, on_progress)
-
     async def _submit_and_follow(
         self, request: RunRequest, wait_seconds: float | None, on_progress: ProgressCallback | None
     ) -> PlanSummary:

@@ -55,6 +55,7 @@ async def open_stack(
     *,
     tools: Tools = "all",
     runners: bool = False,
+    warm: bool = False,
     approval: ApprovalPolicy | str = "agent",
     idle_exit: float | None = None,
 ) -> AsyncIterator[Stack]:
@@ -63,6 +64,8 @@ async def open_stack(
     Args:
         runners: runs go to runner processes (started on demand, outliving this one); else this process
             executes them itself.
+        warm: when a live runner serves this database and servers file, use it instead: validate against
+            the catalog it published (no server starts) and submit runs to it.
 
     Raises:
         StoreError: the database cannot be opened.
@@ -70,6 +73,8 @@ async def open_stack(
     """
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(PlanStore.open(db_path))
+        if warm and await _warm_runner(store, servers_file):
+            tools, runners = "cached", True
         provider = await stack.enter_async_context(_tools(store, servers_file, env, tools))
         launcher = DetachedRunners(db_path, servers_file, idle_exit=idle_exit) if runners else None
         service = await stack.enter_async_context(
@@ -103,13 +108,10 @@ async def _tools(
         yield downstream
 
 
-async def warm_runner(db_path: Path, servers_file: Path | None) -> bool:
+async def _warm_runner(store: PlanStore, servers_file: Path | None) -> bool:
     """Whether a live runner serves this database and servers file, with its catalog published."""
-    if not await anyio.Path(db_path).exists():
-        return False
     key = servers_key(servers_file)
-    async with PlanStore.open(db_path) as store:
-        return bool(await store.live_runners(key)) and await store.get_catalog(key) is not None
+    return bool(await store.live_runners(key)) and await store.get_catalog(key) is not None
 
 
 async def run_runner(

@@ -163,7 +163,9 @@ def _config_env() -> dict[str, str]:
     return {"PYTHON": sys.executable, **os.environ}
 
 
-def _open_stack(settings: Settings, *, tools: Tools, runners: bool) -> AbstractAsyncContextManager[Stack]:
+def _open_stack(
+    settings: Settings, *, tools: Tools, runners: bool, warm: bool = False
+) -> AbstractAsyncContextManager[Stack]:
     """The application stack for a command: which downstream servers it connects, who executes runs."""
     from mcp_planner.stack import open_stack
 
@@ -175,6 +177,7 @@ def _open_stack(settings: Settings, *, tools: Tools, runners: bool) -> AbstractA
         _config_env(),
         tools=tools,
         runners=runners,
+        warm=warm,
         approval="agent",
     )
 
@@ -200,13 +203,8 @@ def _submitting(settings: Settings, fn: Callable[[Stack], Awaitable[T]], *, here
     """
 
     async def body() -> T:
-        from mcp_planner.stack import warm_runner
-
         tools: Tools = "all" if here is None else here
-        runners = here is None
-        if await warm_runner(_db_path(settings), _servers_path(settings)):
-            tools, runners = "cached", True
-        async with _open_stack(settings, tools=tools, runners=runners) as stack:
+        async with _open_stack(settings, tools=tools, runners=here is None, warm=True) as stack:
             return await fn(stack)
 
     return run_async(body, verbose=settings.verbose)
