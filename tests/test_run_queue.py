@@ -4,7 +4,6 @@ SQLite store's queue shared by real processes."""
 from __future__ import annotations
 
 import socket
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -12,8 +11,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from anyio.abc import Process
-from anyio.streams.buffered import BufferedByteReceiveStream
+from test_store import run_workers_together
 
 from mcp_planner.errors import PlanNotFoundError, PlanStateError, RunNotFoundError
 from mcp_planner.plan.model import ExecutionPlan, utcnow
@@ -30,7 +28,6 @@ from mcp_planner.store.sqlite import PlanStore
 
 pytestmark = pytest.mark.anyio
 
-WORKER = Path(__file__).with_name("store_worker.py")
 KEY = "/etc/servers.json#" + "ab" * 32
 
 
@@ -309,41 +306,6 @@ async def test_a_catalog_is_cached_per_servers_key_and_replaced_by_the_next(stor
 
 
 # -- real processes on one SQLite file --------------------------------------------------------------------
-
-
-async def start_worker(*args: str) -> tuple[Process, BufferedByteReceiveStream]:
-    proc = await anyio.open_process(
-        [sys.executable, str(WORKER), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None
-    )
-    assert proc.stdout is not None
-    return proc, BufferedByteReceiveStream(proc.stdout)
-
-
-async def read_line(reader: BufferedByteReceiveStream) -> str:
-    with anyio.fail_after(30):
-        return (await reader.receive_until(b"\n", 100_000)).decode()
-
-
-async def run_workers_together(workers: list[tuple[str, ...]]) -> list[str]:
-    """Start the workers, wait until each is ready, release them at once, and collect their outcomes."""
-    started = [await start_worker(*args) for args in workers]
-    try:
-        for _, reader in started:
-            assert await read_line(reader) == "ready"
-        for proc, _ in started:
-            assert proc.stdin is not None
-            await proc.stdin.send(b"go\n")
-        outcomes = [await read_line(reader) for _, reader in started]
-    finally:
-        for proc, _ in started:
-            assert proc.stdin is not None
-            await proc.stdin.aclose()
-        for proc, _ in started:
-            with anyio.fail_after(30):
-                await proc.wait()
-            await proc.aclose()
-    assert [proc.returncode for proc, _ in started] == [0] * len(started)
-    return outcomes
 
 
 async def test_two_processes_claiming_twenty_runs_claim_each_exactly_once(tmp_path: Path) -> None:

@@ -462,7 +462,7 @@ async def start_worker(*args: str) -> tuple[Process, BufferedByteReceiveStream]:
 
 async def read_line(reader: BufferedByteReceiveStream) -> str:
     with anyio.fail_after(30):
-        return (await reader.receive_until(b"\n", 10_000)).decode()
+        return (await reader.receive_until(b"\n", 100_000)).decode()  # a line of up to 20 run ids
 
 
 async def run_workers_together(workers: list[tuple[str, ...]]) -> list[str]:
