@@ -66,11 +66,14 @@ def timed(cmd: list[str], env: dict[str, str], cwd: Path) -> float:
 
 async def wait_warm(db: Path, runner: anyio.abc.Process) -> None:
     from mcp_planner.stack import warm_runner
+    from mcp_planner.store.sqlite import PlanStore
 
     with anyio.fail_after(60):
         for _ in range(600):
-            if await warm_runner(db, SERVERS):
-                return
+            if await anyio.Path(db).exists():
+                async with PlanStore.open(db) as store:
+                    if await warm_runner(store, SERVERS):
+                        return
             if runner.returncode is not None:
                 break
             await anyio.sleep(0.1)

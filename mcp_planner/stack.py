@@ -73,7 +73,7 @@ async def open_stack(
     """
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(PlanStore.open(db_path))
-        if warm and await _warm_runner(store, servers_file):
+        if warm and await warm_runner(store, servers_file):
             tools, runners = "cached", True
         provider = await stack.enter_async_context(_tools(store, servers_file, env, tools))
         launcher = DetachedRunners(db_path, servers_file, idle_exit=idle_exit) if runners else None
@@ -108,7 +108,7 @@ async def _tools(
         yield downstream
 
 
-async def _warm_runner(store: PlanStore, servers_file: Path | None) -> bool:
+async def warm_runner(store: PlanStore, servers_file: Path | None) -> bool:
     """Whether a live runner serves this database and servers file, with its catalog published."""
     key = servers_key(servers_file)
     return bool(await store.live_runners(key)) and await store.get_catalog(key) is not None
