@@ -112,7 +112,28 @@ class Redactor:
         return f"Redactor({len(self.values)} values)"
 
 
-class ServerConfig(BaseModel):
+class _Redacting(BaseModel):
+    """A config whose text (repr, str, what `redact` is given) shows `${VAR}`, never what it expanded to."""
+
+    _redactor: Redactor = PrivateAttr(default_factory=Redactor)
+
+    @property
+    def redactor(self) -> Redactor:
+        """Puts `${VAR}` back for what the `${VAR}` references of this config expanded to."""
+        return self._redactor
+
+    def redact(self, text: str) -> str:
+        """`text` with every expanded `${VAR}` value replaced by `${VAR}` (for errors, logs, the store)."""
+        return self._redactor(text)
+
+    def __repr__(self) -> str:
+        return self._redactor(super().__repr__())
+
+    def __str__(self) -> str:
+        return self._redactor(super().__str__())
+
+
+class ServerConfig(_Redacting):
     """One downstream server.
 
     `transport` is `stdio` (a `command` run as a subprocess) or `streamable-http` (a `url`); the file
@@ -137,21 +158,6 @@ class ServerConfig(BaseModel):
     timeout: float = Field(DEFAULT_CONNECT_TIMEOUT, gt=0)
     call_timeout: float = Field(DEFAULT_CALL_TIMEOUT, gt=0, alias="callTimeout")
     protocol: Literal["legacy", "auto"] = "legacy"
-    _redactor: Redactor = PrivateAttr(default_factory=Redactor)
-
-    @property
-    def redactor(self) -> Redactor:
-        """Puts `${VAR}` back for what this server's `${VAR}` references expanded to."""
-        return self._redactor
-
-    def redact(self, text: str) -> str:
-        return self._redactor(text)
-
-    def __repr__(self) -> str:
-        return self._redactor(super().__repr__())
-
-    def __str__(self) -> str:
-        return self._redactor(super().__str__())
 
     @model_validator(mode="before")
     @classmethod
@@ -180,14 +186,13 @@ class ServerConfig(BaseModel):
         return tool not in self.disabled_tools
 
 
-class ServersConfig(BaseModel):
+class ServersConfig(_Redacting):
     """Every downstream server, in file order. `source` is the file it came from, if any."""
 
     model_config = ConfigDict(frozen=True)
 
     servers: dict[str, ServerConfig] = Field(default_factory=dict)
     source: Path | None = None
-    _redactor: Redactor = PrivateAttr(default_factory=Redactor)
 
     def model_post_init(self, context: Any, /) -> None:
         self._redactor = Redactor.merge(s.redactor for s in self.servers.values())
@@ -195,21 +200,6 @@ class ServersConfig(BaseModel):
     @property
     def enabled(self) -> list[ServerConfig]:
         return [s for s in self.servers.values() if not s.disabled]
-
-    @property
-    def redactor(self) -> Redactor:
-        """Puts `${VAR}` back for what any server's `${VAR}` references expanded to."""
-        return self._redactor
-
-    def redact(self, text: str) -> str:
-        """`text` with every expanded `${VAR}` value replaced by `${VAR}` (for errors, logs, the store)."""
-        return self._redactor(text)
-
-    def __repr__(self) -> str:
-        return self._redactor(super().__repr__())
-
-    def __str__(self) -> str:
-        return self._redactor(super().__str__())
 
     @classmethod
     def from_dict(
