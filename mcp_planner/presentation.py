@@ -8,6 +8,7 @@ which it can be read in full.
 
 from __future__ import annotations
 
+import heapq
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -27,10 +28,14 @@ from mcp_planner.plan.model import (
     StepStatus,
     StepSummary,
 )
-from mcp_planner.store.base import RunnerInfo
+from mcp_planner.store.base import Event, RunnerInfo
 
 #: How much of a large result's text a preview shows.
 PREVIEW_CHARS = 2048
+#: How many steps a summary lists. A larger plan's summary lists the ones a reader needs first (failed,
+#: running, skipped, pending, then completed) and counts the rest: its size, and what a model reads, stay
+#: bounded however large the plan is.
+SUMMARY_STEPS = 50
 
 _STATUS_MARK = {
     StepStatus.PENDING: "·",
@@ -78,8 +83,13 @@ def next_action(plan: ExecutionPlan | PlanSummary) -> str:
 
 
 class SummaryView(PlanSummary):
-    """A plan's status, counts, progress and each step's state, with what to do next."""
+    """A plan's status, counts, progress and its steps' states (all of them, up to a limit), with what to do
+    next."""
 
+    steps_omitted: int = Field(
+        default=0,
+        description="steps not listed here (the listed ones need attention first); get_plan has all",
+    )
     next_action: str = Field(description="what to call next for this plan")
 
 
@@ -156,9 +166,32 @@ class PlanList(BaseModel):
 # -- builders -------------------------------------------------------------------------------------------
 
 
+_ATTENTION = {
+    StepStatus.FAILED: 0,
+    StepStatus.RUNNING: 1,
+    StepStatus.SKIPPED: 2,
+    StepStatus.PENDING: 3,
+    StepStatus.COMPLETED: 4,
+}
+
+
+def shown_steps(steps: Sequence[StepSummary], limit: int = SUMMARY_STEPS) -> list[StepSummary]:
+    """Every step of a small plan; of a larger one, the `limit` steps a reader needs first, in plan order."""
+    if len(steps) <= limit:
+        return list(steps)
+    chosen = heapq.nsmallest(limit, range(len(steps)), key=lambda i: (_ATTENTION[steps[i].status], i))
+    return [steps[i] for i in sorted(chosen)]
+
+
 def summary_view(plan: ExecutionPlan | PlanSummary) -> SummaryView:
     summary = plan.summary() if isinstance(plan, ExecutionPlan) else plan
-    return SummaryView(**summary.model_dump(), next_action=next_action(summary))
+    shown = shown_steps(summary.steps)
+    return SummaryView.model_construct(
+        **{name: getattr(summary, name) for name in PlanSummary.model_fields if name != "steps"},
+        steps=shown,
+        steps_omitted=len(summary.steps) - len(shown),
+        next_action=next_action(summary),
+    )
 
 
 def result_view(plan_id: str, step_id: str, result: StepResult) -> ResultView:
@@ -341,35 +374,65 @@ def tool_hints(annotations: Mapping[str, Any]) -> list[str]:
     return [name for name, key in names if annotations.get(key)]
 
 
-def step_transitions(before: StepSummary | None, now: StepSummary) -> list[str]:
-    """The log lines for what happened to a step since `before` (none when nothing did).
+def event_line(event: Event, step: StepSummary | None = None) -> str | None:
+    """The log line for one step event (started, retry, completed, failed, skipped), given the step as it
+    was before it (for its tool and retries); None for other events."""
+    data, sid = event.data, event.step_id
+    match event.kind:
+        case "step_started":
+            return f"start   {sid} -> {step.tool_name}" if step is not None else f"start   {sid}"
+        case "step_retry":
+            return f"retry   {sid} (retry {data.get('retry')}): {one_line(str(data.get('error', '')))}"
+        case "step_completed":
+            retries = f", {retries_text(step.retry_count)}" if step is not None and step.retry_count else ""
+            return f"done    {sid} ({duration_text(data.get('duration_ms'))}{retries})"
+        case "step_failed":
+            return f"FAILED  {sid}: {data.get('error') or 'no error message'}"
+        case "step_skipped":
+            return f"skipped {sid}: {data.get('reason', '')}"
+    return None
 
-    Progress arrives as snapshots, so a short step can go from pending to done between two of them: its
-    start is then implied, and logged too.
-    """
-    if before is not None and before.status == now.status and before.retry_count == now.retry_count:
-        return []
-    start = f"start   {now.id} -> {now.tool_name}"
-    if now.status == StepStatus.RUNNING:
-        if before is not None and before.status == StepStatus.RUNNING:
-            return [f"retry   {now.id} (retry {now.retry_count})"]
-        return [start]
-    started = [start] if before is None or before.status == StepStatus.PENDING else []
-    if now.status == StepStatus.COMPLETED:
-        retries = f", {retries_text(now.retry_count)}" if now.retry_count else ""
-        return [*started, f"done    {now.id} ({duration_text(now.duration_ms)}{retries})"]
-    if now.status == StepStatus.FAILED:
-        return [*started, f"FAILED  {now.id}: {now.error or 'no error message'}"]
-    if now.status == StepStatus.SKIPPED:
-        return [f"skipped {now.id}: {now.error or ''}"]
-    return []
+
+#: The status a step event leaves its step in.
+_EVENT_STATUS = {
+    "step_started": StepStatus.RUNNING,
+    "step_retry": StepStatus.RUNNING,
+    "step_completed": StepStatus.COMPLETED,
+    "step_failed": StepStatus.FAILED,
+    "step_skipped": StepStatus.SKIPPED,
+}
+
+
+def apply_event(step: StepSummary, event: Event) -> StepSummary:
+    """`step` as it is after `event` (one of its own step events); unchanged by any other event."""
+    status = _EVENT_STATUS.get(event.kind)
+    if status is None:
+        return step
+    data = event.data
+    update: dict[str, Any] = {"status": status}
+    if event.kind == "step_started":
+        update |= {"duration_ms": None, "error": None, "retry_count": 0}
+    elif event.kind == "step_retry":
+        update |= {"retry_count": data.get("retry", step.retry_count), "error": data.get("error")}
+    elif event.kind == "step_completed":
+        update |= {"duration_ms": data.get("duration_ms"), "error": None}
+    else:
+        update |= {"error": data.get("error", data.get("reason"))}
+    return step.model_copy(update=update)
+
+
+def progress_message(events: Sequence[Event], limit: int = 5) -> str | None:
+    """What the newest step events say, e.g. "step 'a' completed; step 'b' running" (None: no step moved)."""
+    moved = [e for e in events if e.kind in _EVENT_STATUS][-limit:]
+    return "; ".join(f"step {e.step_id!r} {_EVENT_STATUS[e.kind].value}" for e in moved) or None
 
 
 # -- short text -----------------------------------------------------------------------------------------
 
 
-def summary_text(summary: PlanSummary, *, steps: bool = True, max_steps: int = 50) -> str:
-    """A few lines a model reads at a glance: the status line, then one line per step."""
+def summary_text(summary: PlanSummary, *, steps: bool = True, max_steps: int = SUMMARY_STEPS) -> str:
+    """A few lines a model reads at a glance: the status line, then one line per step (of a large plan,
+    the steps that need attention first)."""
     head = f"plan {summary.plan_id!r} ({summary.description}): {summary.status.value}, {counts_text(summary)}"
     if summary.duration_ms is not None:
         head += f", {duration_text(summary.duration_ms)}"
@@ -377,7 +440,7 @@ def summary_text(summary: PlanSummary, *, steps: bool = True, max_steps: int = 5
     if summary.error:
         lines.append(f"  error: {summary.error}")
     if steps:
-        for s in summary.steps[:max_steps]:
+        for s in shown_steps(summary.steps, max_steps):
             line = f"  {_STATUS_MARK[s.status]} {s.id} [{s.tool_name}] {s.status.value}"
             if s.duration_ms is not None:
                 line += f" {duration_text(s.duration_ms)}"
@@ -387,7 +450,7 @@ def summary_text(summary: PlanSummary, *, steps: bool = True, max_steps: int = 5
                 line += f": {one_line(s.error)}"
             lines.append(line)
         if len(summary.steps) > max_steps:
-            lines.append(f"  ... and {len(summary.steps) - max_steps} more steps")
+            lines.append(f"  ... and {len(summary.steps) - max_steps} more steps (get_plan lists them all)")
     return "\n".join(lines)
 
 

@@ -84,7 +84,8 @@ class Runner:
         servers: the servers key of the runs it may claim.
         owner: its id (host:pid:nonce); also the owner of its plans' execution claims.
         max_runs: how many runs it executes at once.
-        on_change: called (plain function) after each step starts or ends in one of its runs, with the plan.
+        on_change: called (plain function) with the plan id after each step of one of its runs starts or
+            ends, and after each run is marked done.
         ready: awaited before each run executes: the tools' first connections (it returns at once after).
     """
 
@@ -98,7 +99,7 @@ class Runner:
         max_runs: int = 8,
         stale_after: float = DEFAULT_STALE_AFTER,
         heartbeat_interval: float = 5.0,
-        on_change: Callable[[ExecutionPlan], None] | None = None,
+        on_change: Callable[[str], None] | None = None,
         ready: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.store = store
@@ -117,19 +118,13 @@ class Runner:
             on_step_start=self._changed,
             on_step_complete=self._changed,
             on_step_failed=self._changed,
-            on_plan_complete=self._changed,
             owner=self.id,
             heartbeat_interval=heartbeat_interval,
             stale_after=stale_after,
         )
         self.running = 0
-        self.active: dict[str, ExecutionPlan] = {}
         self.finished = 0
         self._slot_free = anyio.Event()
-
-    def live_plan(self, plan_id: str) -> ExecutionPlan | None:
-        """The plan object a run of this runner is executing now (the executor updates it in place)."""
-        return self.active.get(plan_id)
 
     def _info(self) -> RunnerInfo:
         now = utcnow()
@@ -139,7 +134,7 @@ class Runner:
 
     def _changed(self, plan: ExecutionPlan, *_: Any) -> None:
         if self._on_change is not None:
-            self._on_change(plan)
+            self._on_change(plan.id)
 
     async def serve(
         self,
@@ -189,7 +184,8 @@ class Runner:
                 with anyio.move_on_after(POLL_S):
                     await self._slot_free.wait()
             else:
-                await self.store.wait_for_work(POLL_S)
+                # Only this process submits to a runner for its local key: no other connection to watch.
+                await self.store.wait_for_work(POLL_S, local_only=self.servers == local_key(self.id))
 
     async def _execute(self, run: RunRecord) -> None:
         error: str | None = None
@@ -198,7 +194,6 @@ class Runner:
             if self._ready is not None:  # claimed at once, executed once the tools are connected
                 await self._ready()
             plan = await self.store.get_plan(run.plan_id)
-            self.active[run.plan_id] = plan
             # A run queued again after its runner died may find its plan never started: then it executes.
             if run.kind == RunKind.EXECUTE or plan.status in (PlanStatus.DRAFT, PlanStatus.APPROVED):
                 await self.executor.execute(plan)
@@ -218,7 +213,8 @@ class Runner:
             if not cut_short:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                     await self.store.finish_run(run.id, self.id, error)
-            self.active.pop(run.plan_id, None)
+            if self._on_change is not None:
+                self._on_change(run.plan_id)
             self.running -= 1
             self.finished += 1
             self._slot_free.set()

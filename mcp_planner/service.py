@@ -46,6 +46,7 @@ from mcp_planner.runner import DetachedRunners, Runner, local_key, reclaim_orpha
 from mcp_planner.store.base import (
     DEFAULT_STALE_AFTER,
     Event,
+    PlanProgress,
     QueueStore,
     RunKind,
     RunnerInfo,
@@ -61,9 +62,9 @@ log = logging.getLogger("mcp_planner.service")
 ApprovalPolicy = Literal["auto", "agent", "human"]
 APPROVAL_POLICIES: tuple[ApprovalPolicy, ...] = get_args(ApprovalPolicy)
 
-#: Called with the plan's summary as steps start and end, and what changed since the last call
-#: ("step 'b' completed"): `(summary, message)`; plain or async.
-ProgressCallback = Callable[[PlanSummary, str | None], Awaitable[None] | None]
+#: Called as steps start and end with the plan's progress: its status, step counts and the events since the
+#: last call; plain or async.
+ProgressCallback = Callable[[PlanProgress], Awaitable[None] | None]
 
 #: How long `cancel_plan` waits for an executing plan's runner to stop it.
 CANCEL_WAIT = 10.0
@@ -435,8 +436,8 @@ class PlannerService:
         """Submit a run of an approved plan; return its summary when it ends or after `wait_seconds`.
 
         The run is a committed row in the store that a runner executes: it goes on whether or not the caller
-        keeps waiting, or even lives (`None`: wait to the end). `on_progress` is called with the summary as
-        steps start and end while the caller waits.
+        keeps waiting, or even lives (`None`: wait to the end). While the caller waits, `on_progress` is
+        called with the plan's progress (counts, and the events since the last call) as steps move.
 
         Raises:
             PlanNotFoundError: no such plan.
@@ -497,6 +498,7 @@ class PlannerService:
     ) -> PlanSummary:
         request.servers = await self._servers_key()
         await reclaim_orphans(self.store, self.stale_after)  # a dead runner's run must not block this one
+        since = (await self.store.progress(request.plan_id)).seq  # progress: what the run does after this
         run = await self.store.submit_run(request)
         if self._launcher is not None:
             try:
@@ -504,32 +506,33 @@ class PlannerService:
             except OSError as exc:
                 log.error("could not start a runner: %s", exc)
         self._wake()
-        return await self._follow(run, wait_seconds, on_progress)
+        return await self._follow(run, wait_seconds, on_progress, since)
 
     async def _follow(
-        self, run: RunRecord, wait_seconds: float | None, on_progress: ProgressCallback | None
+        self,
+        run: RunRecord,
+        wait_seconds: float | None,
+        on_progress: ProgressCallback | None,
+        since: int | None = None,
     ) -> PlanSummary:
         """Watch the stored plan until its run is done or `wait_seconds` pass; report progress on the way.
 
-        A caller that stops waiting early still learns of a refusal: it waits (bounded) until a runner has
-        taken the run and started it, or refused it.
+        Each look reads the plan's status, step counts and the events since the last look, never the
+        plan's steps, so following costs per change, not per step. Progress reports the events after
+        `since` (default: from now). A caller that stops waiting early still learns of a refusal: it waits
+        (bounded) until a runner has taken the run and started it, or refused it.
         """
         deadline = math.inf if wait_seconds is None else anyio.current_time() + max(wait_seconds, 0)
         start_by = anyio.current_time() + START_WAIT
-        last: PlanSummary | None = None
-        pause = PROGRESS_COALESCE_S
+        seen = (await self.store.progress(run.plan_id)).seq if since is None else since
+        first = True
         while True:
-            began = anyio.current_time()
             current = await self.store.get_run(run.id)
-            summary = await self._progress_summary(run.plan_id)
-            if on_progress is not None:
-                message = _what_changed(last, summary)
-                if last is None or message is not None or summary.status != last.status:
-                    await _report(on_progress, summary, message)
-                last = summary
-            # A look at the plan costs in proportion to its size: look at most a tenth of the time, so that
-            # following a plan of any size slows nothing down by more than that.
-            pause = max(PROGRESS_COALESCE_S, 9 * (anyio.current_time() - began))
+            progress = await self.store.progress(run.plan_id, seen)
+            seen = progress.seq
+            if on_progress is not None and (first or progress.events):
+                await _report(on_progress, progress)
+            first = False
             if current.state == RunState.DONE:
                 if current.error is not None:
                     raise PlanStateError(current.error)
@@ -537,10 +540,10 @@ class PlannerService:
             if current.state == RunState.QUEUED and self._launcher is not None:
                 await self._check_runner_started(run)
             now = anyio.current_time()
-            started = current.state == RunState.CLAIMED and summary.status == PlanStatus.EXECUTING
+            started = current.state == RunState.CLAIMED and progress.status == PlanStatus.EXECUTING
             if now >= deadline and (started or now >= start_by):
-                return summary
-            await self._wait_for_change(min(FOLLOW_POLL_S, max(deadline - now, 0.0) or FOLLOW_POLL_S), pause)
+                return (await self._load(run.plan_id)).summary()
+            await self._wait_for_change(min(FOLLOW_POLL_S, max(deadline - now, 0.0) or FOLLOW_POLL_S))
 
     async def _check_runner_started(self, run: RunRecord) -> None:
         """Refuse to wait on a queued run whose runner, started here, died before taking it."""
@@ -552,19 +555,14 @@ class PlannerService:
                 f"{str(self._launcher.log_path)!r}; the plan was not run"
             )
 
-    async def _progress_summary(self, plan_id: str) -> PlanSummary:
-        live = self._runner.live_plan(plan_id) if self._runner is not None else None
-        return live.summary() if live is not None else (await self._load(plan_id)).summary()
-
-    async def _wait_for_change(self, seconds: float, coalesce: float) -> None:
+    async def _wait_for_change(self, seconds: float) -> None:
         if self._runner is None:
             await self.store.wait_for_work(seconds)  # a runner elsewhere committed something
         else:
             with anyio.move_on_after(seconds):  # the in-process runner says when a step moved
                 await self._changed.wait()
-        # Coalesce a burst of steps into one read and one summary: following a plan costs per interval,
-        # never per step, however many steps it has.
-        await anyio.sleep(coalesce)
+        # Coalesce a burst of steps into one look: following a plan costs per interval, not per step.
+        await anyio.sleep(PROGRESS_COALESCE_S)
 
     def _wake(self, *_: Any) -> None:
         self._changed.set()
@@ -643,19 +641,10 @@ class PlannerService:
 # -- helpers --------------------------------------------------------------------------------------------
 
 
-def _what_changed(before: PlanSummary | None, now: PlanSummary) -> str | None:
-    """The step transitions between two summaries, e.g. "step 'a' completed; step 'b' running"."""
-    if before is None:
-        return None
-    old = {s.id: (s.status, s.retry_count) for s in before.steps}
-    moved = [s for s in now.steps if old.get(s.id) != (s.status, s.retry_count)]
-    return "; ".join(f"step {s.id!r} {s.status.value}" for s in moved[:5]) or None
-
-
-async def _report(on_progress: ProgressCallback, summary: PlanSummary, message: str | None) -> None:
+async def _report(on_progress: ProgressCallback, progress: PlanProgress) -> None:
     try:
         with anyio.move_on_after(LISTENER_WAIT):  # a slow client must not stall the follower
-            result = on_progress(summary, message)
+            result = on_progress(progress)
             if inspect.isawaitable(result):
                 await result
     except Exception:  # a listener that fails (a client gone) does not stop the run, which is elsewhere

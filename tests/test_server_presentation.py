@@ -5,16 +5,21 @@ from __future__ import annotations
 from mcp_planner.plan.model import RESULT_PREVIEW_LIMIT, ExecutionPlan, StepResult, StepStatus, StepSummary
 from mcp_planner.presentation import (
     PREVIEW_CHARS,
+    SUMMARY_STEPS,
+    apply_event,
     counts_text,
     duration_text,
+    event_line,
     mermaid,
     plan_text,
     plan_view,
+    progress_message,
     result_preview,
     result_view,
-    step_transitions,
     summary_text,
+    summary_view,
 )
+from mcp_planner.store.base import Event
 
 
 def sample_plan() -> ExecutionPlan:
@@ -93,11 +98,38 @@ def test_result_preview_is_one_line_of_the_structured_content_or_the_text() -> N
     )
 
 
-def test_a_step_that_started_and_ended_between_two_snapshots_logs_its_start_too() -> None:
+def test_step_events_become_log_lines_and_move_the_step() -> None:
     pending = StepSummary(id="lint", tool_name="ci.lint", status=StepStatus.PENDING)
-    done = StepSummary(id="lint", tool_name="ci.lint", status=StepStatus.COMPLETED, duration_ms=40)
-    running = StepSummary(id="lint", tool_name="ci.lint", status=StepStatus.RUNNING)
 
-    assert step_transitions(pending, done) == ["start   lint -> ci.lint", "done    lint (40 ms)"]
-    assert step_transitions(running, done) == ["done    lint (40 ms)"]
-    assert step_transitions(done, done) == []
+    def event(kind: str, **data: object) -> Event:
+        return Event(plan_id="p", kind=kind, step_id="lint", data=data)
+
+    started = event("step_started")
+    retry = event("step_retry", retry=1, error="timed out\nafter 5 s", delay_ms=100)
+    done = event("step_completed", duration_ms=40)
+    assert event_line(started, pending) == "start   lint -> ci.lint"
+    running = apply_event(pending, started)
+    assert running.status == StepStatus.RUNNING
+    assert event_line(retry, running) == "retry   lint (retry 1): timed out after 5 s"
+    retried = apply_event(running, retry)
+    assert retried.retry_count == 1 and retried.status == StepStatus.RUNNING
+    assert event_line(done, retried) == "done    lint (40 ms, 1 retry)"
+    assert apply_event(retried, done).status == StepStatus.COMPLETED
+    failed = event("step_failed", error="exit 2", retries=0)
+    assert apply_event(running, failed).error == "exit 2"
+    assert event_line(Event(plan_id="p", kind="plan_completed"), None) is None
+    assert progress_message([started, done]) == "step 'lint' running; step 'lint' completed"
+    assert progress_message([Event(plan_id="p", kind="plan_started")]) is None
+
+
+def test_a_large_plans_summary_lists_the_steps_that_need_attention_first() -> None:
+    plan = ExecutionPlan.new("many")
+    for i in range(120):
+        plan.add_step("t", "", {}, step_id=f"s{i}").status = StepStatus.COMPLETED
+    plan.steps[100].status = StepStatus.FAILED
+    plan.steps[7].status = StepStatus.RUNNING
+    view = summary_view(plan)
+    assert len(view.steps) == SUMMARY_STEPS and view.steps_omitted == 120 - SUMMARY_STEPS
+    ids = [s.id for s in view.steps]
+    assert ids[:2] == ["s0", "s1"] and "s100" in ids and "s7" in ids  # plan order, attention first
+    assert ids == sorted(ids, key=lambda i: int(i[1:]))

@@ -13,8 +13,9 @@ import pytest
 
 from mcp_planner.engine.tools import LocalTools
 from mcp_planner.errors import PlanClaimedError, PlanStateError, PlanValidationError
-from mcp_planner.plan.model import PlanSpec, PlanStatus, PlanSummary, StepSpec, StepStatus
+from mcp_planner.plan.model import PlanSpec, PlanStatus, StepSpec, StepStatus
 from mcp_planner.service import PlannerService
+from mcp_planner.store.base import PlanProgress
 from mcp_planner.store.sqlite import PlanStore
 
 pytestmark = pytest.mark.anyio
@@ -55,10 +56,10 @@ def dead_pid() -> int:
 async def test_execute_without_wait_limit_runs_to_the_end_and_calls_plain_progress_callbacks(
     tmp_path: Path,
 ) -> None:
-    seen: list[PlanSummary] = []
+    seen: list[PlanProgress] = []
 
-    def on_progress(summary: PlanSummary, step: object) -> None:
-        seen.append(summary)
+    def on_progress(progress: PlanProgress) -> None:
+        seen.append(progress)
 
     async with service(tmp_path) as svc:
         plan = await svc.create_plan(spec())
@@ -69,9 +70,12 @@ async def test_execute_without_wait_limit_runs_to_the_end_and_calls_plain_progre
         assert kinds[:2] == ["plan_created", "plan_approved"]
         stored = await svc.get_plan(plan.id)
         assert stored.step("b").result is not None and stored.step("b").result.structured == {"n": 1}
-    done = [s.completed for s in seen]
+    done = [p.done for p in seen]
     assert done == sorted(done) and done[-1] == 2  # progress only moves forward, to the end
     assert seen[-1].status == PlanStatus.COMPLETED
+    events = [e for p in seen for e in p.events]
+    assert [e.seq for e in events] == sorted({e.seq for e in events})  # each event reported once, in order
+    assert [e.kind for e in events if e.step_id == "b"] == ["step_started", "step_completed"]
 
 
 async def test_create_refuses_an_invalid_plan_with_every_problem_and_stores_nothing(tmp_path: Path) -> None:

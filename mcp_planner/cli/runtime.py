@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from mcp_planner.stack import Stack
+    from mcp_planner.store.base import PlanProgress
 
 log = logging.getLogger("mcp_planner.cli.main")
 T = TypeVar("T")
@@ -321,8 +322,8 @@ async def execute_with_progress(
     display = terminal.ProgressDisplay(out.console, plan.summary())
     interrupts = 0
 
-    def on_progress(summary: PlanSummary, message: str | None) -> None:
-        display.update(summary)
+    def on_progress(progress: PlanProgress) -> None:
+        display.update(progress)
 
     async def cancel() -> None:
         err.print("cancelling the plan (Ctrl-C again to abort without waiting)...", markup=False)
@@ -359,7 +360,7 @@ async def execute_with_progress(
             fail(f"aborted: plan {plan.id} may be left executing; `mcp-planner resume {plan.id}` recovers it")
         if interrupts > 1:
             fail(f"stopped following plan {plan.id}; `mcp-planner cancel {plan.id}` stops it")
-        display.update(summary)
+        display.show(summary)
     print_summary(summary)
     return summary
 

@@ -20,6 +20,7 @@ from rich.text import Text
 from mcp_planner import presentation as views
 from mcp_planner.engine.tools import ServerState, ServerStatus, ToolInfo
 from mcp_planner.plan.model import ExecutionPlan, PlanStatus, PlanSummary, StepStatus, StepSummary
+from mcp_planner.store.base import PlanProgress
 
 STEP_STYLES: dict[StepStatus, str] = {
     StepStatus.PENDING: "dim",
@@ -227,16 +228,17 @@ def servers_table(status: Mapping[str, ServerStatus]) -> Table:
 
 
 class ProgressDisplay:
-    """Shows a running plan: a progress bar and a per-step status table, or plain lines off a terminal.
+    """Shows a running plan: a progress bar and a step status table, or plain lines off a terminal.
 
-    Feed it summaries with `update`; it works out what changed. Plain mode prints one line per step
-    transition (started, retrying, completed, failed, skipped), which reads well in CI logs.
+    Feed it the plan's progress with `update`: the events since the last call move the steps. Plain mode
+    prints one line per step event (started, retrying, completed, failed, skipped), which reads well in CI
+    logs. `show` puts a final summary on display.
     """
 
     def __init__(self, console: Console, summary: PlanSummary, *, live: bool | None = None) -> None:
         self._console = console
         self._live_mode = console.is_terminal if live is None else live
-        self._last: dict[str, StepSummary] = {s.id: s for s in summary.steps}
+        self._steps: dict[str, StepSummary] = {s.id: s for s in summary.steps}
         self._summary = summary
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -266,17 +268,29 @@ class ProgressDisplay:
             self._live = None
 
     def _renderable(self) -> RenderableType:
-        return Group(self._progress, steps_table(self._summary))
+        shown = views.shown_steps(self._summary.steps)  # of a large plan, the steps that need attention
+        return Group(self._progress, steps_table(self._summary.model_copy(update={"steps": shown})))
 
-    def update(self, summary: PlanSummary) -> None:
+    def update(self, progress: PlanProgress) -> None:
+        self._progress.update(self._task, completed=progress.done, total=progress.total or 1)
+        for event in progress.events:
+            step = self._steps.get(event.step_id or "")
+            if step is None:
+                continue
+            if self._live is None:
+                line = views.event_line(event, step)
+                if line is not None:
+                    self._console.print(line, markup=False, highlight=False, soft_wrap=True)
+            self._steps[step.id] = views.apply_event(step, event)
+        if self._live is not None:
+            self._summary = self._summary.model_copy(update={"steps": list(self._steps.values())})
+            self._live.update(self._renderable())
+
+    def show(self, summary: PlanSummary) -> None:
+        """Put the plan's final summary on display (the live table; plain mode has printed every line)."""
         done = summary.completed + summary.failed + summary.skipped
         self._progress.update(self._task, completed=done, total=summary.total_steps or 1)
+        self._summary = summary
+        self._steps = {s.id: s for s in summary.steps}
         if self._live is not None:
-            self._summary = summary
             self._live.update(self._renderable())
-        else:
-            for step in summary.steps:
-                for line in views.step_transitions(self._last.get(step.id), step):
-                    self._console.print(line, markup=False, highlight=False, soft_wrap=True)
-            self._summary = summary
-        self._last = {s.id: s for s in summary.steps}

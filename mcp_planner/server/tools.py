@@ -33,6 +33,7 @@ from mcp_planner import presentation as views
 from mcp_planner.errors import PlanChangedError, PlannerError, PlanStateError
 from mcp_planner.plan.model import ExecutionOptions, PlanStatus, PlanSummary, StepSpec
 from mcp_planner.service import PlannerService
+from mcp_planner.store.base import PlanProgress
 
 STARTUP_WAIT = 30.0
 
@@ -499,9 +500,8 @@ def _plan_result(plan: Any, verb: str) -> CallToolResult:
     return _result(view, text)
 
 
-def _progress(ctx: Context[Any, Any]) -> Callable[[PlanSummary, str | None], Any]:
-    async def report(summary: PlanSummary, message: str | None) -> None:
-        done = summary.completed + summary.failed + summary.skipped
-        await ctx.report_progress(done, summary.total_steps, message)
+def _progress(ctx: Context[Any, Any]) -> Callable[[PlanProgress], Any]:
+    async def report(progress: PlanProgress) -> None:
+        await ctx.report_progress(progress.done, progress.total, views.progress_message(progress.events))
 
     return report

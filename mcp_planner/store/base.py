@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from enum import StrEnum
 from types import EllipsisType
@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, Field
 
 from mcp_planner.errors import PlanStateError
-from mcp_planner.plan.model import ExecutionPlan, PlanStatus, Step, utcnow
+from mcp_planner.plan.model import ExecutionPlan, PlanStatus, Step, StepStatus, utcnow
 
 #: A claim whose heartbeat is older than this is stale: its owner is taken as dead.
 DEFAULT_STALE_AFTER = 30.0
@@ -34,6 +34,37 @@ class Event(BaseModel):
     kind: str
     step_id: str | None = None
     data: dict[str, Any] = Field(default_factory=dict)
+
+
+class PlanProgress(BaseModel):
+    """A plan as a follower reads it while it runs: its status, how many steps are in each status, and the
+    events committed after the follower's last read. Reading it never parses the plan's steps, so following
+    a plan costs per change, not per step of the plan."""
+
+    plan_id: str
+    status: PlanStatus
+    error: str | None = None
+    counts: dict[StepStatus, int]
+    seq: int = Field(description="the `seq` of the plan's newest event (0: none)")
+    events: list[Event] = Field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def done(self) -> int:
+        """Steps that have ended: completed, failed or skipped."""
+        c = self.counts
+        return c[StepStatus.COMPLETED] + c[StepStatus.FAILED] + c[StepStatus.SKIPPED]
+
+
+def step_counts(statuses: Iterable[tuple[str, int]]) -> dict[StepStatus, int]:
+    """Every step status with its count (zero when absent), from (status, count) pairs."""
+    counts = dict.fromkeys(StepStatus, 0)
+    for status, n in statuses:
+        counts[StepStatus(status)] += n
+    return counts
 
 
 class Claim(BaseModel):
@@ -99,6 +130,14 @@ class Store(Protocol):
         self, status: PlanStatus | str | None = None, limit: int = 20
     ) -> list[ExecutionPlan]:
         """Newest first."""
+        ...
+
+    async def progress(self, plan_id: str, after_seq: int | None = None) -> PlanProgress:
+        """The plan's status, step counts, newest event `seq`, and its events with `seq > after_seq` (none
+        when `after_seq` is None), from one snapshot.
+
+        Raises: PlanNotFoundError.
+        """
         ...
 
     async def append_event(self, event: Event) -> None: ...
@@ -259,9 +298,16 @@ class RunQueue(Protocol):
         """The live runners for `servers` (`...`: any), oldest first; dead or stale ones may be deleted."""
         ...
 
-    async def wait_for_work(self, timeout: float) -> None:  # noqa: ASYNC109 (an idle wait, not a deadline)
-        """Return soon after another connection or process commits something (a run submitted, a cancel), or
-        after `timeout` seconds; possibly early for a commit unrelated to runs, so re-check, never assume."""
+    async def wait_for_work(
+        self,
+        timeout: float,  # noqa: ASYNC109 (an idle wait, not a deadline)
+        *,
+        local_only: bool = False,
+    ) -> None:
+        """Return soon after a run is queued through this store, or another connection or process commits
+        something (a run submitted, a cancel), or after `timeout` seconds; possibly early for a commit
+        unrelated to runs, so re-check, never assume. `local_only`: only runs queued through this store
+        count (a runner that only this process submits to need not watch the others)."""
         ...
 
     async def save_catalog(self, servers: str | None, tools: list[dict[str, Any]]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
 from types import EllipsisType
@@ -11,11 +12,12 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from mcp_planner.errors import PlanConflictError, PlanNotFoundError, RunNotFoundError
-from mcp_planner.plan.model import ExecutionPlan, PlanStatus, Step, utcnow
+from mcp_planner.plan.model import ExecutionPlan, PlanStatus, Step, StepStatus, utcnow
 from mcp_planner.store.base import (
     DEFAULT_STALE_AFTER,
     Claim,
     Event,
+    PlanProgress,
     RunKind,
     RunnerInfo,
     RunRecord,
@@ -25,6 +27,7 @@ from mcp_planner.store.base import (
     queued_run,
     run_in_progress,
     runner_is_live,
+    step_counts,
 )
 
 if TYPE_CHECKING:
@@ -38,6 +41,7 @@ class MemoryStore:
         self._heads: dict[str, str] = {}
         self._revisions: dict[str, int] = {}
         self._steps: dict[str, dict[str, str]] = {}
+        self._statuses: dict[str, dict[str, StepStatus]] = {}
         self._events: dict[str, list[Event]] = {}
         self._claims: dict[str, Claim] = {}
         self._runs: dict[str, RunRecord] = {}  # in order of submission
@@ -54,6 +58,7 @@ class MemoryStore:
     async def save_plan(self, plan: ExecutionPlan, events: Sequence[Event] = ()) -> None:
         self._compare_and_advance(plan)
         self._steps[plan.id] = {s.id: s.model_dump_json() for s in plan.steps}
+        self._statuses[plan.id] = {s.id: s.status for s in plan.steps}
         self._heads[plan.id] = plan.model_dump_json(exclude={"steps"})
         self._append(events)
 
@@ -66,8 +71,10 @@ class MemoryStore:
         self._compare_and_advance(plan)
         self._heads[plan.id] = plan.model_dump_json(exclude={"steps"})
         stored = self._steps[plan.id]
+        statuses = self._statuses[plan.id]
         for step in steps:
             stored[step.id] = step.model_dump_json()
+            statuses[step.id] = step.status
         self._append(events)
 
     def _compare_and_advance(self, plan: ExecutionPlan) -> None:
@@ -105,6 +112,21 @@ class MemoryStore:
 
     async def events(self, plan_id: str) -> list[Event]:
         return list(self._events.get(plan_id, []))
+
+    async def progress(self, plan_id: str, after_seq: int | None = None) -> PlanProgress:
+        if plan_id not in self._heads:
+            raise PlanNotFoundError(plan_id)
+        head = json.loads(self._heads[plan_id])
+        statuses = self._statuses[plan_id].values()
+        log = self._events.get(plan_id, [])
+        return PlanProgress(
+            plan_id=plan_id,
+            status=head["status"],
+            error=head["error"],
+            counts=step_counts(Counter(statuses).items()),
+            seq=len(log),
+            events=log[after_seq:] if after_seq is not None else [],
+        )
 
     async def claim(self, plan_id: str, owner: str, stale_after: float = DEFAULT_STALE_AFTER) -> Claim | None:
         now = utcnow()
@@ -235,7 +257,12 @@ class MemoryStore:
             if servers is ... or info.servers == servers
         ]
 
-    async def wait_for_work(self, timeout: float) -> None:  # noqa: ASYNC109 (an idle wait, not a deadline)
+    async def wait_for_work(
+        self,
+        timeout: float,  # noqa: ASYNC109 (an idle wait, not a deadline)
+        *,
+        local_only: bool = False,
+    ) -> None:
         """Return when a run is submitted, requeued or cancelled in this store (since the last return), or
         after `timeout`."""
         with anyio.move_on_after(timeout):

@@ -31,7 +31,14 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from mcp_planner.errors import PlanConflictError, PlannerError, PlanNotFoundError
 from mcp_planner.plan.model import ExecutionPlan, PlanStatus, Step, utcnow
-from mcp_planner.store.base import DEFAULT_STALE_AFTER, Claim, Event, claim_is_live
+from mcp_planner.store.base import (
+    DEFAULT_STALE_AFTER,
+    Claim,
+    Event,
+    PlanProgress,
+    claim_is_live,
+    step_counts,
+)
 from mcp_planner.store.sqlite_common import T, encode_json, in_read, in_write, parse_timestamp, timestamp
 from mcp_planner.store.sqlite_queue import QUEUE_MIGRATION, SqliteRunQueue
 
@@ -89,6 +96,23 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ("ALTER TABLE plans ADD COLUMN revision INTEGER NOT NULL DEFAULT 1",),
     # The run queue: runs outlive the process that submitted them; runners claim and execute them.
     QUEUE_MIGRATION,
+    # How many of a plan's steps are in each status, kept by the database as steps change status, so a
+    # follower reads a plan's progress without reading its steps. A whole-plan write recounts.
+    (
+        """CREATE TABLE step_counts (
+            plan_id TEXT NOT NULL,
+            status TEXT NOT NULL,
+            n INTEGER NOT NULL,
+            PRIMARY KEY (plan_id, status)
+        ) WITHOUT ROWID""",
+        """CREATE TRIGGER steps_counted AFTER UPDATE OF status ON steps WHEN old.status IS NOT new.status
+        BEGIN
+            UPDATE step_counts SET n = n - 1 WHERE plan_id = old.plan_id AND status = old.status;
+            INSERT INTO step_counts (plan_id, status, n) VALUES (new.plan_id, new.status, 1)
+                ON CONFLICT (plan_id, status) DO UPDATE SET n = n + 1;
+        END""",
+        "INSERT INTO step_counts SELECT plan_id, status, COUNT(*) FROM steps GROUP BY plan_id, status",
+    ),
 )
 
 _INSERT_PLAN = """
@@ -104,10 +128,7 @@ _UPDATE_HEADER = """
 UPDATE plans SET status = ?, description = ?, updated_at = ?, header = ?, revision = revision + 1
 WHERE id = ? AND revision = ?
 """
-_UPSERT_STEP = """
-INSERT INTO steps (plan_id, step_id, idx, status, data) VALUES (?, ?, ?, ?, ?)
-ON CONFLICT (plan_id, step_id) DO UPDATE SET status = excluded.status, data = excluded.data
-"""
+_UPDATE_STEP = "UPDATE steps SET status = ?, data = ? WHERE plan_id = ? AND step_id = ?"
 _INSERT_EVENT = """
 INSERT INTO events (plan_id, seq, at, kind, step_id, data)
 VALUES (:plan_id, (SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE plan_id = :plan_id),
@@ -140,6 +161,10 @@ def _plan_row(plan: ExecutionPlan) -> tuple[str, str, str, str, str, str]:
 
 def _step_rows(plan_id: str, steps: Sequence[Step]) -> list[tuple[str, str, int, str, str]]:
     return [(plan_id, s.id, s.index, s.status.value, s.model_dump_json()) for s in steps]
+
+
+def _step_updates(plan_id: str, steps: Sequence[Step]) -> list[tuple[str, str, str, str]]:
+    return [(s.status.value, s.model_dump_json(), plan_id, s.id) for s in steps]
 
 
 def _event_rows(events: Sequence[Event]) -> list[dict[str, Any]]:
@@ -185,16 +210,38 @@ def _write_plan(
         written = conn.execute(_UPDATE_PLAN, (*plan_row[1:], plan_row[0], revision))
     if written.rowcount == 0:
         raise PlanConflictError(plan_row[0])
-    conn.execute("DELETE FROM steps WHERE plan_id = ?", (plan_row[0],))
-    conn.executemany(
-        "INSERT INTO steps (plan_id, step_id, idx, status, data) VALUES (?, ?, ?, ?, ?)",
-        steps,
+    plan_id = plan_row[0]
+    conn.execute("DELETE FROM steps WHERE plan_id = ?", (plan_id,))
+    conn.executemany("INSERT INTO steps (plan_id, step_id, idx, status, data) VALUES (?, ?, ?, ?, ?)", steps)
+    conn.execute("DELETE FROM step_counts WHERE plan_id = ?", (plan_id,))
+    conn.execute(
+        "INSERT INTO step_counts SELECT plan_id, status, COUNT(*) FROM steps WHERE plan_id = ? "
+        "GROUP BY status",
+        (plan_id,),
     )
 
 
 def _write_events(conn: sqlite3.Connection, events: list[dict[str, Any]]) -> None:
     if events:
         conn.executemany(_INSERT_EVENT, events)
+
+
+def _events_after(conn: sqlite3.Connection, plan_id: str, after_seq: int) -> list[Event]:
+    rows = conn.execute(
+        "SELECT seq, at, kind, step_id, data FROM events WHERE plan_id = ? AND seq > ? ORDER BY seq",
+        (plan_id, after_seq),
+    )
+    return [
+        Event(
+            plan_id=plan_id,
+            seq=seq,
+            at=parse_timestamp(at),
+            kind=kind,
+            step_id=step_id,
+            data=json.loads(data),
+        )
+        for seq, at, kind, step_id, data in rows
+    ]
 
 
 def _claim_from_row(plan_id: str, row: tuple[Any, ...]) -> Claim:
@@ -408,9 +455,10 @@ class PlanStore(SqliteRunQueue):
 
         Raises:
             PlanConflictError: the stored plan changed since `plan` was read; nothing was written.
+            StoreError: a given step is not stored (a transition changes steps, it never adds them).
         """
         plan_row = _plan_row(plan)
-        step_rows = _step_rows(plan.id, steps)
+        step_rows = _step_updates(plan.id, steps)
         event_rows = _event_rows(events)
         revision = plan.revision
 
@@ -424,7 +472,8 @@ class PlanStore(SqliteRunQueue):
                 )
                 if updated.rowcount == 0:
                     raise PlanConflictError(plan.id)
-                conn.executemany(_UPSERT_STEP, step_rows)
+                if conn.executemany(_UPDATE_STEP, step_rows).rowcount != len(step_rows):
+                    raise StoreError(f"plan {plan.id!r}: a transition names a step that is not stored")
             _write_events(conn, event_rows)
 
         await self._run(lambda c: in_write(c, body))
@@ -486,24 +535,37 @@ class PlanStore(SqliteRunQueue):
 
     async def events(self, plan_id: str) -> list[Event]:
         """The plan's event log in order of `seq` (1, 2, ...)."""
+        return await self._run(lambda c: _events_after(c, plan_id, 0))
 
-        def body(conn: sqlite3.Connection) -> list[Event]:
-            rows = conn.execute(
-                "SELECT seq, at, kind, step_id, data FROM events WHERE plan_id = ? ORDER BY seq", (plan_id,)
+    async def progress(self, plan_id: str, after_seq: int | None = None) -> PlanProgress:
+        """The plan's status, step counts, newest event `seq`, and its events after `after_seq` (None: no
+        events), from one snapshot.
+
+        Raises:
+            PlanNotFoundError: no plan has this id.
+        """
+
+        def body(conn: sqlite3.Connection) -> PlanProgress | None:
+            row = conn.execute(
+                "SELECT status, json_extract(header, '$.error') FROM plans WHERE id = ?", (plan_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            counts = conn.execute("SELECT status, n FROM step_counts WHERE plan_id = ?", (plan_id,))
+            seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events WHERE plan_id = ?", (plan_id,))
+            return PlanProgress(
+                plan_id=plan_id,
+                status=row[0],
+                error=row[1],
+                counts=step_counts(counts),
+                seq=seq.fetchone()[0],
+                events=_events_after(conn, plan_id, after_seq) if after_seq is not None else [],
             )
-            return [
-                Event(
-                    plan_id=plan_id,
-                    seq=seq,
-                    at=parse_timestamp(at),
-                    kind=kind,
-                    step_id=step_id,
-                    data=json.loads(data),
-                )
-                for seq, at, kind, step_id, data in rows
-            ]
 
-        return await self._run(body)
+        progress = await self._run(lambda c: in_read(c, body))
+        if progress is None:
+            raise PlanNotFoundError(plan_id)
+        return progress
 
     # -- claims -------------------------------------------------------------------------------------------
 

@@ -35,7 +35,8 @@ def timestamp(value: datetime) -> str:
 
 
 def parse_timestamp(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    """What `timestamp` wrote (`fromisoformat` reads its `Z` since Python 3.11, 40x faster than strptime)."""
+    return datetime.fromisoformat(text)
 
 
 # -- functions run on the connection's thread -------------------------------------------------------------

@@ -9,6 +9,7 @@ concurrent runners skip each other's rows instead of waiting.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from collections.abc import Callable
 from datetime import datetime
@@ -140,6 +141,8 @@ class SqliteRunQueue:
 
     #: `PRAGMA data_version` as of this store's last `claim_run` or `wait_for_work` (None: neither yet).
     _seen_version: int | None = None
+    #: Set when a run is queued through this connection, whose own commits `data_version` does not count.
+    _local_work: anyio.Event | None = None
 
     if TYPE_CHECKING:
 
@@ -170,13 +173,27 @@ class SqliteRunQueue:
                 raise run_in_progress(active) from None
 
         await self._run(lambda c: in_write(c, body))
+        self._wake()
         return run
+
+    def _wake(self) -> None:
+        if self._local_work is None:
+            self._local_work = anyio.Event()
+        self._local_work.set()
+
+    def _take_local_work(self) -> bool:
+        """Whether a run was queued through this connection since the last call."""
+        if self._local_work is None or not self._local_work.is_set():
+            return False
+        self._local_work = None
+        return True
 
     async def claim_run(self, runner: str, servers: str | None) -> RunRecord | None:
         """Claim for `runner` the oldest queued run for `servers` (None matches None); None if none.
 
         It also marks what this connection has seen for `wait_for_work`.
         """
+        self._take_local_work()
 
         def body(conn: sqlite3.Connection) -> RunRecord | None:
             row = conn.execute(_CLAIM_RUN, (runner, timestamp(utcnow()), servers)).fetchone()
@@ -262,7 +279,10 @@ class SqliteRunQueue:
                 requeued.append(_run_from_row(row))
             return requeued
 
-        return await self._run(lambda c: in_write(c, body))
+        requeued = await self._run(lambda c: in_write(c, body))
+        if requeued:
+            self._wake()
+        return requeued
 
     # -- runners ------------------------------------------------------------------------------------------
 
@@ -329,24 +349,34 @@ class SqliteRunQueue:
 
         return await self._run(lambda c: in_write(c, body))
 
-    async def wait_for_work(self, timeout: float) -> None:  # noqa: ASYNC109 (an idle wait, not a deadline)
+    async def wait_for_work(
+        self,
+        timeout: float,  # noqa: ASYNC109 (an idle wait, not a deadline)
+        *,
+        local_only: bool = False,
+    ) -> None:
         """Return soon after another connection or process commits anything to the database, or after
         `timeout` seconds; commits since this store's last `claim_run` count, so a submit between a claim
         that found nothing and this wait is not missed.
 
-        Polls `PRAGMA data_version` (it changes when another connection commits) every `_POLL_INTERVAL`; a
-        PostgreSQL store uses LISTEN/NOTIFY here instead (polling as its fallback).
+        Polls `PRAGMA data_version` (it changes when another connection commits) every `_POLL_INTERVAL`, and
+        returns at once when a run is queued or requeued through this store; a PostgreSQL store uses
+        LISTEN/NOTIFY here instead (polling as its fallback).
         """
         with anyio.move_on_after(timeout):
             seen = self._seen_version
-            if seen is None:
+            if seen is None and not local_only:
                 seen = await self._run(_data_version)
-            while True:
-                now = await self._run(_data_version)
-                if now != seen:
-                    self._seen_version = now
-                    return
-                await anyio.sleep(_POLL_INTERVAL)
+            while not self._take_local_work():
+                if not local_only:
+                    now = await self._run(_data_version)
+                    if now != seen:
+                        self._seen_version = now
+                        return
+                if self._local_work is None:
+                    self._local_work = anyio.Event()
+                with anyio.move_on_after(math.inf if local_only else _POLL_INTERVAL):
+                    await self._local_work.wait()
 
     # -- the catalog cache --------------------------------------------------------------------------------
 
