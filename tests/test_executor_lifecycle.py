@@ -458,16 +458,16 @@ class FailingStore(MemoryStore):
         self.fail_at = fail_at
         self.transitions = 0
 
-    async def save_transition(self, plan: Any, steps: Any, events: Any = ()) -> None:
+    async def save_transition(self, plan: Any, steps: Any, events: Any = (), *, release: Any = None) -> None:
         self.transitions += 1
         if self.transitions == self.fail_at:
             raise OSError("disk full")
-        await super().save_transition(plan, steps, events)
+        await super().save_transition(plan, steps, events, release=release)
 
 
 async def test_a_store_failure_mid_run_raises_and_leaves_the_plan_resumable_not_executing() -> None:
     tools = Tools()
-    store = FailingStore(fail_at=3)
+    store = FailingStore(fail_at=1)  # a's result with b's start (the first commit, the claim, is not one)
     plan = new_plan()
     plan.add_step("ok", "", {}, step_id="a")
     plan.add_step("ok", "", {}, step_id="b")
@@ -515,3 +515,50 @@ async def test_an_approval_timeout_does_not_cancel_a_draft_that_needs_no_approva
     plan.created_at = utcnow() - timedelta(seconds=5)
     summary = await Executor(Tools()).execute(plan)
     assert summary.status == PlanStatus.COMPLETED
+
+
+class CountingStore(PlanStore):
+    """Counts the write transactions the executor makes."""
+
+    writes: list[str]
+
+    async def start_run(self, *args: Any, **kwargs: Any) -> Any:
+        self.writes.append("start_run")
+        return await super().start_run(*args, **kwargs)
+
+    async def save_transition(self, *args: Any, **kwargs: Any) -> None:
+        self.writes.append("save_transition" + (" + release" if kwargs.get("release") else ""))
+        await super().save_transition(*args, **kwargs)
+
+    async def save_plan(self, *args: Any, **kwargs: Any) -> None:
+        self.writes.append("save_plan")
+        await super().save_plan(*args, **kwargs)
+
+    async def claim(self, *args: Any, **kwargs: Any) -> Any:
+        self.writes.append("claim")
+        return await super().claim(*args, **kwargs)
+
+    async def release(self, *args: Any, **kwargs: Any) -> None:
+        self.writes.append("release")
+        await super().release(*args, **kwargs)
+
+
+async def test_a_one_step_plan_costs_two_transactions_a_chain_one_more_per_step(tmp_path: Path) -> None:
+    async with CountingStore.open(tmp_path / "plans.db") as store:
+        store.writes = []
+        plan = new_plan()
+        plan.add_step("ok", "", {}, step_id="a")
+        await Executor(Tools(), store).execute(plan)
+        # the claim, the plan and a's start; then a's result, the final state and the release
+        assert store.writes == ["start_run", "save_transition + release"]
+        assert await store.get_claim(plan.id) is None
+        assert (await store.get_plan(plan.id)).status == PlanStatus.COMPLETED
+
+        store.writes = []
+        chain = new_plan()
+        for i in range(5):
+            chain.add_step("ok", "", {}, step_id=f"s{i}").depends_on = [f"s{i - 1}"] if i else []
+        await Executor(Tools(), store).execute(chain)
+        assert store.writes == ["start_run", *["save_transition"] * 4, "save_transition + release"]
+        kinds = [e.kind for e in await store.events(chain.id)]
+        assert kinds.count("step_completed") == 5 and kinds[-1] == "plan_completed"

@@ -350,6 +350,52 @@ async def test_a_write_waits_for_another_connections_write_lock(tmp_path: Path) 
         assert await store.get_plan(plan.id) == plan
 
 
+async def test_a_fast_path_write_that_finds_a_lock_waits_for_it_without_blocking_the_event_loop(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "plans.db"
+    plan = make_plan(steps=2)
+    async with PlanStore.open(path) as store:
+        await store.save_plan(plan)
+        plan.steps[0].status = StepStatus.RUNNING
+        blocker = sqlite3.connect(path, isolation_level=None)
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await anyio.sleep(0.01)
+                ticks += 1
+
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(tick)
+                with anyio.fail_after(5):
+                    async with anyio.create_task_group() as writer:
+                        writer.start_soon(store.save_transition, plan, plan.steps[:1])
+                        await anyio.sleep(0.3)  # the write waits on the connection's thread meanwhile
+                        assert ticks >= 10  # ... and the event loop went on
+                        blocker.execute("COMMIT")
+                tg.cancel_scope.cancel()
+        finally:
+            blocker.close()
+        assert (await store.get_plan(plan.id)).steps[0].status == StepStatus.RUNNING
+        assert (await store.progress(plan.id)).counts[StepStatus.RUNNING] == 1
+
+
+async def test_the_wal_is_checkpointed_though_automatic_checkpoints_are_off(tmp_path: Path) -> None:
+    path = tmp_path / "plans.db"
+    plan = make_plan(steps=1)
+    async with PlanStore.open(path) as store:
+        await store.save_plan(plan)
+        for i in range(1500):
+            plan.steps[0].error = f"round {i}"
+            await store.save_transition(plan, plan.steps)
+    wal = Path(f"{path}-wal").stat().st_size
+    assert wal < 4_000_000  # checkpoints let SQLite reuse the log: it stays ~2 MB; without them, 12 MB
+
+
 async def test_a_write_blocked_for_too_long_fails_cleanly(tmp_path: Path) -> None:
     path = tmp_path / "plans.db"
     async with PlanStore.open(path, busy_timeout_ms=20) as store:
@@ -444,6 +490,69 @@ async def test_request_cancel_without_a_live_owner_returns_false(store: PlanStor
     assert await store.request_cancel("nobody", "stop") is False
     await store.claim("dead", dead_owner())
     assert await store.request_cancel("dead", "stop") is False
+
+
+async def test_start_run_claims_and_writes_the_plan_in_one_transaction_or_writes_nothing(
+    store: PlanStore,
+) -> None:
+    plan, other, me = make_plan(), new_owner_id(), new_owner_id()
+    await store.claim(plan.id, other)
+    started = Event(plan_id=plan.id, kind="plan_started")
+
+    in_the_way = await store.start_run(plan, [started], me)
+
+    assert in_the_way is not None and in_the_way.owner == other
+    assert not await store.plan_exists(plan.id) and plan.revision == 0
+    await store.release(plan.id, other)
+    assert await store.start_run(plan, [started], me) is None
+    claim = await store.get_claim(plan.id)
+    assert claim is not None and claim.owner == me
+    assert await store.get_plan(plan.id) == plan and plan.revision == 1
+    assert [e.kind for e in await store.events(plan.id)] == ["plan_started"]
+
+
+async def test_a_runs_last_transition_releases_its_claim(store: PlanStore) -> None:
+    plan, me = make_plan(steps=1), new_owner_id()
+    assert await store.start_run(plan, [], me) is None
+    plan.steps[0].status = StepStatus.COMPLETED
+    plan.status = PlanStatus.COMPLETED
+
+    await store.save_transition(plan, plan.steps, [Event(plan_id=plan.id, kind="plan_completed")], release=me)
+
+    assert await store.get_claim(plan.id) is None
+    assert (await store.get_plan(plan.id)).status == PlanStatus.COMPLETED
+
+
+async def test_progress_counts_steps_by_status_and_returns_the_events_after_a_seq(store: PlanStore) -> None:
+    plan = make_plan(steps=3)
+    await store.save_plan(plan, [Event(plan_id=plan.id, kind="plan_created")])
+    first = await store.progress(plan.id)
+    assert first.counts[StepStatus.PENDING] == 3 and first.total == 3 and first.done == 0
+    assert first.seq == 1 and first.events == []
+
+    plan.steps[0].status = StepStatus.COMPLETED
+    plan.steps[1].status = StepStatus.RUNNING
+    moved = [Event(plan_id=plan.id, kind="step_completed", step_id="s0")]
+    await store.save_transition(plan, plan.steps[:2], moved)
+    await store.save_transition(plan, plan.steps[1:2], [])  # the same status again counts once
+
+    later = await store.progress(plan.id, first.seq)
+    assert later.counts[StepStatus.COMPLETED] == 1 and later.counts[StepStatus.RUNNING] == 1
+    assert later.counts[StepStatus.PENDING] == 1 and later.done == 1
+    assert [e.kind for e in later.events] == ["step_completed"] and later.seq == 2
+    plan.steps.pop()  # a whole-plan write (an edit) counts again from the steps it stores
+    await store.save_plan(plan)
+    assert (await store.progress(plan.id)).total == 2
+    with pytest.raises(PlanNotFoundError):
+        await store.progress("nope")
+
+
+async def test_a_transition_naming_a_step_that_is_not_stored_is_refused(store: PlanStore) -> None:
+    plan = make_plan(steps=1)
+    await store.save_plan(plan)
+    stray = plan.add_step("tools.echo", "", {}, step_id="stray")
+    with pytest.raises(StoreError, match="not stored"):
+        await store.save_transition(plan, [stray])
 
 
 # -- two processes ----------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from mcp_planner.engine.admission import check_can_execute, check_can_resume
 from mcp_planner.engine.scheduling import CANCEL_GRACE_S, FINAL_SAVE_TIMEOUT_S, Hook, Hooks, Run
 from mcp_planner.engine.tools import ToolInfo, ToolProvider, as_provider
 from mcp_planner.errors import (
-    PlanClaimedError,
     PlanConflictError,
     PlanStateError,
     PlanValidationError,
@@ -112,7 +111,6 @@ class Executor:
         if status == PlanStatus.DRAFT:
             plan.submit()  # needs no approval: approved by "auto" (approve() applies the approval timeout)
             events.append(Event(plan_id=plan.id, kind="plan_approved", data={"by": "auto", "method": "auto"}))
-        await self._claim(plan)
         for step in plan.steps:
             if step.status != StepStatus.PENDING:
                 step.reset()
@@ -147,7 +145,6 @@ class Executor:
         problems = _validate(plan, catalog)
         if problems:
             raise PlanValidationError(problems, f"plan {plan.id!r} cannot be resumed: it is invalid")
-        await self._claim(plan)
         events, interrupted = self._prepare_resume(plan, catalog, rerun_interrupted)
         events.insert(
             0,
@@ -236,11 +233,6 @@ class Executor:
         )
         return True
 
-    async def _claim(self, plan: ExecutionPlan) -> None:
-        holder = await self.store.claim(plan.id, self.owner, self.stale_after)
-        if holder is not None:
-            raise PlanClaimedError(plan.id, holder.owner)
-
     def _prepare_resume(
         self, plan: ExecutionPlan, catalog: Mapping[str, ToolInfo], rerun_interrupted: bool
     ) -> tuple[list[Event], list[str]]:
@@ -288,34 +280,38 @@ class Executor:
         events: list[Event],
         interrupted: list[str],
     ) -> PlanSummary:
-        """Mark the plan executing, commit, drive the run to its end and save the final state."""
-        try:
-            now = utcnow()
-            _set(
-                plan,
-                status=PlanStatus.EXECUTING,
-                error=None,
-                started_at=now,
-                completed_at=None,
-                total_duration_ms=None,
-                current_step=None,
-                updated_at=now,
-            )
-            run = Run(
-                plan,
-                self.provider,
-                catalog,
-                self.store,
-                self.hooks,
-                self.owner,
-                heartbeat_interval=self.heartbeat_interval,
-                interrupted=interrupted,
-            )
-            await self.store.save_plan(plan, [*events, *run.initial_events])
-        except BaseException:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(FINAL_SAVE_TIMEOUT_S):
-                await self.store.release(plan.id, self.owner)
-            raise
+        """Mark the plan executing and drive the run to its end, which saves the final state.
+
+        The run's first commit claims the plan and stores it whole with `events` and its first started
+        steps (one transaction); its last commit holds the last results, the final state and the release.
+
+        Raises:
+            PlanClaimedError: another live process holds the plan; nothing was written (the plan object
+                was changed in memory: read it again from the store).
+        """
+        now = utcnow()
+        _set(
+            plan,
+            status=PlanStatus.EXECUTING,
+            error=None,
+            started_at=now,
+            completed_at=None,
+            total_duration_ms=None,
+            current_step=None,
+            updated_at=now,
+        )
+        run = Run(
+            plan,
+            self.provider,
+            catalog,
+            self.store,
+            self.hooks,
+            self.owner,
+            heartbeat_interval=self.heartbeat_interval,
+            stale_after=self.stale_after,
+            interrupted=interrupted,
+            first_events=events,
+        )
         self._runs[plan.id] = run
         failure: BaseException | None = None
         try:

@@ -6,6 +6,10 @@ worker sends its outcome back as a value over a memory stream and never raises i
 coordinator commits every transition to the store before the action that depends on it: a step is stored
 `running` before its call is sent, and `completed` with its result before any dependent starts.
 
+A run makes one transaction per round of outcomes, and no more at its ends: its first commit claims the
+plan and stores it whole with the first started steps; the outcomes of its last round are committed with
+the final state and the release of the claim. A one-step plan costs two transactions.
+
 Scheduling is O(1) amortised per step: indegree counters, dependents lists and a heap of ready positions
 ordered by `Step.index`.
 """
@@ -27,7 +31,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from mcp_planner.engine.attempts import call_step, check_parameters
 from mcp_planner.engine.tools import ToolInfo, ToolProvider
-from mcp_planner.errors import PlanConflictError, StepError
+from mcp_planner.errors import PlanClaimedError, PlanConflictError, StepError
 from mcp_planner.plan.model import (
     INTERRUPTED_ERROR,
     INTERRUPTED_KEY,
@@ -119,7 +123,9 @@ class Run:
         owner: str,
         *,
         heartbeat_interval: float,
+        stale_after: float,
         interrupted: list[str] | None = None,
+        first_events: Sequence[Event] = (),
     ) -> None:
         self.plan = plan
         self.steps = plan.steps
@@ -130,7 +136,13 @@ class Run:
         self.hooks = hooks
         self.owner = owner
         self.heartbeat_interval = heartbeat_interval
+        self.stale_after = stale_after
         self.interrupted = list(interrupted or [])
+        #: Whether the first commit (the claim, and the whole plan) is made; nothing is written before it.
+        self.claimed = False
+        #: The last round's outcomes, committed with the final state (changed steps, events, and the
+        #: completed positions and failed steps whose hooks run after that commit).
+        self._last_round: tuple[list[Step], list[Event], list[int], list[Step]] | None = None
         self.done = anyio.Event()
         self._stopped = anyio.Event()
         self.coordinator_task: int | None = None
@@ -159,7 +171,7 @@ class Run:
         self.dependents: list[list[int]] = [[] for _ in range(n)]
         self.waiting = [0] * n
         self.initial_changes: list[Step] = []
-        self.initial_events: list[Event] = []
+        self.initial_events: list[Event] = list(first_events)
         missing: list[tuple[int, str]] = []
         for i, step in enumerate(self.steps):
             for dep_id in dict.fromkeys(step.depends_on):
@@ -313,15 +325,14 @@ class Run:
         completed, failed = self._record_finished(finished, changed, events)
         self._check_deadline()
         started = [] if self.halted else self._take_ready(changed, events)
-        if changed or events:
+        if self.claimed and not started and not self.running:
+            # The run ends with this round: its outcomes go into the final commit, hooks after it.
+            self._last_round = (changed, events, completed, failed)
+            return
+        if changed or events or not self.claimed:
             await self._commit(changed, events)
-        hooks = self.hooks  # a missing hook costs no coroutine per step
-        if hooks.on_step_complete is not None:
-            for pos in completed:
-                await call_hook(hooks.on_step_complete, self.plan, self.steps[pos])
-        if hooks.on_step_failed is not None:
-            for step in failed:
-                await call_hook(hooks.on_step_failed, self.plan, step, StepError(step.error or "failed"))
+        await self._step_hooks(completed, failed)
+        hooks = self.hooks
         for pos in started:
             step = self.steps[pos]
             if hooks.on_step_start is not None:
@@ -411,8 +422,24 @@ class Run:
                     heapq.heappush(self.ready, (self.steps[k].index, k))
         return completed, failed
 
+    async def _step_hooks(self, completed: Sequence[int], failed: Sequence[Step]) -> None:
+        hooks = self.hooks  # a missing hook costs no coroutine per step
+        if hooks.on_step_complete is not None:
+            for pos in completed:
+                await call_hook(hooks.on_step_complete, self.plan, self.steps[pos])
+        if hooks.on_step_failed is not None:
+            for step in failed:
+                await call_hook(hooks.on_step_failed, self.plan, step, StepError(step.error or "failed"))
+
     async def _commit(self, changed: list[Step], events: list[Event]) -> None:
         if self.claim_lost:  # the plan may belong to another process now: write nothing more
+            return
+        if not self.claimed:  # the first commit: the claim, and the plan whole
+            first = [*self.initial_events, *events]
+            holder = await self.store.start_run(self.plan, first, self.owner, self.stale_after)
+            if holder is not None:
+                raise PlanClaimedError(self.plan.id, holder.owner)
+            self.claimed = True
             return
         try:
             await self.store.save_transition(self.plan, changed, events)
@@ -508,6 +535,8 @@ class Run:
                 await self._stopped.wait()
             if self._stopped.is_set():
                 return
+            if not self.claimed:  # nothing to refresh or read yet
+                continue
             beat = anyio.current_time() >= next_beat
             try:
                 with anyio.fail_after(max(self.heartbeat_interval, 5.0)):
@@ -614,20 +643,30 @@ class Run:
             return PlanStatus.FAILED, error
         return PlanStatus.PARTIAL, error
 
+    async def _release_anyway(self) -> None:
+        try:
+            await self.store.release(self.plan.id, self.owner)
+        except Exception:
+            logger.exception("plan %r: could not release the execution claim", self.plan.id)
+
     async def finish(self, exc: BaseException | None) -> None:
         """Commit the final state (shielded, bounded), release the claim, call `on_plan_complete`."""
+        if not self.claimed:  # refused (claimed elsewhere) or stopped before the first commit: wrote nothing
+            self.done.set()
+            return
         with anyio.CancelScope(shield=True) as scope:
             scope.deadline = anyio.current_time() + FINAL_SAVE_TIMEOUT_S
-            changed, events = self.settle(exc)
+            changed, events, completed, failed = self._last_round or ([], [], [], [])
+            final_changes, final_events = self.settle(exc)
+            changed += final_changes
+            events += final_events
             if not self.claim_lost:
                 try:
-                    await self.store.save_transition(self.plan, changed, events)
+                    await self.store.save_transition(self.plan, changed, events, release=self.owner)
                 except Exception:
                     logger.exception("plan %r: could not save the final state", self.plan.id)
-                try:
-                    await self.store.release(self.plan.id, self.owner)
-                except Exception:
-                    logger.exception("plan %r: could not release the execution claim", self.plan.id)
+                    await self._release_anyway()
+            await self._step_hooks(completed, failed)
             await call_hook(self.hooks.on_plan_complete, self.plan)
         if scope.cancelled_caught:
             logger.error(

@@ -114,11 +114,36 @@ class Store(Protocol):
         ...
 
     async def save_transition(
-        self, plan: ExecutionPlan, steps: Sequence[Step], events: Sequence[Event] = ()
+        self,
+        plan: ExecutionPlan,
+        steps: Sequence[Step],
+        events: Sequence[Event] = (),
+        *,
+        release: str | None = None,
     ) -> None:
         """Write the plan's own fields, the given steps only, and append `events`: the executor's hot path.
 
-        The same compare-and-set as `save_plan`.
+        The same compare-and-set as `save_plan`. `release`: also drop that owner's claim, in the same
+        transaction (a run's last commit).
+        """
+        ...
+
+    async def start_run(
+        self,
+        plan: ExecutionPlan,
+        events: Sequence[Event],
+        owner: str,
+        stale_after: float = DEFAULT_STALE_AFTER,
+    ) -> Claim | None:
+        """Claim the plan for `owner` and write it whole with `events`, in one transaction: a run's first
+        commit (the claim as `claim` takes it, the write as `save_plan` makes it).
+
+        Returns:
+            None when `owner` now holds the claim and the plan is written; else the live claim of another
+            owner that is in the way, and nothing is written.
+
+        Raises:
+            PlanConflictError: the stored plan changed since `plan` was read; nothing was written.
         """
         ...
 

@@ -63,8 +63,16 @@ class MemoryStore:
         self._append(events)
 
     async def save_transition(
-        self, plan: ExecutionPlan, steps: Sequence[Step], events: Sequence[Event] = ()
+        self,
+        plan: ExecutionPlan,
+        steps: Sequence[Step],
+        events: Sequence[Event] = (),
+        *,
+        release: str | None = None,
     ) -> None:
+        if release is not None:
+            self._compare(plan)
+            await self.release(plan.id, release)
         if plan.revision == 0:
             await self.save_plan(plan, events)
             return
@@ -77,9 +85,27 @@ class MemoryStore:
             statuses[step.id] = step.status
         self._append(events)
 
-    def _compare_and_advance(self, plan: ExecutionPlan) -> None:
+    async def start_run(
+        self,
+        plan: ExecutionPlan,
+        events: Sequence[Event],
+        owner: str,
+        stale_after: float = DEFAULT_STALE_AFTER,
+    ) -> Claim | None:
+        holder = self._claims.get(plan.id)
+        if holder is not None and holder.owner != owner and claim_is_live(holder, utcnow(), stale_after):
+            return holder.model_copy()
+        self._compare(plan)
+        await self.claim(plan.id, owner, stale_after)
+        await self.save_plan(plan, events)
+        return None
+
+    def _compare(self, plan: ExecutionPlan) -> None:
         if self._revisions.get(plan.id, 0) != plan.revision:
             raise PlanConflictError(plan.id)
+
+    def _compare_and_advance(self, plan: ExecutionPlan) -> None:
+        self._compare(plan)
         self._revisions[plan.id] = plan.__dict__["revision"] = plan.revision + 1
 
     def _append(self, events: Sequence[Event]) -> None:

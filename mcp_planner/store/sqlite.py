@@ -7,6 +7,13 @@ connection's own thread, so a caller cancelled mid-write can never leave a trans
 processes on one file serialise on SQLite's write lock instead of losing updates. `database is locked`
 beyond the busy timeout is retried a bounded number of times.
 
+The executor's small, frequent writes (a step transition, a claim read) take a fast path: when the
+connection is idle they run on the event loop's own thread, which costs ~40 µs of SQL instead of a ~110 µs
+round trip through the connection's thread. They never wait there: with no busy timeout, a write that finds
+another process's lock goes to the connection's thread to wait for it. And they never checkpoint there:
+automatic checkpoints are off on this connection, and every `CHECKPOINT_EVERY` calls a passive checkpoint
+runs on the connection's thread.
+
 Durability: WAL with `synchronous=NORMAL`. A committed transaction is in the WAL file before `COMMIT`
 returns, so killing the process at any instant loses nothing committed; only a power loss or OS crash
 could lose the last transactions (SQLite's documented trade-off for WAL + NORMAL).
@@ -16,6 +23,7 @@ SQLite and aiosqlite exceptions stay in this package: they leave `PlanStore._run
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -50,6 +58,10 @@ logger = logging.getLogger("mcp_planner.store.sqlite")
 #: How long SQLite itself waits for another process's write lock before answering `busy`.
 BUSY_TIMEOUT_MS = 5000
 _WRITE_ATTEMPTS = 5
+#: The largest write (bytes of rows) that may run on the event loop's thread.
+INLINE_MAX_BYTES = 64 * 1024
+#: Calls between two WAL checkpoints (SQLite's own default is about every 1000 pages written).
+CHECKPOINT_EVERY = 256
 
 #: Ordered schema migrations; the store's version is the number applied. Append, never edit.
 #: Indexes are few on purpose: every one is written on the executor's hot path (`save_transition`).
@@ -221,6 +233,12 @@ def _write_plan(
     )
 
 
+def _size(plan_row: tuple[str, ...], steps: list[tuple[Any, ...]], events: list[dict[str, Any]]) -> int:
+    """About how many bytes a write stores: its texts."""
+    rows = [plan_row, *steps, *(e.values() for e in events)]
+    return sum(len(v) for row in rows for v in row if isinstance(v, str))
+
+
 def _write_events(conn: sqlite3.Connection, events: list[dict[str, Any]]) -> None:
     if events:
         conn.executemany(_INSERT_EVENT, events)
@@ -248,6 +266,29 @@ def _claim_from_row(plan_id: str, row: tuple[Any, ...]) -> Claim:
     return Claim(plan_id=plan_id, owner=row[0], heartbeat_at=parse_timestamp(row[1]), cancel_reason=row[2])
 
 
+def _claim(conn: sqlite3.Connection, plan_id: str, owner: str, stale_after: float) -> Claim | None:
+    """Take the plan's claim for `owner` unless another owner holds it live; that claim is returned."""
+    now = utcnow()
+    row = conn.execute(
+        "SELECT owner, heartbeat_at, cancel_reason FROM claims WHERE plan_id = ?", (plan_id,)
+    ).fetchone()
+    if row is not None:
+        current = _claim_from_row(plan_id, row)
+        if current.owner != owner and claim_is_live(current, now, stale_after):
+            return current
+    conn.execute(
+        "INSERT INTO claims (plan_id, owner, heartbeat_at, cancel_reason) VALUES (?, ?, ?, NULL) "
+        "ON CONFLICT (plan_id) DO UPDATE SET owner = excluded.owner, "
+        "heartbeat_at = excluded.heartbeat_at, cancel_reason = NULL",
+        (plan_id, owner, timestamp(now)),
+    )
+    return None
+
+
+def _release(conn: sqlite3.Connection, plan_id: str, owner: str) -> None:
+    conn.execute("DELETE FROM claims WHERE plan_id = ? AND owner = ?", (plan_id, owner))
+
+
 def _on_connection_thread(db: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], T]) -> Awaitable[T]:
     """`fn(connection)` as ONE call on aiosqlite's connection thread: the only use of aiosqlite internals.
 
@@ -259,6 +300,12 @@ def _on_connection_thread(db: aiosqlite.Connection, fn: Callable[[sqlite3.Connec
     """
     execute = cast(Callable[[Callable[[], T]], Awaitable[T]], db._execute)
     return execute(lambda: fn(db._conn))
+
+
+def _after_checkpoint(fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:
+    """A passive checkpoint (it waits for no reader or writer), then `fn`."""
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    return fn(conn)
 
 
 def _migrate(conn: sqlite3.Connection) -> int:
@@ -306,6 +353,8 @@ class PlanStore(SqliteRunQueue):
         self.path = path
         self._busy_timeout_ms = busy_timeout_ms
         self._closed = False
+        self._on_thread = 0  # calls queued or running on the connection's thread
+        self._calls = 0  # since the last checkpoint
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -332,7 +381,8 @@ class PlanStore(SqliteRunQueue):
         try:
             if location != ":memory:":
                 await anyio.to_thread.run_sync(_prepare_file, Path(location))
-            db = await aiosqlite.connect(location, isolation_level=None)
+            # Used from the loop's thread too (the fast path), never by two threads at once.
+            db = await aiosqlite.connect(location, isolation_level=None, check_same_thread=False)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the plan database {location!r}: {exc}") from exc
         store = cls(db, location, busy_timeout_ms)
@@ -375,6 +425,7 @@ class PlanStore(SqliteRunQueue):
         conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA wal_autocheckpoint = 0")  # `_run` checkpoints, on the connection's thread
         conn.execute("PRAGMA foreign_keys = ON")
         return in_write(conn, _migrate)
 
@@ -385,10 +436,12 @@ class PlanStore(SqliteRunQueue):
 
     # -- the one door to the database ---------------------------------------------------------------------
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, inline: bool = False) -> T:
         """Run `fn(connection)` on the connection's thread; busy errors are retried a bounded number of times.
 
-        Each attempt is shielded: once queued it runs to its end on the thread anyway, and the caller
+        `inline`: a small call that may run on the event loop's thread instead, when nothing is queued on
+        the connection's thread (so calls stay in order and the connection is never used by two threads).
+        Each thread attempt is shielded: once queued it runs to its end on the thread anyway, and the caller
         should learn whether it committed.
 
         Raises:
@@ -396,6 +449,18 @@ class PlanStore(SqliteRunQueue):
         """
         if self._closed:
             raise StoreError(f"plan database {self.path!r} is closed: open the store again")
+        self._calls += 1
+        if self._calls >= CHECKPOINT_EVERY:
+            self._calls = 0
+            fn = functools.partial(_after_checkpoint, fn)
+        elif inline and not self._on_thread:
+            try:
+                return self._inline(fn)
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise StoreError(f"plan database {self.path!r}: {exc}") from exc
+            except sqlite3.Error as exc:
+                raise StoreError(f"plan database {self.path!r}: {exc}") from exc
         try:
             try:
                 return await self._attempt(fn)
@@ -416,9 +481,22 @@ class PlanStore(SqliteRunQueue):
             raise StoreError(f"plan database {self.path!r}: {exc}") from exc
         raise AssertionError("unreachable: tenacity either returns or raises")
 
+    def _inline(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`fn` on this thread, with no busy timeout: it fails at once rather than wait for a lock here."""
+        conn: sqlite3.Connection = self._db._conn
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            return fn(conn)
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+
     async def _attempt(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        with anyio.CancelScope(shield=True):
-            result = await _on_connection_thread(self._db, fn)
+        self._on_thread += 1
+        try:
+            with anyio.CancelScope(shield=True):
+                result = await _on_connection_thread(self._db, fn)
+        finally:
+            self._on_thread -= 1
         return result
 
     # -- plans --------------------------------------------------------------------------------------------
@@ -446,9 +524,15 @@ class PlanStore(SqliteRunQueue):
         plan.__dict__["revision"] = revision + 1  # no validate_assignment round on the hot path
 
     async def save_transition(
-        self, plan: ExecutionPlan, steps: Sequence[Step], events: Sequence[Event] = ()
+        self,
+        plan: ExecutionPlan,
+        steps: Sequence[Step],
+        events: Sequence[Event] = (),
+        *,
+        release: str | None = None,
     ) -> None:
-        """Write the plan's own fields, the given steps only, and append `events`, in one transaction.
+        """Write the plan's own fields, the given steps only, and append `events`, in one transaction;
+        with `release`, drop that owner's claim in it too.
 
         Only the plan header and the given steps are serialised: this is the executor's hot path. A plan
         not stored yet is written whole. A compare-and-set on `plan.revision`, like `save_plan`.
@@ -475,8 +559,11 @@ class PlanStore(SqliteRunQueue):
                 if conn.executemany(_UPDATE_STEP, step_rows).rowcount != len(step_rows):
                     raise StoreError(f"plan {plan.id!r}: a transition names a step that is not stored")
             _write_events(conn, event_rows)
+            if release is not None:
+                _release(conn, plan.id, release)
 
-        await self._run(lambda c: in_write(c, body))
+        small = revision != 0 and _size(plan_row, step_rows, event_rows) <= INLINE_MAX_BYTES
+        await self._run(lambda c: in_write(c, body), inline=small)
         plan.__dict__["revision"] = revision + 1
 
     async def get_plan(self, plan_id: str) -> ExecutionPlan:
@@ -576,25 +663,40 @@ class PlanStore(SqliteRunQueue):
             None when `owner` now holds the claim; else the live claim of another owner. A claim whose
             owner is dead (same host, no such process) or whose heartbeat is stale is taken over.
         """
+        return await self._run(lambda c: in_write(c, lambda c2: _claim(c2, plan_id, owner, stale_after)))
+
+    async def start_run(
+        self,
+        plan: ExecutionPlan,
+        events: Sequence[Event],
+        owner: str,
+        stale_after: float = DEFAULT_STALE_AFTER,
+    ) -> Claim | None:
+        """Claim the plan for `owner` and write it whole with `events`, in one transaction.
+
+        Returns:
+            None when done; else the live claim in the way (nothing is written).
+
+        Raises:
+            PlanConflictError: the stored plan changed since `plan` was read; nothing was written.
+        """
+        plan_row = _plan_row(plan)
+        step_rows = _step_rows(plan.id, plan.steps)
+        event_rows = _event_rows(events)
+        revision = plan.revision
 
         def body(conn: sqlite3.Connection) -> Claim | None:
-            now = utcnow()
-            row = conn.execute(
-                "SELECT owner, heartbeat_at, cancel_reason FROM claims WHERE plan_id = ?", (plan_id,)
-            ).fetchone()
-            if row is not None:
-                current = _claim_from_row(plan_id, row)
-                if current.owner != owner and claim_is_live(current, now, stale_after):
-                    return current
-            conn.execute(
-                "INSERT INTO claims (plan_id, owner, heartbeat_at, cancel_reason) VALUES (?, ?, ?, NULL) "
-                "ON CONFLICT (plan_id) DO UPDATE SET owner = excluded.owner, "
-                "heartbeat_at = excluded.heartbeat_at, cancel_reason = NULL",
-                (plan_id, owner, timestamp(now)),
-            )
-            return None
+            holder = _claim(conn, plan.id, owner, stale_after)
+            if holder is None:
+                _write_plan(conn, plan_row, step_rows, revision)
+                _write_events(conn, event_rows)
+            return holder
 
-        return await self._run(lambda c: in_write(c, body))
+        small = _size(plan_row, step_rows, event_rows) <= INLINE_MAX_BYTES
+        holder = await self._run(lambda c: in_write(c, body), inline=small)
+        if holder is None:
+            plan.__dict__["revision"] = revision + 1
+        return holder
 
     async def heartbeat(self, plan_id: str, owner: str) -> Claim | None:
         """Refresh `owner`'s claim. Returns the claim (with any `cancel_reason`), or None if it was lost."""
@@ -607,22 +709,18 @@ class PlanStore(SqliteRunQueue):
             ).fetchone()
             return _claim_from_row(plan_id, row) if row is not None else None
 
-        return await self._run(lambda c: in_write(c, body))
+        return await self._run(lambda c: in_write(c, body), inline=True)
 
     async def release(self, plan_id: str, owner: str) -> None:
         """Drop `owner`'s claim; a claim held by someone else is left alone."""
-        await self._run(
-            lambda c: in_write(
-                c,
-                lambda c2: c2.execute("DELETE FROM claims WHERE plan_id = ? AND owner = ?", (plan_id, owner)),
-            )
-        )
+        await self._run(lambda c: in_write(c, lambda c2: _release(c2, plan_id, owner)))
 
     async def get_claim(self, plan_id: str) -> Claim | None:
         row = await self._run(
             lambda c: c.execute(
                 "SELECT owner, heartbeat_at, cancel_reason FROM claims WHERE plan_id = ?", (plan_id,)
-            ).fetchone()
+            ).fetchone(),
+            inline=True,
         )
         return _claim_from_row(plan_id, row) if row is not None else None
 
