@@ -31,7 +31,7 @@ import anyio.abc
 
 from mcp_planner.engine.tools import ToolInfo, ToolProvider
 from mcp_planner.errors import DownstreamError, PlannerError
-from mcp_planner.plan.model import ExecutionPlan, PlanStatus, StepResult, utcnow
+from mcp_planner.plan.model import MAX_STEPS, ExecutionPlan, PlanStatus, StepResult, utcnow
 from mcp_planner.store.base import (
     DEFAULT_STALE_AFTER,
     QueueStore,
@@ -87,6 +87,7 @@ class Runner:
         on_change: called (plain function) with the plan id after each step of one of its runs starts or
             ends, and after each run is marked done.
         ready: awaited before each run executes: the tools' first connections (it returns at once after).
+        max_steps: the most steps a plan may have.
     """
 
     def __init__(
@@ -101,6 +102,7 @@ class Runner:
         heartbeat_interval: float = 5.0,
         on_change: Callable[[str], None] | None = None,
         ready: Callable[[], Awaitable[object]] | None = None,
+        max_steps: int = MAX_STEPS,
     ) -> None:
         self.store = store
         self.servers = servers
@@ -121,6 +123,7 @@ class Runner:
             owner=self.id,
             heartbeat_interval=heartbeat_interval,
             stale_after=stale_after,
+            max_steps=max_steps,
         )
         self.running = 0
         self.finished = 0

@@ -32,6 +32,7 @@ from mcp_planner.errors import (
     Problem,
 )
 from mcp_planner.plan.model import (
+    MAX_STEPS,
     PERSON_METHODS,
     ExecutionOptions,
     ExecutionPlan,
@@ -138,6 +139,7 @@ class PlannerService:
         stale_after: float = DEFAULT_STALE_AFTER,
         ready_timeout: float = 30.0,
         launcher: DetachedRunners | None = None,
+        max_steps: int = MAX_STEPS,
     ) -> None:
         if approval not in APPROVAL_POLICIES:
             raise ValueError(f"approval policy must be one of {APPROVAL_POLICIES}, not {approval!r}")
@@ -147,13 +149,16 @@ class PlannerService:
         self.owner = owner or new_owner_id()
         self.stale_after = stale_after
         self.ready_timeout = ready_timeout
+        self.max_steps = max_steps
         self._ready = False
         self._launcher = launcher
         #: Runs submitted here without a launcher carry a key only this process's runner serves.
         self._local_key = local_key(self.owner)
         from mcp_planner.engine.executor import Executor  # the engine loads with the service, not the server
 
-        self._executor = Executor(tools, store, owner=self.owner, stale_after=stale_after)
+        self._executor = Executor(
+            tools, store, owner=self.owner, stale_after=stale_after, max_steps=max_steps
+        )
         self._runner: Runner | None = None
         self._changed = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
@@ -169,6 +174,7 @@ class PlannerService:
                 owner=self.owner,
                 stale_after=self.stale_after,
                 on_change=self._wake,
+                max_steps=self.max_steps,
             )
             await self._tg.start(self._runner.serve)
         return self
@@ -304,7 +310,7 @@ class PlannerService:
 
         catalog = await self.catalog()
         qualify_tool_names(plan, catalog.keys())
-        problems = plan.validate(schema_catalog(self.tools))
+        problems = plan.validate(schema_catalog(self.tools), max_steps=self.max_steps)
         if problems:
             raise PlanValidationError(problems + self.unreachable_problems(problems))
 
@@ -449,7 +455,7 @@ class PlannerService:
         await self._refuse_if_claimed(plan)
         check_can_execute(plan)
         await self._tools_ready()
-        problems = plan.validate(schema_catalog(self.tools))
+        problems = plan.validate(schema_catalog(self.tools), max_steps=self.max_steps)
         if problems:
             raise PlanValidationError(problems + self.unreachable_problems(problems), "the plan cannot run")
         request = RunRequest(plan_id=plan.id, kind=RunKind.EXECUTE, submitted_by=submitted_by)

@@ -19,6 +19,8 @@ from typing import Literal
 import anyio
 
 from mcp_planner.engine.tools import LocalTools, ToolProvider
+from mcp_planner.errors import ConfigError
+from mcp_planner.plan.model import MAX_STEPS
 from mcp_planner.runner import (
     CachedCatalog,
     DetachedRunners,
@@ -79,7 +81,12 @@ async def open_stack(
         launcher = DetachedRunners(db_path, servers_file, idle_exit=idle_exit) if runners else None
         service = await stack.enter_async_context(
             PlannerService(
-                store, provider, approval=approval, ready_timeout=CONNECT_TIMEOUT, launcher=launcher
+                store,
+                provider,
+                approval=approval,
+                ready_timeout=CONNECT_TIMEOUT,
+                launcher=launcher,
+                max_steps=max_steps(env),
             )
         )
         yield Stack(store=store, tools=provider, service=service, servers_file=servers_file)
@@ -141,7 +148,9 @@ async def run_runner(
                     await wait_ready(CONNECT_TIMEOUT)
 
         # It claims runs at once (a submitter sees its run taken) and executes them once connected.
-        runner = Runner(store, provider, servers=key, max_runs=max_runs, ready=ready)
+        runner = Runner(
+            store, provider, servers=key, max_runs=max_runs, ready=ready, max_steps=max_steps(env)
+        )
         async with anyio.create_task_group() as tg:
             tg.start_soon(_keep_catalog_published, store, key, provider, ready)
             tg.start_soon(_stop_when_deleted, db_path, tg.cancel_scope)
@@ -150,6 +159,20 @@ async def run_runner(
             await runner.serve(idle_exit=idle_exit or None)
             tg.cancel_scope.cancel()
         return runner.finished
+
+
+def max_steps(env: Mapping[str, str]) -> int:
+    """The most steps a plan may have: `MCP_PLANNER_MAX_STEPS` (runners started on demand inherit it).
+
+    Raises:
+        ConfigError: the value is not a positive whole number.
+    """
+    text = env.get("MCP_PLANNER_MAX_STEPS", "").strip()
+    if not text:
+        return MAX_STEPS
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"MCP_PLANNER_MAX_STEPS must be a positive whole number, not {text!r}")
+    return int(text)
 
 
 async def _stop_on_signals(scope: anyio.CancelScope) -> None:

@@ -279,7 +279,7 @@ async def checked_plan(rt: Stack, spec: PlanSpec) -> ExecutionPlan:
     catalog = await rt.service.catalog()
     plan = ExecutionPlan.from_spec(spec)
     qualify_tool_names(plan, catalog.keys())
-    problems = plan.validate(schema_catalog(rt.tools))
+    problems = plan.validate(schema_catalog(rt.tools), max_steps=rt.service.max_steps)
     if problems:
         if rt.servers_file is None and any(p.field == "tool_name" for p in problems):
             problems.append(

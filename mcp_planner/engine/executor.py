@@ -25,6 +25,7 @@ from mcp_planner.errors import (
 from mcp_planner.plan.model import (
     INTERRUPTED_ERROR,
     INTERRUPTED_KEY,
+    MAX_STEPS,
     RERUN_HINT,
     ExecutionPlan,
     PlanStatus,
@@ -42,8 +43,9 @@ logger = logging.getLogger("mcp_planner.engine.executor")
 __all__ = ["Executor", "check_can_execute", "check_can_resume"]
 
 
-def _validate(plan: ExecutionPlan, catalog: Mapping[str, ToolInfo]) -> list[Problem]:
-    return validate_plan(plan, {name: info.input_schema for name, info in catalog.items()})
+def _validate(plan: ExecutionPlan, catalog: Mapping[str, ToolInfo], max_steps: int) -> list[Problem]:
+    schemas = {name: info.input_schema for name, info in catalog.items()}
+    return validate_plan(plan, schemas, max_steps=max_steps)
 
 
 class Executor:
@@ -62,6 +64,7 @@ class Executor:
         heartbeat_interval: seconds between claim heartbeats; each one also picks up a cancel requested by
             another process through the store.
         stale_after: a claim whose heartbeat is older than this many seconds is taken as dead.
+        max_steps: the most steps a plan may have (validation refuses more).
 
     The executor mutates the plan it is given in place.
     """
@@ -78,8 +81,10 @@ class Executor:
         owner: str | None = None,
         heartbeat_interval: float = 5.0,
         stale_after: float = DEFAULT_STALE_AFTER,
+        max_steps: int = MAX_STEPS,
     ) -> None:
         self.provider = as_provider(tools)
+        self.max_steps = max_steps
         self.store: Store = store if store is not None else MemoryStore()
         self.owner = owner or new_owner_id()
         self.hooks = Hooks(on_step_start, on_step_complete, on_step_failed, on_plan_complete)
@@ -104,7 +109,7 @@ class Executor:
         check_can_execute(plan)
         status = plan.status
         catalog = self.provider.catalog()
-        problems = _validate(plan, catalog)
+        problems = _validate(plan, catalog, self.max_steps)
         if problems:
             raise PlanValidationError(problems, f"plan {plan.id!r} cannot run: it is invalid")
         events: list[Event] = []
@@ -142,7 +147,7 @@ class Executor:
             return plan.summary()
         status = plan.status
         catalog = self.provider.catalog()
-        problems = _validate(plan, catalog)
+        problems = _validate(plan, catalog, self.max_steps)
         if problems:
             raise PlanValidationError(problems, f"plan {plan.id!r} cannot be resumed: it is invalid")
         events, interrupted = self._prepare_resume(plan, catalog, rerun_interrupted)

@@ -32,6 +32,7 @@ from mcp_planner.plan.model import (
     MAX_STEPS,
     ExecutionPlan,
     Step,
+    gc_paused,
 )
 from mcp_planner.plan.templating import analyse_template, is_template, template_strings
 
@@ -60,6 +61,11 @@ def validate_plan(
     Returns:
         The problems; empty when the plan is valid.
     """
+    with gc_paused():  # a large plan's problems and lookups are many small objects
+        return _problems(plan, catalog, max_steps)
+
+
+def _problems(plan: ExecutionPlan, catalog: Catalog | None, max_steps: int) -> list[Problem]:
     problems: list[Problem] = []
     if not plan.description.strip():
         problems.append(Problem(None, "description", "the description is empty: say what the plan does"))

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from mcp_planner.errors import PlanConflictError, PlanNotFoundError, RunNotFoundError
-from mcp_planner.plan.model import ExecutionPlan, PlanStatus, Step, StepStatus, utcnow
+from mcp_planner.plan.model import ExecutionPlan, PlanStatus, Step, StepStatus, gc_paused, utcnow
 from mcp_planner.store.base import (
     DEFAULT_STALE_AFTER,
     Claim,
@@ -114,9 +114,10 @@ class MemoryStore:
             log.append(event.model_copy(update={"seq": len(log) + 1}))
 
     def _load(self, plan_id: str) -> ExecutionPlan:
-        plan = ExecutionPlan.model_validate_json(self._heads[plan_id])
-        plan.__dict__["revision"] = self._revisions[plan_id]
-        plan.steps = [Step.model_validate_json(raw) for raw in self._steps[plan_id].values()]
+        with gc_paused():
+            plan = ExecutionPlan.model_validate_json(self._heads[plan_id])
+            plan.__dict__["revision"] = self._revisions[plan_id]
+            plan.steps = [Step.model_validate_json(raw) for raw in self._steps[plan_id].values()]
         return plan
 
     async def get_plan(self, plan_id: str) -> ExecutionPlan:

@@ -35,10 +35,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 import aiosqlite
 import anyio
+from pydantic import TypeAdapter
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from mcp_planner.errors import PlanConflictError, PlannerError, PlanNotFoundError
-from mcp_planner.plan.model import ExecutionPlan, PlanStatus, Step, utcnow
+from mcp_planner.plan.model import ExecutionPlan, PlanStatus, Step, gc_paused, utcnow
 from mcp_planner.store.base import (
     DEFAULT_STALE_AFTER,
     Claim,
@@ -58,6 +59,9 @@ logger = logging.getLogger("mcp_planner.store.sqlite")
 #: How long SQLite itself waits for another process's write lock before answering `busy`.
 BUSY_TIMEOUT_MS = 5000
 _WRITE_ATTEMPTS = 5
+#: Steps parsed at once when a plan is read.
+_LOAD_CHUNK = 1000
+_STEPS = TypeAdapter(list[Step])
 #: The largest write (bytes of rows) that may run on the event loop's thread.
 INLINE_MAX_BYTES = 64 * 1024
 #: Calls between two WAL checkpoints (SQLite's own default is about every 1000 pages written).
@@ -131,11 +135,6 @@ _INSERT_PLAN = """
 INSERT INTO plans (id, status, description, created_at, updated_at, header, revision)
 VALUES (?, ?, ?, ?, ?, ?, 1) ON CONFLICT (id) DO NOTHING
 """
-_UPDATE_PLAN = """
-UPDATE plans SET status = ?, description = ?, created_at = ?, updated_at = ?, header = ?,
-    revision = revision + 1
-WHERE id = ? AND revision = ?
-"""
 _UPDATE_HEADER = """
 UPDATE plans SET status = ?, description = ?, updated_at = ?, header = ?, revision = revision + 1
 WHERE id = ? AND revision = ?
@@ -196,20 +195,24 @@ def _event_rows(events: Sequence[Event]) -> list[dict[str, Any]]:
 
 
 def _load_plan(conn: sqlite3.Connection, plan_id: str) -> ExecutionPlan | None:
+    """The stored plan, its steps parsed `_LOAD_CHUNK` at a time: never one document of every step."""
     row = conn.execute("SELECT header, revision FROM plans WHERE id = ?", (plan_id,)).fetchone()
     if row is None:
         return None
-    steps = [r[0] for r in conn.execute("SELECT data FROM steps WHERE plan_id = ? ORDER BY idx", (plan_id,))]
-    # One parse of the whole document is much faster than one per step for large plans.
     header: str = row[0]
-    whole = f'{header[:-1]},"revision":{int(row[1])},"steps":[{",".join(steps)}]}}'
+    rows = conn.execute("SELECT data FROM steps WHERE plan_id = ? ORDER BY idx", (plan_id,))
     try:
-        return ExecutionPlan.model_validate_json(whole)
+        with gc_paused():
+            plan = ExecutionPlan.model_validate_json(f'{header[:-1]},"revision":{int(row[1])}}}')
+            while chunk := rows.fetchmany(_LOAD_CHUNK):
+                # One parse of many steps is much faster than one parse per step.
+                plan.steps.extend(_STEPS.validate_json(f"[{','.join(r[0] for r in chunk)}]"))
     except ValueError as exc:
         raise StoreError(
             f"plan {plan_id!r} is stored but cannot be read ({exc.__class__.__name__}): it was written by "
             "an incompatible version or damaged; the other plans are unaffected"
         ) from exc
+    return plan
 
 
 def _write_plan(
@@ -219,7 +222,10 @@ def _write_plan(
     if revision == 0:
         written = conn.execute(_INSERT_PLAN, plan_row)
     else:
-        written = conn.execute(_UPDATE_PLAN, (*plan_row[1:], plan_row[0], revision))
+        status, description, _, updated_at, header = plan_row[1:]  # created_at never changes
+        written = conn.execute(
+            _UPDATE_HEADER, (status, description, updated_at, header, plan_row[0], revision)
+        )
     if written.rowcount == 0:
         raise PlanConflictError(plan_row[0])
     plan_id = plan_row[0]
