@@ -36,6 +36,10 @@ PREVIEW_CHARS = 2048
 #: running, skipped, pending, then completed) and counts the rest: its size, and what a model reads, stay
 #: bounded however large the plan is.
 SUMMARY_STEPS = 50
+#: How many steps a plan view holds at once (get_plan pages through the rest with `offset`).
+PAGE_STEPS = 100
+#: Plans with more steps than this get no Mermaid graph (nobody reads one that large).
+MERMAID_MAX_STEPS = 200
 
 _STATUS_MARK = {
     StepStatus.PENDING: "·",
@@ -125,7 +129,7 @@ class StepView(BaseModel):
 
 
 class PlanView(BaseModel):
-    """The whole plan: fields, options, approval, steps with results, and a Mermaid graph."""
+    """The plan: fields, options, approval, its steps (a page of them) with results, and a Mermaid graph."""
 
     id: str
     description: str
@@ -143,8 +147,16 @@ class PlanView(BaseModel):
     completed_at: datetime | None = None
     total_duration_ms: int | None = None
     progress: float
-    steps: list[StepView]
-    mermaid: str = Field(description="Mermaid flowchart of the steps, coloured by status")
+    steps: list[StepView] = Field(description="the steps from `steps_offset` on, at most a page of them")
+    steps_total: int = Field(description="how many steps the plan has")
+    steps_offset: int = Field(default=0, description="the position of the first step listed")
+    next_offset: int | None = Field(
+        default=None, description="pass as `offset` to read the next page of steps; null: none left"
+    )
+    mermaid: str | None = Field(
+        default=None,
+        description=f"Mermaid flowchart of the steps by status (none for over {MERMAID_MAX_STEPS} steps)",
+    )
     next_action: str
 
 
@@ -233,7 +245,11 @@ def step_view(plan_id: str, step: Step) -> StepView:
     )
 
 
-def plan_view(plan: ExecutionPlan) -> PlanView:
+def plan_view(plan: ExecutionPlan, offset: int = 0, limit: int | None = PAGE_STEPS) -> PlanView:
+    """The plan with the steps from `offset` on, `limit` of them (None: all)."""
+    total = len(plan.steps)
+    offset = min(max(offset, 0), total)
+    end = total if limit is None else min(total, offset + max(limit, 1))
     method = plan.metadata.get("approval_method")
     return PlanView(
         id=plan.id,
@@ -252,8 +268,11 @@ def plan_view(plan: ExecutionPlan) -> PlanView:
         completed_at=plan.completed_at,
         total_duration_ms=plan.total_duration_ms,
         progress=plan.summary().progress,
-        steps=[step_view(plan.id, s) for s in plan.steps],
-        mermaid=mermaid(plan),
+        steps=[step_view(plan.id, s) for s in plan.steps[offset:end]],
+        steps_total=total,
+        steps_offset=offset,
+        next_offset=end if end < total else None,
+        mermaid=mermaid(plan) if total <= MERMAID_MAX_STEPS else None,
         next_action=next_action(plan),
     )
 
@@ -454,10 +473,14 @@ def summary_text(summary: PlanSummary, *, steps: bool = True, max_steps: int = S
     return "\n".join(lines)
 
 
-def plan_text(plan: ExecutionPlan, *, max_param_chars: int = 300, max_steps: int = 200) -> str:
-    """The plan as a person approving it reads it: one line per step with its tool and parameters."""
+def plan_text(
+    plan: ExecutionPlan, *, max_param_chars: int = 300, max_steps: int = 200, offset: int = 0
+) -> str:
+    """The plan as a person approving it reads it: one line per step with its tool and parameters (the
+    steps from `offset` on, `max_steps` of them)."""
     lines = [f"Plan {plan.id!r}: {plan.description}", f"{len(plan.steps)} step(s):"]
-    for i, s in enumerate(plan.steps[:max_steps], 1):
+    shown = plan.steps[offset : offset + max_steps]
+    for i, s in enumerate(shown, offset + 1):
         params = json.dumps(s.parameters, sort_keys=True, default=str)
         if len(params) > max_param_chars:
             params = params[:max_param_chars] + "…"
@@ -466,8 +489,9 @@ def plan_text(plan: ExecutionPlan, *, max_param_chars: int = 300, max_steps: int
         lines.append(f"{i}. {s.id}: {s.tool_name} {params}" + (f" ({'; '.join(notes)})" if notes else ""))
         if s.description:
             lines.append(f"   {one_line(s.description)}")
-    if len(plan.steps) > max_steps:
-        lines.append(f"... and {len(plan.steps) - max_steps} more steps (get_plan shows them all)")
+    rest = len(plan.steps) - offset - len(shown)
+    if rest > 0:
+        lines.append(f"... and {rest} more steps (get_plan with offset={offset + len(shown)} shows them)")
     lines.append(f"Steps run {run_mode(plan)}.")
     return "\n".join(lines)
 

@@ -595,3 +595,23 @@ async def test_reading_a_resource_of_an_unknown_plan_or_step_says_which(tmp_path
             await client.read_resource(f"plan://{plan_id}/steps/nope/result")
         with pytest.raises(MCPError, match="has no result"):
             await client.read_resource(f"plan://{plan_id}/steps/hello/result")
+
+
+async def test_get_plan_pages_through_a_large_plan_and_its_summary_stays_short(tmp_path: Path) -> None:
+    steps = [{"id": f"s{i}", "tool_name": "echo", "parameters": {"text": str(i)}} for i in range(250)]
+    plan = {"description": "many", "steps": steps, "options": {"require_approval": False}}
+    async with planner(tmp_path) as (client, _):
+        plan_id = await create(client, plan)
+        first = await client.call_tool("get_plan", {"plan_id": plan_id})
+        page = first.structured_content
+        assert page is not None and len(page["steps"]) == 100 and page["steps_total"] == 250
+        assert page["next_offset"] == 100 and page["mermaid"] is None  # no graph of 250 nodes
+        assert "s99" in text(first) and "s100" not in text(first) and "offset=100" in text(first)
+        last = await client.call_tool("get_plan", {"plan_id": plan_id, "offset": 200, "limit": 100})
+        assert last.structured_content is not None
+        assert [s["id"] for s in last.structured_content["steps"]] == [f"s{i}" for i in range(200, 250)]
+        assert last.structured_content["next_offset"] is None
+        done = await client.call_tool("execute_plan", {"plan_id": plan_id, "wait_seconds": 60})
+        summary = done.structured_content
+        assert summary is not None and summary["status"] == "completed" and summary["total_steps"] == 250
+        assert len(summary["steps"]) == 50 and summary["steps_omitted"] == 200

@@ -140,3 +140,20 @@ async def test_unknown_approval_policy_is_refused(tmp_path: Path) -> None:
     async with PlanStore.open(tmp_path / "plans.db") as store:
         with pytest.raises(ValueError, match="approval policy"):
             PlannerService(store, LocalTools({}), approval="sometimes")
+
+
+async def test_the_step_limit_is_the_deployments_not_the_plans(tmp_path: Path) -> None:
+    from mcp_planner.errors import ConfigError
+    from mcp_planner.stack import max_steps
+
+    assert max_steps({}) == 10_000
+    assert max_steps({"MCP_PLANNER_MAX_STEPS": "200000"}) == 200_000
+    for bad in ("0", "-5", "lots"):
+        with pytest.raises(ConfigError, match="MCP_PLANNER_MAX_STEPS"):
+            max_steps({"MCP_PLANNER_MAX_STEPS": bad})
+    async with PlanStore.open(tmp_path / "plans.db") as store:
+        async with PlannerService(store, LocalTools({"echo": echo}), max_steps=2) as svc:
+            steps = [StepSpec(id=f"s{i}", tool_name="echo") for i in range(3)]
+            with pytest.raises(PlanValidationError, match="invalid") as caught:
+                await svc.create_plan(PlanSpec(description="three", steps=steps))
+            assert any("limit of 2" in p.message for p in caught.value.problems)

@@ -187,7 +187,7 @@ def _register_resources(server: PlannerMCPServer, state: ServiceState) -> None:
         mime_type="application/json",
     )
     async def plan_resource(plan_id: str) -> str:
-        return views.plan_view(await load(plan_id)).model_dump_json(indent=2)
+        return views.plan_view(await load(plan_id), limit=None).model_dump_json(indent=2)
 
     @server.resource(
         "plan://{plan_id}/graph",

@@ -454,16 +454,27 @@ async def get_summary(state: ServiceState, plan_id: PlanId) -> Annotated[CallToo
 
 
 @_tool(
-    description="The whole plan: options, approval, every step with parameters, dependencies, status "
-    "and result, and a Mermaid graph of the steps coloured by status. Results over 64 KiB are shown as "
-    "a preview plus a plan:// resource URI to read them in full.",
+    description="The plan: options, approval, its steps (100 at a time: pass next_offset as offset for "
+    "more) with parameters, dependencies, status and result, and a Mermaid graph of the steps coloured "
+    "by status. Results over 64 KiB are shown as a preview plus a plan:// resource URI to read them in "
+    "full.",
     annotations=_READ_ONLY,
 )
-async def get_plan(state: ServiceState, plan_id: PlanId) -> Annotated[CallToolResult, views.PlanView]:
+async def get_plan(
+    state: ServiceState,
+    plan_id: PlanId,
+    offset: Annotated[int, Field(ge=0, description="the first step to list (see next_offset)")] = 0,
+    limit: Annotated[int, Field(ge=1, le=1000, description="at most this many steps")] = views.PAGE_STEPS,
+) -> Annotated[CallToolResult, views.PlanView]:
     service = await state.get()
     plan = await service.get_plan(plan_id)
-    view = views.plan_view(plan)
-    text = views.plan_text(plan) + "\n" + views.summary_text(plan.summary()) + f"\nnext: {view.next_action}"
+    view = views.plan_view(plan, offset, limit)
+    text = (
+        views.plan_text(plan, offset=view.steps_offset, max_steps=limit)
+        + "\n"
+        + views.summary_text(plan.summary())
+        + f"\nnext: {view.next_action}"
+    )
     return _result(view, text)
 
 
