@@ -360,7 +360,7 @@ def test_step_results_keep_text_structured_content_and_blocks() -> None:
 
     assert (text.text, text.structured, text.value) == ("plain", None, "plain")
     assert structured.structured == {"a": [1, 2]} and structured.value == {"a": [1, 2]}
-    assert structured.text == '{"a": [1, 2]}'
+    assert structured.text == '{"a": [1, 2]}' and structured.content == text.content == []  # no blocks
     assert full.value == "t" and full.content[0]["type"] == "image"
     assert StepResult.from_value(full) is full
 

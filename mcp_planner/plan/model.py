@@ -150,8 +150,9 @@ _ALL_FIELDS: dict[type[BaseModel], set[str]] = {}
 class StepResult(_Lean):
     """What a downstream tool returned: its text, its structured content and every content block.
 
-    `content` keeps the MCP content blocks as JSON objects (text, image, audio, resource links, embedded
-    resources), so nothing non-textual is lost.
+    `content` keeps the MCP content blocks a downstream tool returned as JSON objects (text, image, audio,
+    resource links, embedded resources), so nothing non-textual is lost. An in-process tool returns a
+    value, not blocks: its result has `text` (and `structured`) only.
     """
 
     text: str = ""
@@ -168,13 +169,13 @@ class StepResult(_Lean):
 
     @classmethod
     def from_value(cls, value: Any) -> StepResult:
-        """The result of an in-process tool: a string becomes text, anything else structured content."""
+        """The result of an in-process tool: a string becomes text, anything else structured content (and
+        its JSON as text)."""
         if isinstance(value, StepResult):
             return value
         if isinstance(value, str):
-            return cls(text=value, content=[{"type": "text", "text": value}])
-        text = json.dumps(value, default=str)
-        return cls(text=text, structured=value, content=[{"type": "text", "text": text}])
+            return cls(text=value)
+        return cls(text=json.dumps(value, default=str), structured=value)
 
 
 class Step(_Lean):
