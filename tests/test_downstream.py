@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import mcp_types as types
 import pytest
+from test_shutdown import alive  # a zombie not yet reaped has died
 
 from mcp_planner.downstream.client import BACKOFF_CAP, Downstream, backoff_delay, to_step_result
 from mcp_planner.downstream.config import ServersConfig
@@ -35,10 +36,6 @@ def servers(**entries: dict[str, Any]) -> ServersConfig:
 
 def recorded_pids(directory: Path) -> list[int]:
     return [int(p.read_text()) for p in directory.glob("*.pid")]
-
-
-def alive(pid: int) -> bool:
-    return Path(f"/proc/{pid}").exists()
 
 
 async def test_servers_start_concurrently_in_the_background_and_one_failing_does_not_stop_the_others(
