@@ -534,11 +534,13 @@ class PlannerService:
         first = True
         while True:
             current = await self.store.get_run(run.id)
-            progress = await self.store.progress(run.plan_id, seen)
-            seen = progress.seq
+            progress = await self.store.progress(run.plan_id, seen if on_progress is not None else None)
+            seen = progress.last_seen
             if on_progress is not None and (first or progress.events):
                 await _report(on_progress, progress)
             first = False
+            if progress.seq > seen:
+                continue  # more events are waiting: report them before anything else
             if current.state == RunState.DONE:
                 if current.error is not None:
                     raise PlanStateError(current.error)

@@ -36,6 +36,10 @@ class Event(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
 
 
+#: The most events one `progress` read returns.
+PROGRESS_EVENTS = 500
+
+
 class PlanProgress(BaseModel):
     """A plan as a follower reads it while it runs: its status, how many steps are in each status, and the
     events committed after the follower's last read. Reading it never parses the plan's steps, so following
@@ -51,6 +55,11 @@ class PlanProgress(BaseModel):
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    @property
+    def last_seen(self) -> int:
+        """The seq a follower has seen once it has read these events (it reads on from there)."""
+        return self.events[-1].seq if self.events else self.seq
 
     @property
     def done(self) -> int:
@@ -159,7 +168,7 @@ class Store(Protocol):
 
     async def progress(self, plan_id: str, after_seq: int | None = None) -> PlanProgress:
         """The plan's status, step counts, newest event `seq`, and its events with `seq > after_seq` (none
-        when `after_seq` is None), from one snapshot.
+        when `after_seq` is None; at most `PROGRESS_EVENTS`: `seq` says whether more wait), from one snapshot.
 
         Raises: PlanNotFoundError.
         """

@@ -15,6 +15,7 @@ from mcp_planner.errors import PlanConflictError, PlanNotFoundError, RunNotFound
 from mcp_planner.plan.model import ExecutionPlan, PlanStatus, Step, StepStatus, gc_paused, utcnow
 from mcp_planner.store.base import (
     DEFAULT_STALE_AFTER,
+    PROGRESS_EVENTS,
     Claim,
     Event,
     PlanProgress,
@@ -152,7 +153,7 @@ class MemoryStore:
             error=head["error"],
             counts=step_counts(Counter(statuses).items()),
             seq=len(log),
-            events=log[after_seq:] if after_seq is not None else [],
+            events=log[after_seq : after_seq + PROGRESS_EVENTS] if after_seq is not None else [],
         )
 
     async def claim(self, plan_id: str, owner: str, stale_after: float = DEFAULT_STALE_AFTER) -> Claim | None:

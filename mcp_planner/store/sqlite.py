@@ -42,6 +42,7 @@ from mcp_planner.errors import PlanConflictError, PlannerError, PlanNotFoundErro
 from mcp_planner.plan.model import ExecutionPlan, PlanStatus, Step, gc_paused, utcnow
 from mcp_planner.store.base import (
     DEFAULT_STALE_AFTER,
+    PROGRESS_EVENTS,
     Claim,
     Event,
     PlanProgress,
@@ -250,10 +251,12 @@ def _write_events(conn: sqlite3.Connection, events: list[dict[str, Any]]) -> Non
         conn.executemany(_INSERT_EVENT, events)
 
 
-def _events_after(conn: sqlite3.Connection, plan_id: str, after_seq: int) -> list[Event]:
+def _events_after(
+    conn: sqlite3.Connection, plan_id: str, after_seq: int, limit: int | None = None
+) -> list[Event]:
     rows = conn.execute(
-        "SELECT seq, at, kind, step_id, data FROM events WHERE plan_id = ? AND seq > ? ORDER BY seq",
-        (plan_id, after_seq),
+        "SELECT seq, at, kind, step_id, data FROM events WHERE plan_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        (plan_id, after_seq, -1 if limit is None else limit),
     )
     return [
         Event(
@@ -652,10 +655,12 @@ class PlanStore(SqliteRunQueue):
                 error=row[1],
                 counts=step_counts(counts),
                 seq=seq.fetchone()[0],
-                events=_events_after(conn, plan_id, after_seq) if after_seq is not None else [],
+                events=(
+                    _events_after(conn, plan_id, after_seq, PROGRESS_EVENTS) if after_seq is not None else []
+                ),
             )
 
-        progress = await self._run(lambda c: in_read(c, body))
+        progress = await self._run(lambda c: in_read(c, body), inline=True)  # small: bounded events
         if progress is None:
             raise PlanNotFoundError(plan_id)
         return progress

@@ -146,7 +146,7 @@ class SqliteRunQueue:
 
     if TYPE_CHECKING:
 
-        async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
+        async def _run(self, fn: Callable[[sqlite3.Connection], T], *, inline: bool = False) -> T: ...
 
     # -- runs ---------------------------------------------------------------------------------------------
 
@@ -238,7 +238,8 @@ class SqliteRunQueue:
     async def get_run(self, run_id: str) -> RunRecord:
         """Raises: RunNotFoundError."""
         row = await self._run(
-            lambda c: c.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
+            lambda c: c.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone(),
+            inline=True,
         )
         if row is None:
             raise RunNotFoundError(run_id)
