@@ -8,7 +8,6 @@ which it can be read in full.
 
 from __future__ import annotations
 
-import heapq
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -19,6 +18,7 @@ from pydantic import BaseModel, Field
 from mcp_planner.engine.tools import ServerState, ServerStatus
 from mcp_planner.plan.model import (
     RESULT_PREVIEW_LIMIT,
+    SUMMARY_STEPS,
     ExecutionOptions,
     ExecutionPlan,
     PlanStatus,
@@ -27,15 +27,12 @@ from mcp_planner.plan.model import (
     StepResult,
     StepStatus,
     StepSummary,
+    attention_first,
 )
 from mcp_planner.store.base import Event, RunnerInfo
 
 #: How much of a large result's text a preview shows.
 PREVIEW_CHARS = 2048
-#: How many steps a summary lists. A larger plan's summary lists the ones a reader needs first (failed,
-#: running, skipped, pending, then completed) and counts the rest: its size, and what a model reads, stay
-#: bounded however large the plan is.
-SUMMARY_STEPS = 50
 #: How many steps a plan view holds at once (get_plan pages through the rest with `offset`).
 PAGE_STEPS = 100
 #: Plans with more steps than this get no Mermaid graph (nobody reads one that large).
@@ -87,13 +84,9 @@ def next_action(plan: ExecutionPlan | PlanSummary) -> str:
 
 
 class SummaryView(PlanSummary):
-    """A plan's status, counts, progress and its steps' states (all of them, up to a limit), with what to do
-    next."""
+    """A plan's status, counts, progress and its steps' states (all of them, up to a limit: those that need
+    attention first), with what to do next."""
 
-    steps_omitted: int = Field(
-        default=0,
-        description="steps not listed here (the listed ones need attention first); get_plan has all",
-    )
     next_action: str = Field(description="what to call next for this plan")
 
 
@@ -178,32 +171,17 @@ class PlanList(BaseModel):
 # -- builders -------------------------------------------------------------------------------------------
 
 
-_ATTENTION = {
-    StepStatus.FAILED: 0,
-    StepStatus.RUNNING: 1,
-    StepStatus.SKIPPED: 2,
-    StepStatus.PENDING: 3,
-    StepStatus.COMPLETED: 4,
-}
-
-
 def shown_steps(steps: Sequence[StepSummary], limit: int = SUMMARY_STEPS) -> list[StepSummary]:
     """Every step of a small plan; of a larger one, the `limit` steps a reader needs first, in plan order."""
-    if len(steps) <= limit:
-        return list(steps)
-    chosen = heapq.nsmallest(limit, range(len(steps)), key=lambda i: (_ATTENTION[steps[i].status], i))
-    return [steps[i] for i in sorted(chosen)]
+    return [steps[i] for i in attention_first([s.status for s in steps], limit)]
 
 
 def summary_view(plan: ExecutionPlan | PlanSummary) -> SummaryView:
-    summary = plan.summary() if isinstance(plan, ExecutionPlan) else plan
+    summary = plan.summary(SUMMARY_STEPS) if isinstance(plan, ExecutionPlan) else plan
     shown = shown_steps(summary.steps)
-    return SummaryView.model_construct(
-        **{name: getattr(summary, name) for name in PlanSummary.model_fields if name != "steps"},
-        steps=shown,
-        steps_omitted=len(summary.steps) - len(shown),
-        next_action=next_action(summary),
-    )
+    fields = {name: getattr(summary, name) for name in PlanSummary.model_fields}
+    fields |= {"steps": shown, "steps_omitted": summary.steps_omitted + len(summary.steps) - len(shown)}
+    return SummaryView.model_construct(**fields, next_action=next_action(summary))
 
 
 def result_view(plan_id: str, step_id: str, result: StepResult) -> ResultView:
@@ -468,8 +446,9 @@ def summary_text(summary: PlanSummary, *, steps: bool = True, max_steps: int = S
             if s.error:
                 line += f": {one_line(s.error)}"
             lines.append(line)
-        if len(summary.steps) > max_steps:
-            lines.append(f"  ... and {len(summary.steps) - max_steps} more steps (get_plan lists them all)")
+        omitted = summary.steps_omitted + max(len(summary.steps) - max_steps, 0)
+        if omitted:
+            lines.append(f"  ... and {omitted} more steps (get_plan lists them all)")
     return "\n".join(lines)
 
 

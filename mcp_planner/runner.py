@@ -31,7 +31,7 @@ import anyio.abc
 
 from mcp_planner.engine.tools import ToolInfo, ToolProvider
 from mcp_planner.errors import DownstreamError, PlannerError
-from mcp_planner.plan.model import MAX_STEPS, ExecutionPlan, PlanStatus, StepResult, utcnow
+from mcp_planner.plan.model import MAX_STEPS, PlanStatus, StepResult, utcnow
 from mcp_planner.store.base import (
     DEFAULT_STALE_AFTER,
     QueueStore,
@@ -51,8 +51,20 @@ ORPHAN_SCAN_S = 2.0
 DEFAULT_IDLE_EXIT = 300.0
 #: After starting a runner, how long a submitter trusts it to come up before starting another.
 SPAWN_GRACE_S = 20.0
-#: Runners this process started, kept so that they are reaped when they exit (never waited for).
-_CHILDREN: list[subprocess.Popen[bytes]] = []
+#: Pids of runners this process started and has not reaped yet (they outlive it; it never waits for them).
+_CHILDREN: set[int] = set()
+
+
+def _exited(pid: int) -> bool:
+    """Whether a runner this process started has exited (reaping it if so). A pid, not a `Popen`: a
+    runner is meant to outlive this process, which `Popen` warns about when it is collected."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # reaped already
+        done = pid
+    if done:
+        _CHILDREN.discard(pid)
+    return bool(done)
 
 
 #: The servers key of runs only the submitting process's own in-process runner may execute.
@@ -84,8 +96,7 @@ class Runner:
         servers: the servers key of the runs it may claim.
         owner: its id (host:pid:nonce); also the owner of its plans' execution claims.
         max_runs: how many runs it executes at once.
-        on_change: called (plain function) with the plan id after each step of one of its runs starts or
-            ends, and after each run is marked done.
+        on_change: called (plain function) with the plan id after each of its runs is marked done.
         ready: awaited before each run executes: the tools' first connections (it returns at once after).
         max_steps: the most steps a plan may have.
     """
@@ -117,9 +128,6 @@ class Runner:
         self.executor = Executor(
             tools,
             store,
-            on_step_start=self._changed,
-            on_step_complete=self._changed,
-            on_step_failed=self._changed,
             owner=self.id,
             heartbeat_interval=heartbeat_interval,
             stale_after=stale_after,
@@ -134,10 +142,6 @@ class Runner:
         return RunnerInfo(
             id=self.id, servers=self.servers, started_at=now, heartbeat_at=now, runs=self.finished
         )
-
-    def _changed(self, plan: ExecutionPlan, *_: Any) -> None:
-        if self._on_change is not None:
-            self._on_change(plan.id)
 
     async def serve(
         self,
@@ -282,7 +286,7 @@ class DetachedRunners:
     #: None: the runner's own default (its environment's MCP_PLANNER_RUNNER_IDLE_EXIT, else 300 s).
     idle_exit: float | None = None
     stale_after: float = DEFAULT_STALE_AFTER
-    _spawned: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _spawned: int | None = field(default=None, init=False, repr=False)
     _spawned_at: float = field(default=0.0, init=False, repr=False)
 
     def key(self) -> str | None:
@@ -290,7 +294,7 @@ class DetachedRunners:
 
     def started_runner_died(self) -> bool:
         """Whether the runner this process started last has already exited (it failed to start)."""
-        return self._spawned is not None and self._spawned.poll() is not None
+        return self._spawned is not None and _exited(self._spawned)
 
     @property
     def log_path(self) -> Path:
@@ -302,17 +306,18 @@ class DetachedRunners:
         Returns:
             True if it started one.
         """
-        _CHILDREN[:] = [child for child in _CHILDREN if child.poll() is None]
+        for pid in list(_CHILDREN):
+            _exited(pid)
         if await store.live_runners(key, stale_after=self.stale_after):
             return False
-        coming_up = self._spawned is not None and self._spawned.poll() is None
+        coming_up = self._spawned is not None and not _exited(self._spawned)
         if coming_up and anyio.current_time() - self._spawned_at < SPAWN_GRACE_S:
             return False
         self._spawned = await anyio.to_thread.run_sync(self._start)
         self._spawned_at = anyio.current_time()
         return True
 
-    def _start(self) -> subprocess.Popen[bytes]:
+    def _start(self) -> int:
         return start_detached(self.db_path, self.servers_file, idle_exit=self.idle_exit)
 
 
@@ -321,10 +326,8 @@ def runner_log(db_path: Path) -> Path:
     return db_path.parent / "runner.log"
 
 
-def start_detached(
-    db_path: Path, servers_file: Path | None, *, idle_exit: float | None = None
-) -> subprocess.Popen[bytes]:
-    """Start `mcp-planner runner` for `db_path` and `servers_file`, detached from this process."""
+def start_detached(db_path: Path, servers_file: Path | None, *, idle_exit: float | None = None) -> int:
+    """Start `mcp-planner runner` for `db_path` and `servers_file`, detached from this process; its pid."""
     log_path = runner_log(db_path)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     cmd = [sys.executable, "-m", "mcp_planner", "runner", "--db", str(db_path)]
@@ -344,9 +347,10 @@ def start_detached(
         )
     finally:
         os.close(fd)
-    _CHILDREN.append(proc)
+    proc.returncode = 0  # not ours to wait for: `Popen` must not warn that it still runs
+    _CHILDREN.add(proc.pid)
     log.info("started runner pid %d on %s (log: %s)", proc.pid, socket.gethostname(), log_path)
-    return proc
+    return proc.pid
 
 
 __all__ = [

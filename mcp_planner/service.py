@@ -34,6 +34,7 @@ from mcp_planner.errors import (
 from mcp_planner.plan.model import (
     MAX_STEPS,
     PERSON_METHODS,
+    SUMMARY_STEPS,
     ExecutionOptions,
     ExecutionPlan,
     PlanSpec,
@@ -73,8 +74,10 @@ CANCEL_WAIT = 10.0
 #: a refusal (not approved, claimed elsewhere) reaches the caller instead of being lost. A runner started on
 #: demand takes its run as soon as it is up (a second, or several on a busy machine).
 START_WAIT = 30.0
-#: How often a follower reads the stored plan when no in-process runner tells it of changes.
+#: How often a follower reads the stored plan's progress: a look costs per change since the last one, and
+#: a caller reporting progress wants it often enough to read, not per step.
 FOLLOW_POLL_S = 0.25
+PROGRESS_POLL_S = 0.1
 #: The least time between two reads of a followed plan (a burst of steps becomes one summary).
 PROGRESS_COALESCE_S = 0.02
 #: How long a progress listener may take before it is skipped.
@@ -544,14 +547,15 @@ class PlannerService:
             if current.state == RunState.DONE:
                 if current.error is not None:
                     raise PlanStateError(current.error)
-                return (await self._load(run.plan_id)).summary()
+                return await self.get_summary(run.plan_id)
             if current.state == RunState.QUEUED and self._launcher is not None:
                 await self._check_runner_started(run)
             now = anyio.current_time()
             started = current.state == RunState.CLAIMED and progress.status == PlanStatus.EXECUTING
             if now >= deadline and (started or now >= start_by):
-                return (await self._load(run.plan_id)).summary()
-            await self._wait_for_change(min(FOLLOW_POLL_S, max(deadline - now, 0.0) or FOLLOW_POLL_S))
+                return await self.get_summary(run.plan_id)
+            poll = FOLLOW_POLL_S if on_progress is None else PROGRESS_POLL_S
+            await self._wait_for_change(min(poll, max(deadline - now, 0.0) or poll))
 
     async def _check_runner_started(self, run: RunRecord) -> None:
         """Refuse to wait on a queued run whose runner, started here, died before taking it."""
@@ -564,11 +568,11 @@ class PlannerService:
             )
 
     async def _wait_for_change(self, seconds: float) -> None:
-        if self._runner is None:
-            await self.store.wait_for_work(seconds)  # a runner elsewhere committed something
-        else:
-            with anyio.move_on_after(seconds):  # the in-process runner says when a step moved
+        if self._runner is not None:
+            with anyio.move_on_after(seconds):  # the in-process runner says when a run is done
                 await self._changed.wait()
+            return
+        await self.store.wait_for_work(seconds)  # a runner elsewhere committed something
         # Coalesce a burst of steps into one look: following a plan costs per interval, not per step.
         await anyio.sleep(PROGRESS_COALESCE_S)
 
@@ -612,8 +616,15 @@ class PlannerService:
         return await self._load(plan_id)
 
     async def get_summary(self, plan_id: str) -> PlanSummary:
-        """Raises: PlanNotFoundError."""
-        return (await self._load(plan_id)).summary()
+        """The summary listing the `SUMMARY_STEPS` steps that need attention first, read without reading the
+        whole plan (but for one waiting for approval, which may have timed out).
+
+        Raises: PlanNotFoundError.
+        """
+        summary = await self.store.summary(plan_id, SUMMARY_STEPS)
+        if summary.status == PlanStatus.PENDING_APPROVAL:
+            return (await self._load(plan_id)).summary(SUMMARY_STEPS)
+        return summary
 
     async def list_plans(
         self, status: PlanStatus | str | None = None, limit: int = 20

@@ -547,6 +547,32 @@ async def test_progress_counts_steps_by_status_and_returns_the_events_after_a_se
         await store.progress("nope")
 
 
+async def test_a_short_summary_reads_the_steps_that_need_attention_and_matches_the_plans_own(
+    store: PlanStore,
+) -> None:
+    plan = make_plan(steps=8)
+    statuses = ["completed", "completed", "failed", "completed", "running", "skipped", "pending", "completed"]
+    for step, status in zip(plan.steps, statuses, strict=True):
+        step.status = StepStatus(status)
+    plan.steps[2].error = "exit 2"
+    plan.steps[2].retry_count = 1
+    plan.steps[0].duration_ms = 12
+    plan.status = PlanStatus.PARTIAL
+    plan.error = "step 's2' failed"
+    await store.save_plan(plan)
+
+    short = await store.summary(plan.id, 4)
+
+    assert short == plan.summary(4)
+    assert [s.id for s in short.steps] == ["s2", "s4", "s5", "s6"]  # failed, running, skipped, pending
+    assert short.steps_omitted == 4 and short.completed == 4 and short.total_steps == 8
+    assert short.steps[0].error == "exit 2" and short.steps[0].retry_count == 1
+    whole = await store.summary(plan.id, 100)
+    assert whole == plan.summary() and whole.steps[0].duration_ms == 12 and whole.steps_omitted == 0
+    with pytest.raises(PlanNotFoundError):
+        await store.summary("nope", 3)
+
+
 async def test_a_transition_naming_a_step_that_is_not_stored_is_refused(store: PlanStore) -> None:
     plan = make_plan(steps=1)
     await store.save_plan(plan)

@@ -171,6 +171,9 @@ async def stop_process_group(process: anyio.abc.Process) -> None:
                 _ = process.returncode  # lets the backend reap the leader, whose zombie keeps the group
                 await anyio.sleep(_POLL)
             break
+    if process.returncode is None:  # the group is gone, but the backend may not have reaped the leader yet
+        with anyio.move_on_after(_REAP_WAIT):
+            await process.wait()
     if process.returncode is not None:
         await process.aclose()
     elif process.stdout is not None:  # an unkillable leader: at least stop reading from it

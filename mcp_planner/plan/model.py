@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import heapq
 import json
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -293,12 +294,66 @@ class PlanSummary(BaseModel):
     duration_ms: int | None = None
     error: str | None = None
     steps: list[StepSummary] = Field(default_factory=list)
+    steps_omitted: int = Field(
+        default=0, description="steps not listed here (those listed need attention first); get_plan has all"
+    )
 
     def __getitem__(self, key: str) -> Any:
         """`summary["progress"]` as well as `summary.progress`, for callers used to the seed's map."""
         if key not in type(self).model_fields:
             raise KeyError(key)
         return getattr(self, key)
+
+
+#: How many steps a short summary lists (what tools and the CLI show); a plan's own `summary()` lists all.
+SUMMARY_STEPS = 20
+#: The order in which a short summary picks steps: those a reader needs first.
+ATTENTION_ORDER = (
+    StepStatus.FAILED,
+    StepStatus.RUNNING,
+    StepStatus.SKIPPED,
+    StepStatus.PENDING,
+    StepStatus.COMPLETED,
+)
+_ATTENTION_RANK = {status: rank for rank, status in enumerate(ATTENTION_ORDER)}
+
+
+def attention_first(statuses: Sequence[StepStatus], limit: int) -> list[int]:
+    """The positions of at most `limit` steps, by `ATTENTION_ORDER` then position, in plan order."""
+    if len(statuses) <= limit:
+        return list(range(len(statuses)))
+    chosen = heapq.nsmallest(limit, range(len(statuses)), key=lambda i: (_ATTENTION_RANK[statuses[i]], i))
+    return sorted(chosen)
+
+
+def make_summary(
+    plan_id: str,
+    description: str,
+    status: PlanStatus,
+    error: str | None,
+    duration_ms: int | None,
+    counts: Mapping[StepStatus, int],
+    steps: list[StepSummary],
+) -> PlanSummary:
+    """A summary from a plan's counts and the steps it lists (the rest are counted as omitted)."""
+    total = sum(counts.values())
+    completed = counts.get(StepStatus.COMPLETED, 0)
+    return PlanSummary(
+        plan_id=plan_id,
+        description=description,
+        status=status,
+        total_steps=total,
+        completed=completed,
+        failed=counts.get(StepStatus.FAILED, 0),
+        skipped=counts.get(StepStatus.SKIPPED, 0),
+        pending=counts.get(StepStatus.PENDING, 0),
+        running=counts.get(StepStatus.RUNNING, 0),
+        progress=round(100.0 * completed / total, 1) if total else 0.0,
+        duration_ms=duration_ms,
+        error=error,
+        steps=steps,
+        steps_omitted=total - len(steps),
+    )
 
 
 class ExecutionPlan(BaseModel):
@@ -517,29 +572,17 @@ class ExecutionPlan(BaseModel):
 
     # -- reporting --------------------------------------------------------------------------------------
 
-    def summary(self) -> PlanSummary:
+    def summary(self, limit: int | None = None) -> PlanSummary:
+        """Status, counts, progress and each step's state; with `limit`, at most that many steps, those
+        that need attention first (`attention_first`), in plan order."""
         with gc_paused():
-            return self._summary()
-
-    def _summary(self) -> PlanSummary:
-        counts = dict.fromkeys(StepStatus, 0)
-        for s in self.steps:
-            counts[s.status] += 1
-        total = len(self.steps)
-        return PlanSummary(
-            plan_id=self.id,
-            description=self.description,
-            status=self.status,
-            total_steps=total,
-            completed=counts[StepStatus.COMPLETED],
-            failed=counts[StepStatus.FAILED],
-            skipped=counts[StepStatus.SKIPPED],
-            pending=counts[StepStatus.PENDING],
-            running=counts[StepStatus.RUNNING],
-            progress=round(100.0 * counts[StepStatus.COMPLETED] / total, 1) if total else 0.0,
-            duration_ms=self.total_duration_ms,
-            error=self.error,
-            steps=[
+            counts = dict.fromkeys(StepStatus, 0)
+            for s in self.steps:
+                counts[s.status] += 1
+            listed = self.steps
+            if limit is not None and len(listed) > limit:
+                listed = [listed[i] for i in attention_first([s.status for s in listed], limit)]
+            steps = [
                 StepSummary(
                     id=s.id,
                     tool_name=s.tool_name,
@@ -548,9 +591,11 @@ class ExecutionPlan(BaseModel):
                     error=s.error,
                     retry_count=s.retry_count,
                 )
-                for s in self.steps
-            ],
-        )
+                for s in listed
+            ]
+            return make_summary(
+                self.id, self.description, self.status, self.error, self.total_duration_ms, counts, steps
+            )
 
     def validate(  # type: ignore[override]
         self, catalog: Mapping[str, dict[str, Any] | None] | None = None, *, max_steps: int = MAX_STEPS

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, Field
 
 from mcp_planner.errors import PlanStateError
-from mcp_planner.plan.model import ExecutionPlan, PlanStatus, Step, StepStatus, utcnow
+from mcp_planner.plan.model import ExecutionPlan, PlanStatus, PlanSummary, Step, StepStatus, utcnow
 
 #: A claim whose heartbeat is older than this is stale: its owner is taken as dead.
 DEFAULT_STALE_AFTER = 30.0
@@ -169,6 +169,14 @@ class Store(Protocol):
     async def progress(self, plan_id: str, after_seq: int | None = None) -> PlanProgress:
         """The plan's status, step counts, newest event `seq`, and its events with `seq > after_seq` (none
         when `after_seq` is None; at most `PROGRESS_EVENTS`: `seq` says whether more wait), from one snapshot.
+
+        Raises: PlanNotFoundError.
+        """
+        ...
+
+    async def summary(self, plan_id: str, limit: int) -> PlanSummary:
+        """The plan's summary listing at most `limit` steps, those that need attention first
+        (`ExecutionPlan.summary(limit)`), without reading the other steps.
 
         Raises: PlanNotFoundError.
         """

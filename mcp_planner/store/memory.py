@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from mcp_planner.errors import PlanConflictError, PlanNotFoundError, RunNotFoundError
-from mcp_planner.plan.model import ExecutionPlan, PlanStatus, Step, StepStatus, gc_paused, utcnow
+from mcp_planner.plan.model import (
+    ExecutionPlan,
+    PlanStatus,
+    PlanSummary,
+    Step,
+    StepStatus,
+    gc_paused,
+    utcnow,
+)
 from mcp_planner.store.base import (
     DEFAULT_STALE_AFTER,
     PROGRESS_EVENTS,
@@ -134,6 +142,11 @@ class MemoryStore:
             plans = [p for p in plans if p.status == PlanStatus(status)]
         plans.sort(key=lambda p: p.created_at, reverse=True)
         return plans[:limit]
+
+    async def summary(self, plan_id: str, limit: int) -> PlanSummary:
+        if plan_id not in self._heads:
+            raise PlanNotFoundError(plan_id)
+        return self._load(plan_id).summary(limit)
 
     async def append_event(self, event: Event) -> None:
         self._append([event])

@@ -39,7 +39,17 @@ from pydantic import TypeAdapter
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from mcp_planner.errors import PlanConflictError, PlannerError, PlanNotFoundError
-from mcp_planner.plan.model import ExecutionPlan, PlanStatus, Step, gc_paused, utcnow
+from mcp_planner.plan.model import (
+    ATTENTION_ORDER,
+    ExecutionPlan,
+    PlanStatus,
+    PlanSummary,
+    Step,
+    StepSummary,
+    gc_paused,
+    make_summary,
+    utcnow,
+)
 from mcp_planner.store.base import (
     DEFAULT_STALE_AFTER,
     PROGRESS_EVENTS,
@@ -139,6 +149,20 @@ VALUES (?, ?, ?, ?, ?, ?, 1) ON CONFLICT (id) DO NOTHING
 _UPDATE_HEADER = """
 UPDATE plans SET status = ?, description = ?, updated_at = ?, header = ?, revision = revision + 1
 WHERE id = ? AND revision = ?
+"""
+_COUNTS = "SELECT status, n FROM step_counts WHERE plan_id = ?"
+_SUMMARY_HEAD = """
+SELECT status, json_extract(header, '$.description'), json_extract(header, '$.error'),
+    json_extract(header, '$.total_duration_ms')
+FROM plans WHERE id = ?
+"""
+#: `ATTENTION_ORDER`, then plan order: the steps a short summary lists.
+_SUMMARY_STEPS = f"""
+SELECT idx, step_id, status, json_extract(data, '$.tool_name'), json_extract(data, '$.duration_ms'),
+    json_extract(data, '$.error'), json_extract(data, '$.retry_count')
+FROM steps WHERE plan_id = ?
+ORDER BY CASE status {" ".join(f"WHEN '{s.value}' THEN {i}" for i, s in enumerate(ATTENTION_ORDER))} END, idx
+LIMIT ?
 """
 _UPDATE_STEP = "UPDATE steps SET status = ?, data = ? WHERE plan_id = ? AND step_id = ?"
 _INSERT_EVENT = """
@@ -625,6 +649,41 @@ class PlanStore(SqliteRunQueue):
 
     # -- events -------------------------------------------------------------------------------------------
 
+    async def summary(self, plan_id: str, limit: int) -> PlanSummary:
+        """The plan's summary listing at most `limit` steps, those that need attention first, read from the
+        step counts and the listed steps' rows only.
+
+        Raises:
+            PlanNotFoundError: no plan has this id.
+        """
+
+        def body(conn: sqlite3.Connection) -> PlanSummary | None:
+            head = conn.execute(_SUMMARY_HEAD, (plan_id,)).fetchone()
+            if head is None:
+                return None
+            counts = step_counts(
+                conn.execute("SELECT status, n FROM step_counts WHERE plan_id = ?", (plan_id,))
+            )
+            rows = conn.execute(_SUMMARY_STEPS, (plan_id, limit)).fetchall()
+            steps = [
+                StepSummary(
+                    id=step_id,
+                    tool_name=tool,
+                    status=status,
+                    duration_ms=ms,
+                    error=error,
+                    retry_count=retries,
+                )
+                for _, step_id, status, tool, ms, error, retries in sorted(rows)
+            ]
+            status, description, error, duration_ms = head
+            return make_summary(plan_id, description, status, error, duration_ms, counts, steps)
+
+        summary = await self._run(lambda c: in_read(c, body))
+        if summary is None:
+            raise PlanNotFoundError(plan_id)
+        return summary
+
     async def append_event(self, event: Event) -> None:
         rows = _event_rows([event])
         await self._run(lambda c: in_write(c, lambda c2: _write_events(c2, rows)))
@@ -647,7 +706,7 @@ class PlanStore(SqliteRunQueue):
             ).fetchone()
             if row is None:
                 return None
-            counts = conn.execute("SELECT status, n FROM step_counts WHERE plan_id = ?", (plan_id,))
+            counts = conn.execute(_COUNTS, (plan_id,))
             seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events WHERE plan_id = ?", (plan_id,))
             return PlanProgress(
                 plan_id=plan_id,
