@@ -1,5 +1,5 @@
 """Startup: launching `mcp-planner serve` (stdio) to the answer of `tools/list`, against a minimal
-`MCPServer` with one tool launched the same way. Median over several launches, printed as a ratio.
+`MCPServer` with one tool launched the same way, interleaved launches; min and median, as ratios.
 
     python bench/bench_startup.py [--runs 9]
 
@@ -77,12 +77,16 @@ async def main(runs: int) -> None:
                 if round_:
                     times[name].append(elapsed)
         base = statistics.median(times["minimal MCPServer"])
-        print(f"startup to tools/list, median of {runs} launches")
+        base_min = min(times["minimal MCPServer"])
+        print(f"startup to tools/list, {runs} launches each, interleaved")
         for name, values in times.items():
-            median = statistics.median(values)
-            print(f"  {name:40s} {median * 1000:7.1f} ms   {median / base:4.2f}x")
+            low, median = min(values), statistics.median(values)
+            print(
+                f"  {name:40s} min {low * 1000:7.1f} ms {low / base_min:4.2f}x   "
+                f"median {median * 1000:7.1f} ms {median / base:4.2f}x"
+            )
         ratio = statistics.median(times["mcp-planner serve --servers examples"]) / base
-        print(f"ratio (with servers) {ratio:.2f}x (goal <= 1.3x): {'OK' if ratio <= 1.3 else 'OVER'}")
+        print(f"ratio (with servers, median) {ratio:.2f}x (goal <= 1.3x): {'OK' if ratio <= 1.3 else 'OVER'}")
 
 
 if __name__ == "__main__":
