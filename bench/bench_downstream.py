@@ -23,6 +23,7 @@ Nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import tempfile
 import time
@@ -126,6 +127,7 @@ async def main(calls: int, rounds: int) -> None:
         ):
             if not await downstream.wait_ready(60):
                 raise SystemExit(f"the echo server did not start: {downstream.status()}")
+            gc.freeze()  # as the planner's own processes do once started (stack.py): for both paths alike
             await wide_dag(client, downstream, plan_store, rounds)
             memory_executor = Executor(downstream, MemoryStore())
             durable_executor = Executor(downstream, plan_store)
