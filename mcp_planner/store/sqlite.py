@@ -164,7 +164,8 @@ FROM steps WHERE plan_id = ?
 ORDER BY CASE status {" ".join(f"WHEN '{s.value}' THEN {i}" for i, s in enumerate(ATTENTION_ORDER))} END, idx
 LIMIT ?
 """
-_UPDATE_STEP = "UPDATE steps SET status = ?, data = ? WHERE plan_id = ? AND step_id = ?"
+#: Takes a `_step_rows` row, as the insert does.
+_UPDATE_STEP = "UPDATE steps SET status = ?4, data = ?5 WHERE plan_id = ?1 AND step_id = ?2 AND idx = ?3"
 _INSERT_EVENT = """
 INSERT INTO events (plan_id, seq, at, kind, step_id, data)
 VALUES (:plan_id, (SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE plan_id = :plan_id),
@@ -183,11 +184,14 @@ def _is_busy(exc: BaseException) -> bool:
     return "locked" in text or "busy" in text
 
 
+# Statuses are `StrEnum`s, which sqlite3 stores as the text they are (`.value` costs a descriptor call).
+
+
 def _plan_row(plan: ExecutionPlan) -> tuple[str, str, str, str, str, str]:
     header = plan.model_dump_json(exclude={"steps"})
     return (
         plan.id,
-        plan.status.value,
+        plan.status,
         plan.description,
         timestamp(plan.created_at),
         timestamp(plan.updated_at),
@@ -196,11 +200,7 @@ def _plan_row(plan: ExecutionPlan) -> tuple[str, str, str, str, str, str]:
 
 
 def _step_rows(plan_id: str, steps: Sequence[Step]) -> list[tuple[str, str, int, str, str]]:
-    return [(plan_id, s.id, s.index, s.status.value, s.model_dump_json()) for s in steps]
-
-
-def _step_updates(plan_id: str, steps: Sequence[Step]) -> list[tuple[str, str, str, str]]:
-    return [(s.status.value, s.model_dump_json(), plan_id, s.id) for s in steps]
+    return [(plan_id, s.id, s.index, s.status, s.model_dump_json()) for s in steps]
 
 
 def _event_rows(events: Sequence[Event]) -> list[dict[str, Any]]:
@@ -265,9 +265,8 @@ def _write_plan(
 
 
 def _size(plan_row: tuple[str, ...], steps: list[tuple[Any, ...]], events: list[dict[str, Any]]) -> int:
-    """About how many bytes a write stores: its texts."""
-    rows = [plan_row, *steps, *(e.values() for e in events)]
-    return sum(len(v) for row in rows for v in row if isinstance(v, str))
+    """About how many bytes a write stores: its JSON texts (the header, the steps', the events')."""
+    return len(plan_row[-1]) + sum(len(row[-1]) for row in steps) + sum(len(e["data"]) for e in events)
 
 
 def _write_events(conn: sqlite3.Connection, events: list[dict[str, Any]]) -> None:
@@ -455,7 +454,6 @@ class PlanStore(SqliteRunQueue):
         await self.close()
 
     def _setup(self, conn: sqlite3.Connection) -> int:
-        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA wal_autocheckpoint = 0")  # `_run` checkpoints, on the connection's thread
@@ -515,22 +513,27 @@ class PlanStore(SqliteRunQueue):
         raise AssertionError("unreachable: tenacity either returns or raises")
 
     def _inline(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """`fn` on this thread, with no busy timeout: it fails at once rather than wait for a lock here."""
+        """`fn` on this thread. The connection's busy timeout is 0 but on its own thread, so this fails at
+        once rather than wait for another process's lock here."""
         conn: sqlite3.Connection = self._db._conn
-        conn.execute("PRAGMA busy_timeout = 0")
-        try:
-            return fn(conn)
-        finally:
-            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+        return fn(conn)
 
     async def _attempt(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         self._on_thread += 1
         try:
             with anyio.CancelScope(shield=True):
-                result = await _on_connection_thread(self._db, fn)
+                result = await _on_connection_thread(self._db, functools.partial(self._waiting, fn))
         finally:
             self._on_thread -= 1
         return result
+
+    def _waiting(self, fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:
+        """`fn` waiting up to the busy timeout for another process's lock (on the connection's thread)."""
+        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+        try:
+            return fn(conn)
+        finally:
+            conn.execute("PRAGMA busy_timeout = 0")
 
     # -- plans --------------------------------------------------------------------------------------------
 
@@ -575,7 +578,7 @@ class PlanStore(SqliteRunQueue):
             StoreError: a given step is not stored (a transition changes steps, it never adds them).
         """
         plan_row = _plan_row(plan)
-        step_rows = _step_updates(plan.id, steps)
+        step_rows = _step_rows(plan.id, steps)
         event_rows = _event_rows(events)
         revision = plan.revision
 
