@@ -322,7 +322,8 @@ def _release(conn: sqlite3.Connection, plan_id: str, owner: str) -> None:
 
 
 def _on_connection_thread(db: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], T]) -> Awaitable[T]:
-    """`fn(connection)` as ONE call on aiosqlite's connection thread: the only use of aiosqlite internals.
+    """`fn(connection)` as ONE call on aiosqlite's connection thread: with `_connection`, the only uses of
+    aiosqlite internals.
 
     aiosqlite 0.22 has no public way to do this: its API is one statement per thread hop (`execute`,
     `commit`, ...), and its thread only runs what `_execute` queues. A whole transaction in one function
@@ -332,6 +333,11 @@ def _on_connection_thread(db: aiosqlite.Connection, fn: Callable[[sqlite3.Connec
     """
     execute = cast(Callable[[Callable[[], T]], Awaitable[T]], db._execute)
     return execute(lambda: fn(db._conn))
+
+
+def _connection(db: aiosqlite.Connection) -> sqlite3.Connection:
+    """The sqlite3 connection itself, for the fast path on the event loop's thread (see `PlanStore._run`)."""
+    return cast(sqlite3.Connection, db._conn)
 
 
 def _after_checkpoint(fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:
@@ -515,8 +521,7 @@ class PlanStore(SqliteRunQueue):
     def _inline(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """`fn` on this thread. The connection's busy timeout is 0 but on its own thread, so this fails at
         once rather than wait for another process's lock here."""
-        conn: sqlite3.Connection = self._db._conn
-        return fn(conn)
+        return fn(_connection(self._db))
 
     async def _attempt(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         self._on_thread += 1
