@@ -337,7 +337,7 @@ def _on_connection_thread(db: aiosqlite.Connection, fn: Callable[[sqlite3.Connec
 
 def _connection(db: aiosqlite.Connection) -> sqlite3.Connection:
     """The sqlite3 connection itself, for the fast path on the event loop's thread (see `PlanStore._run`)."""
-    return cast(sqlite3.Connection, db._conn)
+    return db._conn
 
 
 def _after_checkpoint(fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:
