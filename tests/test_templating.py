@@ -79,6 +79,24 @@ def test_a_missing_field_fails_naming_the_expression() -> None:
     assert caught.value.retryable is False
 
 
+def test_a_missing_key_fails_listing_the_keys_that_exist_and_the_closest() -> None:
+    with pytest.raises(TemplateError) as caught:
+        render("v{{ steps.fetch.result.vresion }}")
+    message = str(caught.value)
+    assert "no key 'vresion'; the keys are 'version', 'items', 'meta'; did you mean 'version'?" in message
+    with pytest.raises(TemplateError, match="the keys are 'result', 'text', 'json'; did you mean 'result'"):
+        render("{{ steps.fetch.reslt }}")
+
+
+def test_a_missing_key_of_a_large_result_lists_only_the_first_keys() -> None:
+    big = {"b": StepResult.from_value({f"key{i}": i for i in range(5000)})}
+    with pytest.raises(TemplateError) as caught:
+        render_parameters({"v": "{{ steps.b.result.key_1 }}"}, big)
+    message = str(caught.value)
+    assert "'key19' and 4980 more" in message and "'key20'" not in message
+    assert "did you mean 'key1'?" in message
+
+
 def test_a_missing_step_fails_naming_the_expression() -> None:
     with pytest.raises(TemplateError, match=r"steps\.ghost\.result"):
         render("prefix {{ steps.ghost.result }}")

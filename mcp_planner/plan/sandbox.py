@@ -16,6 +16,7 @@ Sizes are estimates of a value's text or JSON form, counted no further than just
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import re
 import time
@@ -423,6 +424,43 @@ def _sum(env: LimitedEnvironment, iterable: Iterable[Any], attribute: Any = None
     return total
 
 
+#: Most keys a missing-key error lists, and most it compares with the missing one for a suggestion.
+_LISTED_KEYS = 20
+_COMPARED_KEYS = 1000
+
+
+class _Undefined(jinja2.StrictUndefined):
+    """`StrictUndefined` whose error for a missing key lists the keys that exist and the closest one: a
+    newcomer's `steps.fetch.result.nmae` should be fixable from the error alone."""
+
+    __slots__ = ()
+
+    @property
+    def _undefined_message(self) -> str:
+        obj, name = self._undefined_obj, self._undefined_name
+        if self._undefined_hint or not isinstance(obj, Mapping) or not isinstance(name, str):
+            return str(super()._undefined_message)
+        return _missing_key_message(obj, name)
+
+
+def _missing_key_message(mapping: Mapping[Any, Any], name: str) -> str:
+    """`no key 'nmae'; the keys are 'name', 'size'; did you mean 'name'?` (bounded for huge mappings)."""
+    if not mapping:
+        return f"no key {name!r}: the object is empty"
+    keys = list(islice(mapping, _COMPARED_KEYS))
+    listed = ", ".join(_short_repr(k) for k in keys[:_LISTED_KEYS])
+    more = len(mapping) - min(len(mapping), _LISTED_KEYS)
+    listed += f" and {more} more" if more else ""
+    close = difflib.get_close_matches(name, [k for k in keys if isinstance(k, str)], n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"no key {name!r}; the keys are {listed}{hint}"
+
+
+def _short_repr(key: Any) -> str:
+    text = repr(key)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
 class LimitedEnvironment(ImmutableSandboxedEnvironment):
     """The sandbox with limits; `steps.x.result.items` is the result's "items" key, never `dict.items`."""
 
@@ -431,7 +469,7 @@ class LimitedEnvironment(ImmutableSandboxedEnvironment):
 
     def __init__(self) -> None:
         super().__init__(
-            undefined=jinja2.StrictUndefined,
+            undefined=_Undefined,
             autoescape=False,
             keep_trailing_newline=True,
             finalize=self._finalize,
