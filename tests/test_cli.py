@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -359,6 +360,38 @@ async def test_ctrl_c_during_run_cancels_the_plan_cleanly(tmp_path: Path) -> Non
     shown = await anyio.to_thread.run_sync(show_json, tmp_path, stored["plan_id"])
     steps = {s["id"]: s["status"] for s in shown["steps"]}
     assert steps == {"first": "completed", "long": "skipped", "after": "skipped"}
+
+
+async def flaky_calls(env: dict[str, str], key: str, calls: int) -> list[bool]:
+    """Call the example ci server's `flaky` tool `calls` times over stdio; True for each failure."""
+    ci = str(EXAMPLES / "servers" / "ci.py")
+    server = StdioServerParameters(command=sys.executable, args=[ci], env=env)
+    with anyio.fail_after(30):
+        async with Client(server, mode="legacy") as client:
+            return [(await client.call_tool("flaky", {"key": key})).is_error for _ in range(calls)]
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX user ids")
+async def test_the_example_flaky_tool_counts_per_user_so_a_second_user_still_sees_the_retries(
+    tmp_path: Path,
+) -> None:
+    # Another user ran the demo first: their counts sit in the directory a shared default would use.
+    shared = tmp_path / "mcp-planner-ci"
+    shared.mkdir()
+    digest = hashlib.sha256(b"e2e-demo").hexdigest()[:16]
+    (shared / f"flaky-{digest}").write_text("5")
+    env = {"PATH": os.environ["PATH"], "TMPDIR": str(tmp_path)}
+
+    assert await flaky_calls(env, "e2e-demo", 3) == [True, True, False]
+    assert (shared / f"flaky-{digest}").read_text() == "5"
+    own = tmp_path / f"mcp-planner-ci-{os.getuid()}"
+    assert (own / f"flaky-{digest}").read_text() == "3" and own.stat().st_mode & 0o077 == 0
+
+    # CI_STATE_DIR still chooses the directory.
+    chosen = tmp_path / "chosen"
+    assert await flaky_calls({**env, "CI_STATE_DIR": str(chosen)}, "e2e-demo", 1) == [True]
+    assert (chosen / f"flaky-{digest}").read_text() == "1"
 
 
 # -- inspecting ------------------------------------------------------------------------------------------

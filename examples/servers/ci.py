@@ -4,12 +4,13 @@
 
 Nothing is really built: each tool waits `$CI_DELAY` seconds (default 0.2) and returns structured
 content, so plans can pass values along (`{{ steps.build.result.version }}`). `flaky` fails its first N
-calls per key (counted in `$CI_STATE_DIR`, default `<tmp>/mcp-planner-ci`) to show retries; `sleep` shows
-parallel steps.
+calls per key (counted in `$CI_STATE_DIR`, default `<tmp>/mcp-planner-ci-<uid>`, one per user) to show
+retries; `sleep` shows parallel steps.
 """
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import logging
 import os
@@ -38,9 +39,16 @@ def _delay() -> float:
 
 
 def _state_dir() -> Path:
-    path = Path(os.environ.get("CI_STATE_DIR") or Path(tempfile.gettempdir(), "mcp-planner-ci"))
-    path.mkdir(parents=True, exist_ok=True)
+    # Per user: a directory another user created first is not ours to write, and its counts would hide
+    # the retries this server exists to show.
+    default = Path(tempfile.gettempdir(), f"mcp-planner-ci-{_user_id()}")
+    path = Path(os.environ.get("CI_STATE_DIR") or default)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
+
+
+def _user_id() -> str:
+    return str(os.getuid()) if hasattr(os, "getuid") else getpass.getuser()
 
 
 def _digest(*parts: str) -> str:

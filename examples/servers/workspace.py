@@ -2,9 +2,10 @@
 
     python examples/servers/workspace.py [--root DIR]
 
-The root is `--root`, else `$WORKSPACE_ROOT`, else `<tmp>/mcp-planner-workspace`. Every path is relative
-to it. `..`, absolute paths, symbolic links anywhere in a path, and files with more than one hard link are
-refused. `run` offers an allow-list of pure-Python commands; nothing reaches a shell. POSIX only.
+The root is `--root`, else `$WORKSPACE_ROOT`, else `<tmp>/mcp-planner-workspace-<uid>` (one per user).
+Every path is relative to it. `..`, absolute paths, symbolic links anywhere in a path, and files with more
+than one hard link are refused. `run` offers an allow-list of pure-Python commands; nothing reaches a
+shell. POSIX only.
 
 Why it is written this way (copy it if you write a server like this): checking a resolved path and then
 opening it is a race, since anyone who can write inside the root can swap a directory for a symlink between
@@ -36,7 +37,8 @@ mcp = MCPServer(
     instructions="Files in one workspace directory. Paths are relative to the workspace root.",
     log_level="WARNING",
 )
-ROOT = Path(tempfile.gettempdir(), "mcp-planner-workspace")
+# Per user: a root another user created first is not ours to write in.
+ROOT = Path(tempfile.gettempdir(), f"mcp-planner-workspace-{os.getuid()}")
 #: The root, opened once at start-up: renaming or replacing the root's path later does not move the server.
 ROOT_FD = -1
 
