@@ -394,6 +394,21 @@ async def test_the_example_flaky_tool_counts_per_user_so_a_second_user_still_see
     assert (chosen / f"flaky-{digest}").read_text() == "1"
 
 
+def test_without_verbose_serve_logs_only_plain_one_line_notices(tmp_path: Path) -> None:
+    servers = tmp_path / "servers.json"
+    entry = {"command": "x", "disabled": True, "colour": "blue"}
+    servers.write_text(json.dumps({"mcpServers": {"x": entry}}))
+
+    quiet = [cli_process(tmp_path, "serve"), cli_process(tmp_path, "serve", "--servers", servers)]
+
+    assert [r.returncode for r in quiet] == [0, 0], [r.stderr for r in quiet]
+    lines = [line for r in quiet for line in r.stderr.splitlines()]
+    assert len(lines) == 2 and all(line.startswith("mcp-planner: ") for line in lines), lines
+    assert "no servers file" in lines[0] and "ignoring unknown field(s) ['colour']" in lines[1]
+    verbose = cli_process(tmp_path, "serve", "-v")
+    assert " WARNING mcp_planner.cli.main: no servers file" in verbose.stderr
+
+
 # -- inspecting ------------------------------------------------------------------------------------------
 
 

@@ -131,13 +131,56 @@ def _settings(ctx: typer.Context, servers: Path | None, db: Path | None, verbose
     return merged
 
 
-def _configure_logging(verbose: int) -> None:
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _configure_logging(verbose: int, *, log_file: bool = False) -> None:
+    """Log to stderr: without -v only warnings and errors, each as one plain line a person reads.
+
+    `-v`/`-vv` (and `log_file`, a runner whose stderr is its log) keep the full format: time, level and
+    logger, with tracebacks.
+    """
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if verbose or log_file:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    else:
+        handler.setFormatter(_PlainFormatter())
+        handler.addFilter(_OnlyOnce())
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     for noisy in ("aiosqlite", "asyncio"):  # one line per query otherwise
         logging.getLogger(noisy).setLevel(max(level, logging.INFO))
+
+
+class _PlainFormatter(logging.Formatter):
+    """`mcp-planner: <message>` on one line, without time, level or logger (`-v` shows those).
+
+    A warning's traceback (a transient failure retried) is left out; an error keeps its traceback, since
+    the error results clients read say the server log has the details.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = "mcp-planner: " + " ".join(record.getMessage().split())
+        if record.levelno >= logging.ERROR and record.exc_info:
+            return line + "\n" + (record.exc_text or self.formatException(record.exc_info))
+        return line
+
+
+class _OnlyOnce(logging.Filter):
+    """Drops a warning already shown (a servers file is read more than once); every error is shown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        message = record.getMessage()
+        if message in self._seen:
+            return False
+        self._seen.add(message)
+        return True
 
 
 def _servers_path(settings: Settings) -> Path | None:
@@ -542,6 +585,7 @@ def runner(
     yourself (e.g. under systemd with --idle-exit 0) to keep it warm. Any number may share a database.
     """
     settings = _settings(ctx, servers, db, verbose)
+    _configure_logging(settings.verbose, log_file=True)
 
     async def body() -> int:
         from mcp_planner.runner import DEFAULT_IDLE_EXIT

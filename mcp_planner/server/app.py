@@ -358,7 +358,7 @@ async def _stop_on_signals(
         async with anyio.create_task_group() as tg:
             async for signum in signals:
                 if serving.cancel_called:
-                    log.warning("second %s: exiting now", signal.Signals(signum).name)
+                    log.info("second %s: exiting now", signal.Signals(signum).name)
                     _exit_now(128 + signum)
                 log.info("%s: stopping (again to exit at once)", signal.Signals(signum).name)
                 serving.cancel()
