@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
+import typer
+from pydantic import TypeAdapter, ValidationError
 
 from mcp_planner import ExecutionPlan, PlanSpec, PlanStatus, StepResult, StepSpec, StepStatus
+from mcp_planner.cli.runtime import load_plan_file
 from mcp_planner.errors import PlanStateError
-from mcp_planner.plan.model import ExecutionOptions, utcnow
+from mcp_planner.plan.model import UNKNOWN_FIELD, ExecutionOptions, utcnow
 
 
 def two_step_plan() -> ExecutionPlan:
@@ -395,3 +401,93 @@ def test_a_summary_reads_by_key_as_well_as_by_attribute() -> None:
     assert summary["skipped"] == 0
     with pytest.raises(KeyError):
         summary["nope"]
+
+
+# -- caller-written specs: unknown fields ------------------------------------------------------------------
+
+
+def spec_errors(data: dict[str, Any]) -> list[tuple[str, str]]:
+    with pytest.raises(ValidationError) as caught:
+        PlanSpec.model_validate(data)
+    return [(".".join(map(str, e["loc"])), e["msg"]) for e in caught.value.errors()]
+
+
+@pytest.mark.parametrize(
+    ("typo", "meant"),
+    [
+        ("params", "parameters"),
+        ("args", "parameters"),
+        ("arguments", "parameters"),
+        ("paramters", "parameters"),
+        ("dependsOn", "depends_on"),
+        ("depends", "depends_on"),
+        ("needs", "depends_on"),
+        ("retries", "max_retries"),
+        ("timeout", "timeout_ms"),
+    ],
+)
+def test_an_unknown_step_field_suggests_the_field_meant(typo: str, meant: str) -> None:
+    errors = spec_errors({"description": "d", "steps": [{"id": "build", "tool": "ci.build", typo: 1}]})
+
+    assert errors == [(f"steps.0.{typo}", f"unknown field {typo!r} in step 'build': did you mean {meant!r}?")]
+
+
+def test_an_unknown_field_without_a_close_match_lists_the_fields_and_other_problems_still_show() -> None:
+    errors = spec_errors({"description": "d", "steps": [{"zzz": 1, "max_retries": "many"}]})
+
+    assert (
+        "steps.0.zzz",
+        "unknown field 'zzz' in this step: the fields are id, tool_name, description, parameters, "
+        "depends_on, max_retries, retry_delay_ms, timeout_ms",
+    ) in errors
+    assert [loc for loc, _ in errors] == ["steps.0.zzz", "steps.0.tool_name", "steps.0.max_retries"]
+
+
+def test_unknown_plan_fields_and_options_suggest_the_field_meant() -> None:
+    errors = spec_errors({"description": "d", "step": [], "options": {"parallel": True}})
+
+    assert errors == [
+        ("step", "unknown field 'step' in the plan: did you mean 'steps'?"),
+        ("options.parallel", "unknown field 'parallel' in the options: did you mean 'allow_parallel'?"),
+    ]
+
+
+def test_create_plans_step_list_reports_unknown_fields_with_their_type() -> None:
+    # create_plan's MCP arguments are validated as `list[StepSpec]`; its error text shows loc and message.
+    with pytest.raises(ValidationError) as caught:
+        TypeAdapter(list[StepSpec]).validate_python([{"id": "a", "tool": "t.x", "dependsOn": ["b"]}])
+    [error] = caught.value.errors()
+    assert error["type"] == UNKNOWN_FIELD and error["loc"] == (0, "dependsOn")
+    assert error["msg"] == "unknown field 'dependsOn' in step 'a': did you mean 'depends_on'?"
+
+
+def test_known_fields_and_the_tool_alias_still_parse() -> None:
+    step = StepSpec.model_validate({"id": "a", "tool": "t.x", "parameters": {"k": 1}, "depends_on": []})
+
+    assert step.tool_name == "t.x" and step.parameters == {"k": 1}
+    options = ExecutionOptions(allow_parallel=True)
+    options.max_parallel_steps = 5
+    assert options.slots == 5
+
+
+def test_a_plan_file_names_each_step_by_id_and_position(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = {
+        "description": "d",
+        "steps": [
+            {"id": "build", "tool": "ci.build", "params": {}},
+            {"tool": "ci.test", "dependsOn": ["build"], "max_retries": "many"},
+        ],
+    }
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan), encoding="utf-8")
+
+    with pytest.raises(typer.Exit):
+        load_plan_file(path)
+
+    stderr = capsys.readouterr().err
+    assert "unknown field 'params' in step 'build' (#1): did you mean 'parameters'?" in stderr
+    assert "unknown field 'dependsOn' in step #2: did you mean 'depends_on'?" in stderr
+    assert "step #2, max_retries: Input should be a valid integer" in stderr
+    assert "Extra inputs" not in stderr

@@ -25,7 +25,7 @@ import typer
 from pydantic import ValidationError
 
 from mcp_planner.errors import PlanChangedError, PlannerError, PlanValidationError, Problem
-from mcp_planner.plan.model import ExecutionPlan, PlanSpec, PlanStatus, PlanSummary
+from mcp_planner.plan.model import UNKNOWN_FIELD, ExecutionPlan, PlanSpec, PlanStatus, PlanSummary, StepSpec
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -185,24 +185,43 @@ def load_plan_file(path: Path) -> PlanSpec:
     try:
         return PlanSpec.model_validate(raw)
     except ValidationError as exc:
-        problems = [_pydantic_problem(e) for e in exc.errors()]
-        print_problems(f"plan file {str(path)!r} is malformed", problems)
+        lines = [_plan_file_problem(e, raw) for e in exc.errors(include_url=False)]
+        _print_lines(f"plan file {str(path)!r} is malformed", lines)
         raise typer.Exit(int(ExitCode.INVALID)) from None
 
 
-def _pydantic_problem(error: Mapping[str, Any]) -> Problem:
-    loc = [str(part) for part in error.get("loc", ())]
-    step_id = None
-    if len(loc) >= 2 and loc[0] == "steps":
-        step_id = f"#{int(loc[1]) + 1}" if loc[1].isdigit() else loc[1]
-        loc = loc[2:]
-    return Problem(step_id, ".".join(loc) or "plan", str(error.get("msg", "invalid")))
+def _plan_file_problem(error: Mapping[str, Any], raw: Any) -> str:
+    """One problem of a plan file, its step named by id and position, e.g. "unknown field 'params' in step
+    'build' (#1): did you mean 'parameters'?" (a file's reader counts steps from 1)."""
+    loc = list(error.get("loc", ()))
+    where = "plan"
+    if len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
+        where, loc = _step_label(raw, loc[1]), loc[2:]
+        if error.get("type") == UNKNOWN_FIELD and len(loc) == 1:
+            return StepSpec.unknown_field_message(str(loc[0]), where)
+    if error.get("type") == UNKNOWN_FIELD:
+        return str(error.get("msg"))  # it names the field and where it is
+    field = ".".join(str(part) for part in loc) or "plan"
+    return f"{where}, {field}: {error.get('msg', 'invalid')}"
+
+
+def _step_label(raw: Any, index: int) -> str:
+    steps = raw.get("steps") if isinstance(raw, dict) else None
+    step = steps[index] if isinstance(steps, list) and index < len(steps) else None
+    step_id = step.get("id") if isinstance(step, dict) else None
+    return (
+        f"step {step_id!r} (#{index + 1})" if isinstance(step_id, str) and step_id else f"step #{index + 1}"
+    )
 
 
 def print_problems(headline: str, problems: list[Problem]) -> None:
-    err.print(f"error: {headline} ({len(problems)} problem(s)):", markup=False, soft_wrap=True)
-    for problem in problems:
-        err.print(f"  - {problem}", markup=False, soft_wrap=True)
+    _print_lines(headline, [str(problem) for problem in problems])
+
+
+def _print_lines(headline: str, lines: list[str]) -> None:
+    err.print(f"error: {headline} ({len(lines)} problem(s)):", markup=False, soft_wrap=True)
+    for line in lines:
+        err.print(f"  - {line}", markup=False, soft_wrap=True)
 
 
 def terminal_user() -> str:

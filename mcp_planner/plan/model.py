@@ -6,6 +6,7 @@ plan round-trips through JSON (the store, the MCP tools, plan files) without los
 
 from __future__ import annotations
 
+import difflib
 import gc
 import hashlib
 import heapq
@@ -15,9 +16,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from mcp_planner.errors import PlanStateError, Problem
 from mcp_planner.plan.templating import referenced_steps
@@ -95,10 +97,117 @@ class StepStatus(StrEnum):
     SKIPPED = "skipped"
 
 
-class ExecutionOptions(BaseModel):
+#: The names people try for a step's fields (normalised: lower case, no `_` or `-`), by the field they mean;
+#: difflib finds the rest (`paramters`, `dependson`, `timout_ms`).
+STEP_FIELD_ALIASES: dict[str, str] = {
+    "params": "parameters",
+    "args": "parameters",
+    "arguments": "parameters",
+    "input": "parameters",
+    "inputs": "parameters",
+    "depends": "depends_on",
+    "dependson": "depends_on",
+    "dependencies": "depends_on",
+    "needs": "depends_on",
+    "after": "depends_on",
+    "retries": "max_retries",
+    "retry": "max_retries",
+    "timeout": "timeout_ms",
+    "retrydelay": "retry_delay_ms",
+}
+#: The same for a plan's own fields.
+PLAN_FIELD_ALIASES: dict[str, str] = {
+    "step": "steps",
+    "tasks": "steps",
+    "name": "description",
+    "goal": "description",
+}
+#: The same for the options.
+OPTION_ALIASES: dict[str, str] = {
+    "parallel": "allow_parallel",
+    "concurrency": "max_parallel_steps",
+    "timeout": "step_timeout_ms",
+    "backoff": "retry_backoff",
+}
+UNKNOWN_FIELD = "unknown_field"
+"""The pydantic error type of an unknown field in a caller-written model (`StepSpec`, `PlanSpec`)."""
+
+
+class _CallerWritten(BaseModel):
+    """A model people and LLMs write by hand: an unknown field is reported with the field it most likely
+    meant ("did you mean 'parameters'?"), not pydantic's bare "Extra inputs are not permitted", and the
+    other problems of the same object are still reported with it."""
+
+    _field_aliases: ClassVar[Mapping[str, str]] = {}
+    _accepted: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        names: set[str] = set()
+        for name, info in cls.model_fields.items():
+            names.add(name)
+            alias = info.validation_alias
+            if isinstance(alias, str):
+                names.add(alias)
+            elif isinstance(alias, AliasChoices):
+                names.update(c for c in alias.choices if isinstance(c, str))
+        cls._accepted = frozenset(names)  # field names and their validation aliases
+
+    @classmethod
+    def where(cls, data: Mapping[str, Any]) -> str:
+        """How an unknown field's message names the object it is in."""
+        raise NotImplementedError
+
+    @classmethod
+    def unknown_field_message(cls, name: str, where: str) -> str:
+        """`unknown field 'params' in step 'build': did you mean 'parameters'?`, or the fields there are."""
+        fields = list(cls.model_fields)
+        meant = cls._field_aliases.get(name.lower().replace("_", "").replace("-", ""))
+        if meant is None:
+            close = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+            meant = close[0] if close else None
+        if meant is not None:
+            return f"unknown field {_quoted(name)} in {where}: did you mean {meant!r}?"
+        return f"unknown field {_quoted(name)} in {where}: the fields are {', '.join(fields)}"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_unknown_fields(cls, data: Any) -> Any:
+        accepted = cls._accepted
+        if not isinstance(data, dict) or accepted.issuperset(data):
+            return data
+        where = cls.where(data)
+        errors = [
+            InitErrorDetails(
+                type=PydanticCustomError(UNKNOWN_FIELD, cls.unknown_field_message(str(key), where)),
+                loc=(str(key),),
+                input=value,
+            )
+            for key, value in data.items()
+            if key not in accepted
+        ]
+        try:
+            cls.model_validate({k: v for k, v in data.items() if k in accepted})
+        except ValidationError as exc:
+            errors += [
+                InitErrorDetails(
+                    type=PydanticCustomError(e["type"], e["msg"]), loc=e["loc"], input=e["input"]
+                )
+                for e in exc.errors(include_url=False)
+            ]
+        raise ValidationError.from_exception_data(cls.__name__, errors)
+
+
+class ExecutionOptions(_CallerWritten):
     """How a plan is approved and run. Ranges are reported by validation; NaN and infinities never parse."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    _field_aliases = OPTION_ALIASES
+
+    @classmethod
+    def where(cls, data: Mapping[str, Any]) -> str:
+        return "the options"
 
     require_approval: bool = Field(
         default=True, description="a new plan waits in pending_approval until approved"
@@ -224,10 +333,22 @@ class Step(_Lean):
 _ALL_FIELDS.update({cls: set(cls.model_fields) for cls in (StepResult, Step)})
 
 
-class StepSpec(BaseModel):
+def _step_label(data: Mapping[str, Any]) -> str:
+    step_id = data.get("id")
+    return f"step {_quoted(step_id)}" if isinstance(step_id, str) and step_id else "this step"
+
+
+def _quoted(name: str) -> str:
+    """`name!r`, shortened: what a caller wrote is echoed in messages, and it may be anything."""
+    text = repr(name)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+class StepSpec(_CallerWritten):
     """A step as a caller writes it (create_plan, plan files, generated plans)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
+    _field_aliases = STEP_FIELD_ALIASES
 
     id: str | None = Field(
         default=None, description="readable unique id, e.g. 'build'; default step-1, step-2, ..."
@@ -255,20 +376,29 @@ class StepSpec(BaseModel):
     )
 
     @classmethod
+    def where(cls, data: Mapping[str, Any]) -> str:
+        return _step_label(data)
+
+    @classmethod
     def from_step(cls, step: Step) -> StepSpec:
         """What a caller would write to get `step` again: its definition, none of its run state."""
         return cls.model_validate(step.model_dump(include=set(cls.model_fields)))
 
 
-class PlanSpec(BaseModel):
+class PlanSpec(_CallerWritten):
     """A plan as a caller writes it: what `create_plan` takes and what a plan file holds."""
 
     model_config = ConfigDict(extra="forbid")
+    _field_aliases = PLAN_FIELD_ALIASES
 
     description: str
     steps: list[StepSpec] = Field(default_factory=list)
     options: ExecutionOptions = Field(default_factory=ExecutionOptions)
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def where(cls, data: Mapping[str, Any]) -> str:
+        return "the plan"
 
 
 class StepSummary(BaseModel):
