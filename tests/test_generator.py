@@ -298,7 +298,7 @@ async def test_a_plan_that_never_validates_fails_with_the_last_problems() -> Non
     assert len(llm.calls) == 4  # the first answer and 3 repairs
     assert len(llm.calls[-1][1]) == 7  # the conversation grew by an answer and a repair each round
     message = str(caught.value)
-    assert "4 attempt(s)" in message and "create_plan" in message
+    assert "4 attempts (the first answer and 3 repairs)" in message and "create_plan" in message
     assert "dependency cycle" in message and "web.fetchh" in message
     assert any(p.field == "tool_name" for p in caught.value.problems)
 

@@ -244,7 +244,7 @@ async def test_plan_that_never_validates_fails_clearly_and_stores_nothing(
         result = await client.call_tool("generate_plan", {"task": "Save example.com"})
         assert result.is_error
         message = _text(result)
-        assert "did not produce a valid plan in 4 attempt(s)" in message
+        assert "did not produce a valid plan in 4 attempts (the first answer and 3 repairs)" in message
         assert "unknown tool 'web.fetchh'" in message
         assert "dependency cycle" in message
         assert "'content' is a required property" in message

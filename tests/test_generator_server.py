@@ -178,7 +178,7 @@ async def test_generate_plan_that_never_validates_stores_nothing(mode: str, tmp_
         result = await client.call_tool("generate_plan", {"task": "back up my todo note"})
         assert result.is_error
         message = _text(result)
-        assert "did not produce a valid plan in 4 attempt(s)" in message
+        assert "did not produce a valid plan in 4 attempts (the first answer and 3 repairs)" in message
         assert "unknown tool 'notes.raed'" in message and "dependency cycle" in message
         assert "'text' is a required property" in message
         assert "Traceback" not in message

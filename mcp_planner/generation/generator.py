@@ -220,8 +220,13 @@ class Generator:
                         messages.append(("user", render_repair_prompt(problems, answer)))
                         raise _Invalid(problems)
         except _Invalid as exc:
+            tries = (
+                "1 attempt"
+                if attempts == 1
+                else f"{attempts} attempts (the first answer and {attempts - 1} repairs)"
+            )
             raise GenerationError(
-                f"the LLM did not produce a valid plan in {attempts} attempt(s): draft the plan yourself "
+                f"the LLM did not produce a valid plan in {tries}: draft the plan yourself "
                 "(the plan_task prompt gives the instructions and the tool catalog) and call create_plan, "
                 "or rephrase the task; the last answer's problems were:",
                 exc.problems,
