@@ -367,3 +367,59 @@ async def test_unreachable_downstream_server_is_reported_and_named_in_errors(tmp
         )
         assert refused.is_error
         assert "vault.read" in text(refused) and "'vault' is unreachable" in text(refused)
+
+
+# Puts the planner on the pseudo-terminal at fd 0 as its controlling terminal, as a shell does, so a typed
+# Ctrl-C reaches it as SIGINT from the terminal, not from the test.
+ON_A_TERMINAL = (
+    "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+async def test_ctrl_c_typed_on_the_terminal_stops_serve_cleanly(tmp_path: Path) -> None:
+    launch = params(tmp_path)
+    command = [sys.executable, "-c", ON_A_TERMINAL, sys.executable, *launch.args]
+    initialize = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "t", "version": "0"},
+        },
+    }
+    master, slave = os.openpty()
+    try:
+        with (tmp_path / "stderr").open("wb") as stderr:
+            planner = await anyio.open_process(
+                command, stdin=slave, stderr=stderr, env=launch.env, cwd=tmp_path, start_new_session=True
+            )
+        try:
+            assert planner.stdout is not None
+            with anyio.fail_after(30):  # serving: it answered initialize
+                os.write(master, json.dumps(initialize).encode() + b"\n")
+                answer = b""
+                async for chunk in planner.stdout:
+                    answer += chunk
+                    if b"\n" in answer:
+                        break
+            assert answer.startswith(b'{"jsonrpc":"2.0","id":1,"result"'), (tmp_path / "stderr").read_text()
+
+            os.write(master, b"\x03")  # Ctrl-C
+            with anyio.fail_after(10):
+                code = await planner.wait()
+        finally:
+            if planner.returncode is None:
+                planner.kill()
+            with anyio.fail_after(10):
+                await planner.aclose()
+    finally:
+        os.close(slave)
+        os.close(master)
+
+    log = (tmp_path / "stderr").read_text()
+    assert code == 0, log
+    assert "Traceback" not in log
