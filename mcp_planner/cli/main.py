@@ -167,11 +167,16 @@ class _PlainFormatter(logging.Formatter):
 
 
 class _OnlyOnce(logging.Filter):
-    """Drops a warning already shown (a servers file is read more than once); every error is shown."""
+    """Drops a warning already shown (a servers file is read more than once); every error is shown.
+
+    It remembers the last `REMEMBERED` warnings, so a server that runs for months holds no more.
+    """
+
+    REMEMBERED = 256
 
     def __init__(self) -> None:
         super().__init__()
-        self._seen: set[str] = set()
+        self._seen: dict[str, None] = {}  # insertion-ordered: the oldest is forgotten first
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR:
@@ -179,7 +184,9 @@ class _OnlyOnce(logging.Filter):
         message = record.getMessage()
         if message in self._seen:
             return False
-        self._seen.add(message)
+        self._seen[message] = None
+        if len(self._seen) > self.REMEMBERED:
+            del self._seen[next(iter(self._seen))]
         return True
 
 
