@@ -615,3 +615,16 @@ async def test_get_plan_pages_through_a_large_plan_and_its_summary_stays_short(t
         summary = done.structured_content
         assert summary is not None and summary["status"] == "completed" and summary["total_steps"] == 250
         assert len(summary["steps"]) == 20 and summary["steps_omitted"] == 230
+
+
+async def test_resources_list_names_the_newest_plans_and_each_reads_as_the_plan(tmp_path: Path) -> None:
+    async with planner(tmp_path) as (client, _):
+        first = await create(client, two_step_plan())
+        second = await create(client, {**two_step_plan(), "description": "the second plan"})
+        listed = await client.list_resources()
+        plans = [r for r in listed.resources if str(r.uri).startswith("plan://")]
+        assert [str(r.uri) for r in plans] == [f"plan://{second}", f"plan://{first}"]  # newest first
+        assert plans[0].title == "the second plan" and plans[0].mime_type == "application/json"
+        assert plans[0].description is not None and plans[0].description.startswith("pending_approval plan")
+        whole = await client.read_resource(str(plans[0].uri))
+        assert f'"id": "{second}"' in whole.contents[0].text  # type: ignore[union-attr]

@@ -19,6 +19,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from mcp_planner.errors import PlanNotFoundError
 from mcp_planner.plan.model import ExecutionPlan, PlanStatus, StepResult, StepStatus
 from mcp_planner.store.base import Event, Store, new_owner_id
+from mcp_planner.store.memory import MemoryStore
 from mcp_planner.store.sqlite import PlanStore, StoreError
 
 pytestmark = pytest.mark.anyio
@@ -571,6 +572,20 @@ async def test_a_short_summary_reads_the_steps_that_need_attention_and_matches_t
     assert whole == plan.summary() and whole.steps[0].duration_ms == 12 and whole.steps_omitted == 0
     with pytest.raises(PlanNotFoundError):
         await store.summary("nope", 3)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+async def test_recent_plans_are_heads_newest_first(tmp_path: Path, kind: str) -> None:
+    async with PlanStore.open(tmp_path / "plans.db") as sqlite_store:
+        store: Store = sqlite_store if kind == "sqlite" else MemoryStore()
+        plans = [make_plan(f"plan {i}", steps=2) for i in range(3)]
+        for i, plan in enumerate(plans):
+            plan.created_at = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=i)
+            await store.save_plan(plan)
+        heads = await store.recent_plans(2)
+        assert [h.id for h in heads] == [plans[2].id, plans[1].id]
+        assert heads[0].description == "plan 2" and heads[0].status == PlanStatus.DRAFT
+        assert await store.recent_plans(0) == []
 
 
 async def test_a_transition_naming_a_step_that_is_not_stored_is_refused(store: PlanStore) -> None:

@@ -24,6 +24,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, InputRequiredResult, TextContent
+from mcp_types import Resource as MCPResource
 from pydantic import ValidationError
 
 from mcp_planner import presentation as views
@@ -48,6 +49,10 @@ cancelled (rejected, cancelled or approval timed out; never runs again). Every r
 `next_action`, what to call next."""
 
 
+#: How many of the newest plans resources/list names.
+RECENT_PLANS = 20
+
+
 class PlannerMCPServer(MCPServer[Any]):
     """`MCPServer` whose tool calls never fail with a traceback or a protocol error, and whose stdio
     transport answers every line (see `stdio_transport`)."""
@@ -61,6 +66,27 @@ class PlannerMCPServer(MCPServer[Any]):
             return await super().call_tool(name, arguments, context)
         except Exception as exc:
             return error_result(name, exc)
+
+    async def list_resources(self) -> list[MCPResource]:
+        """The fixed resources, then the `RECENT_PLANS` newest plans as `plan://<id>` (the templates say how
+        to read any other plan, a graph or a result)."""
+        resources = await super().list_resources()
+        try:
+            service = await self.planner.get()
+            heads = await service.store.recent_plans(RECENT_PLANS)
+        except PlannerError as exc:  # the list still answers, without the plans
+            log.warning("resources/list: the recent plans are left out: %s", exc)
+            return resources
+        return resources + [
+            MCPResource(
+                uri=f"plan://{head.id}",
+                name=f"plan-{head.id}",
+                title=views.one_line(head.description, 80),
+                description=f"{head.status.value} plan, updated {head.updated_at:%Y-%m-%d %H:%M} UTC",
+                mime_type="application/json",
+            )
+            for head in heads
+        ]
 
     async def run_stdio_async(self) -> None:
         # MCPServer's own, over a transport that answers unreadable lines instead of dropping them.

@@ -76,6 +76,15 @@ def step_counts(statuses: Iterable[tuple[str, int]]) -> dict[StepStatus, int]:
     return counts
 
 
+class PlanHead(BaseModel):
+    """A plan as a list of plans names it: what its row says, with no step read."""
+
+    id: str
+    description: str
+    status: PlanStatus
+    updated_at: datetime
+
+
 class Claim(BaseModel):
     """Who executes a plan now. `cancel_reason` is set when someone asked that process to cancel."""
 
@@ -180,6 +189,10 @@ class Store(Protocol):
 
         Raises: PlanNotFoundError.
         """
+        ...
+
+    async def recent_plans(self, limit: int) -> list[PlanHead]:
+        """The `limit` newest plans' heads, newest first."""
         ...
 
     async def append_event(self, event: Event) -> None: ...

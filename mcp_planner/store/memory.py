@@ -26,6 +26,7 @@ from mcp_planner.store.base import (
     PROGRESS_EVENTS,
     Claim,
     Event,
+    PlanHead,
     PlanProgress,
     RunKind,
     RunnerInfo,
@@ -147,6 +148,11 @@ class MemoryStore:
         if plan_id not in self._heads:
             raise PlanNotFoundError(plan_id)
         return self._load(plan_id).summary(limit)
+
+    async def recent_plans(self, limit: int) -> list[PlanHead]:
+        heads = [json.loads(head) for head in self._heads.values()]
+        heads.sort(key=lambda h: datetime.fromisoformat(h["created_at"]), reverse=True)
+        return [PlanHead.model_validate(h) for h in heads[: max(limit, 0)]]
 
     async def append_event(self, event: Event) -> None:
         self._append([event])

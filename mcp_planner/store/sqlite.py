@@ -55,6 +55,7 @@ from mcp_planner.store.base import (
     PROGRESS_EVENTS,
     Claim,
     Event,
+    PlanHead,
     PlanProgress,
     claim_is_live,
     step_counts,
@@ -691,6 +692,20 @@ class PlanStore(SqliteRunQueue):
         if summary is None:
             raise PlanNotFoundError(plan_id)
         return summary
+
+    async def recent_plans(self, limit: int) -> list[PlanHead]:
+        """The `limit` newest plans' heads, newest first, from their rows alone."""
+        rows = await self._run(
+            lambda c: c.execute(
+                "SELECT id, description, status, updated_at FROM plans "
+                "ORDER BY created_at DESC, rowid DESC LIMIT ?",
+                (max(limit, 0),),
+            ).fetchall()
+        )
+        return [
+            PlanHead(id=pid, description=text, status=status, updated_at=parse_timestamp(at))
+            for pid, text, status, at in rows
+        ]
 
     async def append_event(self, event: Event) -> None:
         rows = _event_rows([event])
