@@ -146,6 +146,10 @@ class PlanView(BaseModel):
     next_offset: int | None = Field(
         default=None, description="pass as `offset` to read the next page of steps; null: none left"
     )
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="what may be wrong though the plan is valid, e.g. an unknown parameter",
+    )
     mermaid: str | None = Field(
         default=None,
         description=f"Mermaid flowchart of the steps by status (none for over {MERMAID_MAX_STEPS} steps)",

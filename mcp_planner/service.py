@@ -317,6 +317,12 @@ class PlannerService:
         if problems:
             raise PlanValidationError(problems + self.unreachable_problems(problems))
 
+    def warnings(self, plan: ExecutionPlan) -> list[Problem]:
+        """What is worth saying about a valid plan: parameters its tools' schemas do not declare."""
+        from mcp_planner.plan.validation import parameter_warnings
+
+        return parameter_warnings(plan, schema_catalog(self.tools))
+
     def unreachable_problems(self, problems: list[Problem]) -> list[Problem]:
         """A problem per downstream server that is not connected, when `problems` has a tool not found."""
         if not any(p.field == "tool_name" for p in problems):

@@ -19,7 +19,7 @@ from mcp.client.session import ClientRequestContext
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, ElicitRequestParams, ElicitResult, TextContent
 
-from mcp_planner.engine.tools import LocalTools
+from mcp_planner.engine.tools import LocalTools, ToolInfo
 from mcp_planner.server.app import build_server
 from mcp_planner.service import PlannerService
 from mcp_planner.store.sqlite import PlanStore
@@ -628,3 +628,18 @@ async def test_resources_list_names_the_newest_plans_and_each_reads_as_the_plan(
         assert plans[0].description is not None and plans[0].description.startswith("pending_approval plan")
         whole = await client.read_resource(str(plans[0].uri))
         assert f'"id": "{second}"' in whole.contents[0].text  # type: ignore[union-attr]
+
+
+async def test_create_plan_warns_of_a_parameter_the_tools_schema_does_not_declare(tmp_path: Path) -> None:
+    class Declared(LocalTools):
+        def catalog(self) -> dict[str, ToolInfo]:
+            schema = {"type": "object", "properties": {"text": {"type": "string"}}}
+            return {**super().catalog(), "echo": ToolInfo(name="echo", input_schema=schema)}
+
+    plan = {"description": "typo", "steps": [{"id": "say", "tool_name": "echo", "parameters": {"txt": "hi"}}]}
+    async with planner(tmp_path, tools=Declared({"echo": echo})) as (client, _):
+        result = await client.call_tool("create_plan", plan)
+        assert not result.is_error and result.structured_content is not None
+        warnings = result.structured_content["warnings"]
+        assert len(warnings) == 1 and "'txt'" in warnings[0] and "did you mean 'text'" in warnings[0]
+        assert "warning: step 'say', parameters.txt:" in text(result)

@@ -10,7 +10,7 @@ import pytest
 
 from mcp_planner.errors import Problem
 from mcp_planner.plan.model import MAX_PARALLEL_CAP, ExecutionPlan, Step
-from mcp_planner.plan.validation import qualify_tool_names, validate_plan
+from mcp_planner.plan.validation import parameter_warnings, qualify_tool_names, validate_plan
 
 READ_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -402,3 +402,23 @@ def test_a_bare_tool_name_containing_a_dot_is_qualified_too() -> None:
     qualify_tool_names(plan, ["fs.read.v2", "fs.read"])
 
     assert plan.steps[0].tool_name == "fs.read.v2"
+
+
+def test_parameters_a_schema_does_not_declare_are_warned_about_with_a_suggestion() -> None:
+    plan = ExecutionPlan.new("list files")
+    plan.add_step("fs.list", "", {"path": "/tmp", "recursve": True}, step_id="ls")
+    plan.add_step("fs.strict", "", {"path": "/tmp", "extra": 1}, step_id="strict")
+    plan.add_step("fs.unknown", "", {"anything": 1}, step_id="free")
+    declared = {"path": {"type": "string"}, "recursive": {"type": "boolean"}}
+    catalog = {
+        "fs.list": {"type": "object", "properties": declared},
+        "fs.strict": {"type": "object", "properties": {"path": {}}, "additionalProperties": False},
+        "fs.unknown": None,
+    }
+
+    warnings = parameter_warnings(plan, catalog)
+
+    assert [(w.step_id, w.field) for w in warnings] == [("ls", "parameters.recursve")]
+    assert "does not declare a parameter 'recursve'" in warnings[0].message
+    assert "did you mean 'recursive'" in warnings[0].message
+    assert not [p for p in validate_plan(plan, catalog) if p.step_id == "ls"]  # a warning, not a problem

@@ -257,6 +257,8 @@ async def run_plan(rt: Stack, spec: PlanSpec, yes: bool, *, detach: bool = False
 
     plan = await checked_plan(rt, spec)
     terminal.print_plan(out.console, plan, "Plan")
+    for warning in rt.service.warnings(plan):
+        err.print(f"warning: {warning}", markup=False, highlight=False)
     if not yes and not can_ask():
         fail(
             "refusing to run without confirmation: stdin is not a terminal. Pass --yes to run the plan "

@@ -404,6 +404,29 @@ def _compile_validator(schema: dict[str, Any]) -> Any:
     return cls(schema)
 
 
+def parameter_warnings(plan: ExecutionPlan, catalog: Catalog) -> list[Problem]:
+    """Parameters a tool's input schema does not declare although it lets them pass: often a misspelt
+    optional parameter the tool will ignore. Not problems (the plan is valid), but worth saying."""
+    warnings: list[Problem] = []
+    budget = _Budget()
+    for step in plan.steps:
+        schema = catalog.get(step.tool_name)
+        if not isinstance(schema, dict) or schema.get("additionalProperties") is False:
+            continue  # unknown, or an undeclared name is already a problem
+        declared = schema.get("properties")
+        if not isinstance(declared, dict):
+            continue
+        for name in step.parameters:
+            if name in declared:
+                continue
+            names = list(declared)
+            listed = ", ".join(map(repr, names[:10])) + (", ..." if len(names) > 10 else "")
+            hint = budget.suggest(name, names) or f"; it declares {listed or 'none'}"
+            message = f"{step.tool_name!r} does not declare a parameter {name!r}, so it may ignore it{hint}"
+            warnings.append(Problem(step.id, f"parameters.{name}", message))
+    return warnings
+
+
 def _schema_problems(step: Step, validator: Any) -> Iterator[Problem]:
     try:
         errors = list(validator.iter_errors(step.parameters))

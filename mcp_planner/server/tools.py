@@ -265,7 +265,7 @@ async def generate_plan(
     if isinstance(generated, InputRequiredResult):
         return generated
     plan = await service.add_plan(generated)
-    return _plan_result(plan, "generated and stored")
+    return _plan_result(plan, "generated and stored", service)
 
 
 @_tool(
@@ -292,7 +292,7 @@ async def create_plan(
     service = await state.get()
     spec = PlanSpec(description=description, steps=steps, options=options or ExecutionOptions())
     plan = await service.create_plan(spec)
-    return _plan_result(plan, "created")
+    return _plan_result(plan, "created", service)
 
 
 @_tool(
@@ -310,7 +310,7 @@ async def update_plan(
 ) -> Annotated[CallToolResult, views.PlanView]:
     service = await state.get()
     plan = await service.update_plan(plan_id, description=description, steps=steps, options=options)
-    return _plan_result(plan, "updated (any earlier approval was cleared)")
+    return _plan_result(plan, "updated (any earlier approval was cleared)", service)
 
 
 @_tool(
@@ -504,10 +504,12 @@ async def plan_task(state: ServiceState, task: str, context: str | None = None) 
     return render_planning_prompt(await service.catalog(), task, context, None, for_agent=True)
 
 
-def _plan_result(plan: Any, verb: str) -> CallToolResult:
+def _plan_result(plan: Any, verb: str, service: PlannerService) -> CallToolResult:
     view = views.plan_view(plan)
+    view.warnings = [str(w) for w in service.warnings(plan)]
     head = f"plan {plan.id!r} {verb}; status {plan.status.value}."
-    text = f"{head}\n{views.plan_text(plan)}\nnext: {view.next_action}"
+    warned = "".join(f"\nwarning: {w}" for w in view.warnings)
+    text = f"{head}{warned}\n{views.plan_text(plan)}\nnext: {view.next_action}"
     return _result(view, text)
 
 
