@@ -9,6 +9,7 @@ which it can be read in full.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -504,6 +505,28 @@ class ServerView(BaseModel):
     error: str | None = None
 
 
+def rank_tools(tools: Sequence[CatalogTool], query: str, limit: int) -> list[CatalogTool]:
+    """The `limit` tools that match `query` best, best first; tools matching no word of it are left out.
+
+    A word found in a tool's name counts 3, in a parameter name 2, in its description 1 (case-insensitive,
+    also as a prefix: "file" finds "files" and "filesystem").
+    """
+    words = [w for w in re.findall(r"[a-z0-9]+", query.lower()) if len(w) > 1]
+    scored = []
+    for position, tool in enumerate(tools):
+        params = " ".join((tool.input_schema or {}).get("properties", {}) or {})
+        fields = [(_words(tool.name), 3), (_words(params), 2), (_words(tool.description), 1)]
+        score = sum(weight for word in words for text, weight in fields if re.search(rf"\b{word}", text))
+        if score:
+            scored.append((-score, position, tool))
+    return [tool for _, _, tool in sorted(scored)[:limit]]
+
+
+def _words(text: str) -> str:
+    """`text` lower-cased with `_` and `-` as word breaks, so "file" is a word of "read_file"."""
+    return re.sub(r"[_\-]", " ", text.lower())
+
+
 class ToolCatalog(BaseModel):
     tools: list[CatalogTool]
     servers: list[ServerView] = Field(default_factory=list, description="downstream servers and their state")
@@ -534,13 +557,29 @@ def server_views(status: Mapping[str, ServerStatus]) -> list[ServerView]:
     return [ServerView(name=s.name, state=s.state.value, error=s.error) for _, s in sorted(status.items())]
 
 
+def signature(name: str, schema: dict[str, Any] | None) -> str:
+    """`fs.list(path: string, recursive?: boolean)`: a tool's parameters as a model reads them at a glance."""
+    if not schema or not isinstance(schema.get("properties"), dict):
+        return f"{name}()"
+    required = set(schema.get("required", []))
+    params = []
+    for param, spec in schema["properties"].items():
+        kind = spec.get("type", "any") if isinstance(spec, dict) else "any"
+        if isinstance(spec, dict) and isinstance(spec.get("enum"), list):
+            kind = "|".join(json.dumps(v) for v in spec["enum"][:6])
+        elif isinstance(kind, list):
+            kind = "|".join(map(str, kind))
+        params.append(f"{param}{'' if param in required else '?'}: {kind}")
+    return f"{name}({', '.join(params)})"
+
+
 def catalog_text(catalog: ToolCatalog, *, max_tools: int = 100) -> str:
     lines = [f"{len(catalog.tools)} tool(s) available to plan steps:"]
     for tool in catalog.tools[:max_tools]:
         hints = tool_hints(tool.annotations)
         suffix = f" ({', '.join(hints)})" if hints else ""
         about = f": {one_line(tool.description, 120)}" if tool.description else ""
-        lines.append(f"  {tool.name}{suffix}{about}")
+        lines.append(f"  {signature(tool.name, tool.input_schema)}{suffix}{about}")
     if len(catalog.tools) > max_tools:
         lines.append(f"  ... and {len(catalog.tools) - max_tools} more (see structured content)")
     for server in catalog.servers:

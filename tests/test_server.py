@@ -643,3 +643,37 @@ async def test_create_plan_warns_of_a_parameter_the_tools_schema_does_not_declar
         warnings = result.structured_content["warnings"]
         assert len(warnings) == 1 and "'txt'" in warnings[0] and "did you mean 'text'" in warnings[0]
         assert "warning: step 'say', parameters.txt:" in text(result)
+
+
+async def test_list_tools_shows_signatures_and_a_query_ranks_the_best_matches(tmp_path: Path) -> None:
+    schemas = {
+        "fs.read_file": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]},
+        "fs.write_file": {
+            "type": "object",
+            "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
+            "required": ["path", "content"],
+        },
+        "git.log": {"type": "object", "properties": {"max_count": {"type": "integer"}}},
+    }
+    descriptions = {
+        "fs.read_file": "Read a file",
+        "fs.write_file": "Write a file",
+        "git.log": "Commit history",
+    }
+
+    class Described(LocalTools):
+        def catalog(self) -> dict[str, ToolInfo]:
+            return {
+                name: ToolInfo(name=name, description=descriptions[name], input_schema=schemas[name])
+                for name in schemas
+            }
+
+    async with planner(tmp_path, tools=Described({name: echo for name in schemas})) as (client, _):
+        everything = await client.call_tool("list_tools", {})
+        assert "fs.write_file(path: string, content: string)" in text(everything)
+        assert "git.log(max_count?: integer)" in text(everything)
+        found = await client.call_tool("list_tools", {"query": "read a file", "limit": 2})
+        assert found.structured_content is not None
+        assert [t["name"] for t in found.structured_content["tools"]] == ["fs.read_file", "fs.write_file"]
+        none = await client.call_tool("list_tools", {"query": "send email"})
+        assert none.structured_content is not None and none.structured_content["tools"] == []

@@ -205,14 +205,20 @@ def _bound(fn: Callable[..., Awaitable[Any]], state: ServiceState) -> Callable[.
 
 @_tool(
     description="List the tools that plan steps can call: the tools of the downstream MCP servers this "
-    "planner is connected to, by qualified name (`server.tool`), with description, input schema and "
-    "annotations (readOnlyHint/idempotentHint mean a step is safe to retry). Call this first, before "
-    "writing a plan. Also reports servers that failed to connect.",
+    "planner is connected to, by qualified name (`server.tool`), with parameter signature, description, "
+    "input schema and annotations (readOnlyHint/idempotentHint mean a step is safe to retry). Pass "
+    "`query` (what you need, in a few words) to get only the best matches across all servers. Call this "
+    "first, before writing a plan. Also reports servers that failed to connect.",
     annotations=_READ_ONLY,
 )
 async def list_tools(
     state: ServiceState,
     server: Annotated[str | None, Field(description="only the tools of this downstream server")] = None,
+    query: Annotated[
+        str | None,
+        Field(description="words of what you need, e.g. 'read file': the best-matching tools, best first"),
+    ] = None,
+    limit: Annotated[int, Field(ge=1, le=100, description="with query: at most this many tools")] = 10,
 ) -> Annotated[CallToolResult, views.ToolCatalog]:
     service = await state.get()
     catalog = await service.catalog()
@@ -233,6 +239,8 @@ async def list_tools(
         if not tools and not servers:
             known = sorted({i.server for i in catalog.values() if i.server})
             raise PlannerError(f"no downstream server named {server!r}; known servers: {known}")
+    if query is not None:
+        tools = views.rank_tools(tools, query, limit)
     result = views.ToolCatalog(tools=tools, servers=servers)
     return _result(result, views.catalog_text(result))
 
