@@ -72,7 +72,7 @@ def next_action(plan: ExecutionPlan | PlanSummary) -> str:
         PlanStatus.APPROVED: f"call execute_plan({pid!r})",
         PlanStatus.EXECUTING: f"a runner executes it (it goes on if this client exits): call "
         f"get_summary({pid!r}) to follow it",
-        PlanStatus.COMPLETED: f"done: call get_plan({pid!r}) to read the results",
+        PlanStatus.COMPLETED: f"done: get_plan({pid!r}) shows each step's result",
         PlanStatus.FAILED: f"read the failed steps' errors, fix the cause, then call resume_plan({pid!r}) "
         "to re-run what did not complete",
         PlanStatus.PARTIAL: f"read the failed steps' errors, fix the cause, then call resume_plan({pid!r}) "
@@ -458,10 +458,16 @@ def summary_text(summary: PlanSummary, *, steps: bool = True, max_steps: int = S
 
 
 def plan_text(
-    plan: ExecutionPlan, *, max_param_chars: int = 300, max_steps: int = 200, offset: int = 0
+    plan: ExecutionPlan,
+    *,
+    max_param_chars: int = 300,
+    max_steps: int = 200,
+    offset: int = 0,
+    outcomes: bool = False,
 ) -> str:
     """The plan as a person approving it reads it: one line per step with its tool and parameters (the
-    steps from `offset` on, `max_steps` of them)."""
+    steps from `offset` on, `max_steps` of them); with `outcomes`, each step's status and result or error
+    under it, so the text alone is enough to read a plan that ran."""
     lines = [f"Plan {plan.id!r}: {plan.description}", f"{len(plan.steps)} step(s):"]
     shown = plan.steps[offset : offset + max_steps]
     for i, s in enumerate(shown, offset + 1):
@@ -473,11 +479,25 @@ def plan_text(
         lines.append(f"{i}. {s.id}: {s.tool_name} {params}" + (f" ({'; '.join(notes)})" if notes else ""))
         if s.description:
             lines.append(f"   {one_line(s.description)}")
+        if outcomes and s.status != StepStatus.PENDING:
+            lines.append(f"   {_outcome_text(plan.id, s)}")
     rest = len(plan.steps) - offset - len(shown)
     if rest > 0:
         lines.append(f"... and {rest} more steps (get_plan with offset={offset + len(shown)} shows them)")
     lines.append(f"Steps run {run_mode(plan)}.")
     return "\n".join(lines)
+
+
+def _outcome_text(plan_id: str, step: Step) -> str:
+    """`-> completed in 12 ms: {"n": 1}`, with the URI of a result too large to show whole."""
+    head = f"-> {step.status.value}" + (f" in {duration_text(step.duration_ms)}" if step.duration_ms else "")
+    if step.retry_count:
+        head += f" after {retries_text(step.retry_count)}"
+    if step.result is not None:
+        size = step.result.size()
+        more = f" (first part of {size} bytes; whole: {result_uri(plan_id, step.id)})"
+        return f"{head}: {result_preview(step.result, 500)}" + (more if size > RESULT_PREVIEW_LIMIT else "")
+    return f"{head}: {one_line(step.error)}" if step.error else head
 
 
 def plan_list_text(plans: PlanList) -> str:

@@ -677,3 +677,12 @@ async def test_list_tools_shows_signatures_and_a_query_ranks_the_best_matches(tm
         assert [t["name"] for t in found.structured_content["tools"]] == ["fs.read_file", "fs.write_file"]
         none = await client.call_tool("list_tools", {"query": "send email"})
         assert none.structured_content is not None and none.structured_content["tools"] == []
+
+
+async def test_get_plan_text_alone_shows_each_steps_outcome(tmp_path: Path) -> None:
+    async with planner(tmp_path) as (client, _):
+        plan_id = await create(client, two_step_plan(require_approval=False))
+        await client.call_tool("execute_plan", {"plan_id": plan_id, "wait_seconds": 30})
+        shown = text(await client.call_tool("get_plan", {"plan_id": plan_id}))
+        assert "-> completed" in shown and '"text": "hello world"' in shown  # the second step's result
+        assert "call get_plan" not in shown  # the text is the answer, not a pointer to it

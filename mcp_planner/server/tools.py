@@ -478,7 +478,7 @@ async def get_plan(
     plan = await service.get_plan(plan_id)
     view = views.plan_view(plan, offset, limit)
     text = (
-        views.plan_text(plan, offset=view.steps_offset, max_steps=limit)
+        views.plan_text(plan, offset=view.steps_offset, max_steps=limit, outcomes=True)
         + "\n"
         + views.summary_text(plan.summary())
         + f"\nnext: {view.next_action}"
