@@ -358,12 +358,25 @@ def result_preview(result: StepResult, limit: int = 200) -> str:
     return one_line(text, limit)
 
 
-def parameters_text(schema: dict[str, Any] | None) -> str:
-    """A tool's parameter names from its input schema, optional ones marked `?`."""
-    if not schema:
+def parameters_text(schema: dict[str, Any] | None, *, types: bool = False) -> str:
+    """A tool's parameter names from its input schema, optional ones marked `?`; with `types`, each with
+    its JSON type (or its enum values): `path: string, recursive?: boolean`."""
+    properties = schema.get("properties") if schema else None
+    if not isinstance(properties, dict):
         return ""
-    required = set(schema.get("required", []))
-    return ", ".join(f"{name}{'' if name in required else '?'}" for name in schema.get("properties", {}))
+    required = set(schema.get("required", [])) if schema else set()
+    params = []
+    for param, spec in properties.items():
+        text = f"{param}{'' if param in required else '?'}"
+        if types:
+            kind = spec.get("type", "any") if isinstance(spec, dict) else "any"
+            if isinstance(spec, dict) and isinstance(spec.get("enum"), list):
+                kind = "|".join(json.dumps(v) for v in spec["enum"][:6])
+            elif isinstance(kind, list):
+                kind = "|".join(map(str, kind))
+            text += f": {kind}"
+        params.append(text)
+    return ", ".join(params)
 
 
 def tool_hints(annotations: Mapping[str, Any]) -> list[str]:
@@ -579,18 +592,7 @@ def server_views(status: Mapping[str, ServerStatus]) -> list[ServerView]:
 
 def signature(name: str, schema: dict[str, Any] | None) -> str:
     """`fs.list(path: string, recursive?: boolean)`: a tool's parameters as a model reads them at a glance."""
-    if not schema or not isinstance(schema.get("properties"), dict):
-        return f"{name}()"
-    required = set(schema.get("required", []))
-    params = []
-    for param, spec in schema["properties"].items():
-        kind = spec.get("type", "any") if isinstance(spec, dict) else "any"
-        if isinstance(spec, dict) and isinstance(spec.get("enum"), list):
-            kind = "|".join(json.dumps(v) for v in spec["enum"][:6])
-        elif isinstance(kind, list):
-            kind = "|".join(map(str, kind))
-        params.append(f"{param}{'' if param in required else '?'}: {kind}")
-    return f"{name}({', '.join(params)})"
+    return f"{name}({parameters_text(schema, types=True)})"
 
 
 def catalog_text(catalog: ToolCatalog, *, max_tools: int = 100) -> str:

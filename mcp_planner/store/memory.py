@@ -102,8 +102,8 @@ class MemoryStore:
         owner: str,
         stale_after: float = DEFAULT_STALE_AFTER,
     ) -> Claim | None:
-        holder = self._claims.get(plan.id)
-        if holder is not None and holder.owner != owner and claim_is_live(holder, utcnow(), stale_after):
+        holder = self._in_the_way(plan.id, owner, stale_after)
+        if holder is not None:
             return holder.model_copy()
         self._compare(plan)
         await self.claim(plan.id, owner, stale_after)
@@ -176,11 +176,17 @@ class MemoryStore:
         )
 
     async def claim(self, plan_id: str, owner: str, stale_after: float = DEFAULT_STALE_AFTER) -> Claim | None:
-        now = utcnow()
+        holder = self._in_the_way(plan_id, owner, stale_after)
+        if holder is not None:
+            return holder
+        self._claims[plan_id] = Claim(plan_id=plan_id, owner=owner, heartbeat_at=utcnow())
+        return None
+
+    def _in_the_way(self, plan_id: str, owner: str, stale_after: float) -> Claim | None:
+        """Another owner's live claim on the plan, if there is one."""
         current = self._claims.get(plan_id)
-        if current is not None and current.owner != owner and claim_is_live(current, now, stale_after):
+        if current is not None and current.owner != owner and claim_is_live(current, utcnow(), stale_after):
             return current
-        self._claims[plan_id] = Claim(plan_id=plan_id, owner=owner, heartbeat_at=now)
         return None
 
     async def heartbeat(self, plan_id: str, owner: str) -> Claim | None:
