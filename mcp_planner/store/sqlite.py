@@ -147,9 +147,10 @@ _INSERT_PLAN = """
 INSERT INTO plans (id, status, description, created_at, updated_at, header, revision)
 VALUES (?, ?, ?, ?, ?, ?, 1) ON CONFLICT (id) DO NOTHING
 """
+#: Takes a `_plan_row` row and the revision it was read at (created_at, ?4, never changes).
 _UPDATE_HEADER = """
-UPDATE plans SET status = ?, description = ?, updated_at = ?, header = ?, revision = revision + 1
-WHERE id = ? AND revision = ?
+UPDATE plans SET status = ?2, description = ?3, updated_at = ?5, header = ?6, revision = revision + 1
+WHERE id = ?1 AND revision = ?7
 """
 _COUNTS = "SELECT status, n FROM step_counts WHERE plan_id = ?"
 _SUMMARY_HEAD = """
@@ -245,15 +246,7 @@ def _write_plan(
     conn: sqlite3.Connection, plan_row: tuple[str, ...], steps: list[tuple[Any, ...]], revision: int
 ) -> None:
     """Write the plan header and all its steps if the stored revision is still `revision` (0: new)."""
-    if revision == 0:
-        written = conn.execute(_INSERT_PLAN, plan_row)
-    else:
-        status, description, _, updated_at, header = plan_row[1:]  # created_at never changes
-        written = conn.execute(
-            _UPDATE_HEADER, (status, description, updated_at, header, plan_row[0], revision)
-        )
-    if written.rowcount == 0:
-        raise PlanConflictError(plan_row[0])
+    _write_header(conn, plan_row, revision)
     plan_id = plan_row[0]
     conn.execute("DELETE FROM steps WHERE plan_id = ?", (plan_id,))
     conn.executemany("INSERT INTO steps (plan_id, step_id, idx, status, data) VALUES (?, ?, ?, ?, ?)", steps)
@@ -263,6 +256,16 @@ def _write_plan(
         "GROUP BY status",
         (plan_id,),
     )
+
+
+def _write_header(conn: sqlite3.Connection, plan_row: tuple[str, ...], revision: int) -> None:
+    """Insert the plan's row (revision 0: new), or update it if the stored revision is still `revision`."""
+    if revision == 0:
+        written = conn.execute(_INSERT_PLAN, plan_row)
+    else:
+        written = conn.execute(_UPDATE_HEADER, (*plan_row, revision))
+    if written.rowcount == 0:
+        raise PlanConflictError(plan_row[0])
 
 
 def _size(plan_row: tuple[str, ...], steps: list[tuple[Any, ...]], events: list[dict[str, Any]]) -> int:
@@ -592,12 +595,7 @@ class PlanStore(SqliteRunQueue):
             if revision == 0:
                 _write_plan(conn, plan_row, _step_rows(plan.id, plan.steps), revision)
             else:
-                status, description, _, updated_at, header = plan_row[1:]
-                updated = conn.execute(
-                    _UPDATE_HEADER, (status, description, updated_at, header, plan.id, revision)
-                )
-                if updated.rowcount == 0:
-                    raise PlanConflictError(plan.id)
+                _write_header(conn, plan_row, revision)
                 if conn.executemany(_UPDATE_STEP, step_rows).rowcount != len(step_rows):
                     raise StoreError(f"plan {plan.id!r}: a transition names a step that is not stored")
             _write_events(conn, event_rows)
