@@ -520,7 +520,6 @@ class PlannerService:
                 await self._launcher.ensure(self.store, request.servers)
             except OSError as exc:
                 log.error("could not start a runner: %s", exc)
-        self._wake()
         return await self._follow(run, wait_seconds, on_progress, since)
 
     async def _follow(
