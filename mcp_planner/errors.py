@@ -137,3 +137,7 @@ class DownstreamError(StepError):
 
 class StepTimeoutError(StepError):
     pass
+
+
+class CheckFailedError(StepError):
+    """The step's `fail_if` check held on an attempt's result: retried like a downstream error."""

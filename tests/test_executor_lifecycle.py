@@ -458,11 +458,11 @@ class FailingStore(MemoryStore):
         self.fail_at = fail_at
         self.transitions = 0
 
-    async def save_transition(self, plan: Any, steps: Any, events: Any = (), *, release: Any = None) -> None:
+    async def save_transition(self, plan: Any, steps: Any, events: Any = (), **kwargs: Any) -> None:
         self.transitions += 1
         if self.transitions == self.fail_at:
             raise OSError("disk full")
-        await super().save_transition(plan, steps, events, release=release)
+        await super().save_transition(plan, steps, events, **kwargs)
 
 
 async def test_a_store_failure_mid_run_raises_and_leaves_the_plan_resumable_not_executing() -> None:

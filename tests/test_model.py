@@ -438,7 +438,8 @@ def test_an_unknown_field_without_a_close_match_lists_the_fields_and_other_probl
     assert (
         "steps.0.zzz",
         "unknown field 'zzz' in this step: the fields are id, tool_name, description, parameters, "
-        "depends_on, max_retries, retry_delay_ms, timeout_ms",
+        "depends_on, max_retries, retry_delay_ms, timeout_ms, for_each, max_parallel_items, "
+        "allow_item_failures, when, fail_if",
     ) in errors
     assert [loc for loc, _ in errors] == ["steps.0.zzz", "steps.0.tool_name", "steps.0.max_retries"]
 

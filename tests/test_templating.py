@@ -84,7 +84,10 @@ def test_a_missing_key_fails_listing_the_keys_that_exist_and_the_closest() -> No
         render("v{{ steps.fetch.result.vresion }}")
     message = str(caught.value)
     assert "no key 'vresion'; the keys are 'version', 'items', 'meta'; did you mean 'version'?" in message
-    with pytest.raises(TemplateError, match="the keys are 'result', 'text', 'json'; did you mean 'result'"):
+    with pytest.raises(
+        TemplateError,
+        match="the keys are 'result', 'text', 'json', 'status', 'error', 'items'; did you mean 'result'",
+    ):
         render("{{ steps.fetch.reslt }}")
 
 

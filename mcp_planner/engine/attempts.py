@@ -22,6 +22,8 @@ logger = logging.getLogger("mcp_planner.engine.executor")
 
 #: Called before each retry with (retry number, the error, seconds until the retry); awaited before it.
 OnRetry = Callable[[int, str, float], Awaitable[None]]
+#: Called with each attempt's result; raises a `StepError` to fail that attempt (`fail_if`).
+Check = Callable[[StepResult], Awaitable[None]]
 
 
 def _is_retryable(exc: BaseException) -> bool:
@@ -73,8 +75,9 @@ async def call_step(
     step_timeout_ms: int,
     backoff: float,
     on_retry: OnRetry,
+    check: Check | None = None,
 ) -> StepResult:
-    """Call the step's tool until an attempt succeeds or the retry policy gives up.
+    """Call the step's tool until an attempt succeeds (and passes `check`) or the retry policy gives up.
 
     Raises:
         StepError: the last attempt's error (`StepTimeoutError` for an attempt past its timeout).
@@ -97,7 +100,10 @@ async def call_step(
             raise
         except Exception as exc:  # a provider broke its contract: treat it as the tool failing
             raise ToolCallError(f"{type(exc).__name__}: {exc}") from exc
-        return result if isinstance(result, StepResult) else StepResult.from_value(result)
+        result = result if isinstance(result, StepResult) else StepResult.from_value(result)
+        if check is not None:
+            await check(result)
+        return result
 
     if step.max_retries <= 0:  # the policy would make exactly one attempt; skip its machinery
         return await attempt()

@@ -30,6 +30,7 @@ from mcp_planner.plan.model import (
     ExecutionPlan,
     PlanStatus,
     PlanSummary,
+    Step,
     StepStatus,
     utcnow,
 )
@@ -248,11 +249,16 @@ class Executor:
         for step in plan.steps:
             if step.status == StepStatus.COMPLETED:
                 continue
+            info = catalog.get(step.tool_name)
+            safe = step.max_retries > 0 or (info is not None and info.safe_to_rerun)
+            if step.items is not None:  # a for_each step: each item is decided like a step
+                events.extend(
+                    self._resume_items(plan, step, step.id in known, safe or rerun_interrupted, left)
+                )
+                continue
             if step.status != StepStatus.RUNNING and step.id not in known:
                 step.reset()
                 continue
-            info = catalog.get(step.tool_name)
-            safe = step.max_retries > 0 or (info is not None and info.safe_to_rerun)
             if rerun_interrupted or safe:
                 why = "rerun_interrupted" if rerun_interrupted and not safe else "safe to re-run"
                 events.append(
@@ -277,6 +283,31 @@ class Executor:
                 )
             )
         return events, left
+
+    @staticmethod
+    def _resume_items(
+        plan: ExecutionPlan, step: Step, known: bool, rerun: bool, left: list[str]
+    ) -> list[Event]:
+        """Keep a `for_each` step's completed items, and run the others again, except items whose call was
+        interrupted (outcome unknown) when re-running them is not safe: those stay failed."""
+        assert step.items is not None
+        unknown = [
+            i
+            for i, item in enumerate(step.items)
+            if item.status == StepStatus.RUNNING
+            or (known and item.status == StepStatus.FAILED and item.error == INTERRUPTED_ERROR)
+        ]
+        step.reset(keep_items=True)
+        if not unknown:
+            return []
+        if not rerun:
+            for i in unknown:
+                _set(step.items[i], status=StepStatus.FAILED, error=INTERRUPTED_ERROR)
+            left.append(step.id)
+        data: dict[str, Any] = {"rerun": rerun, "items": unknown}
+        if not rerun:
+            data |= {"error": INTERRUPTED_ERROR, "hint": RERUN_HINT}
+        return [Event(plan_id=plan.id, kind="step_interrupted", step_id=step.id, data=data)]
 
     async def _run(
         self,
@@ -304,6 +335,8 @@ class Executor:
             total_duration_ms=None,
             current_step=None,
             updated_at=now,
+            output_values={},
+            output_errors={},
         )
         run = Run(
             plan,

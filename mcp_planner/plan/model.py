@@ -22,7 +22,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, Va
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from mcp_planner.errors import PlanStateError, Problem
-from mcp_planner.plan.templating import referenced_steps
+from mcp_planner.plan.templating import condition_template, referenced_steps
 
 #: Results larger than this are kept whole in the store but shown as a preview plus a resource URI.
 RESULT_PREVIEW_LIMIT = 64 * 1024
@@ -37,6 +37,11 @@ MAX_BACKOFF = 10.0
 MAX_DESCRIPTION_CHARS = 10_000
 MAX_STEPS = 10_000
 MAX_PARAMETERS_BYTES = 1024 * 1024
+#: The most items a `for_each` may give (SPEC section 12), and the most outputs a plan may name.
+MAX_ITEMS = 10_000
+MAX_OUTPUTS = 100
+#: The error of a step whose `when` was false starts with this; such a skip is not a failure.
+CONDITION_FALSE = "condition false: "
 #: Approval methods in which a person decided; once one has, edits need a person again (`needs_person`).
 PERSON_METHODS = frozenset({"elicitation", "human-terminal"})
 #: `plan.metadata` key listing steps whose call was interrupted (crash, kill) and whose outcome is unknown.
@@ -288,6 +293,20 @@ class StepResult(_Lean):
         return cls(text=json.dumps(value, default=str), structured=value)
 
 
+class StepItem(_Lean):
+    """One item of a `for_each` step: its value, and the state of its own call (durable, like a step's)."""
+
+    value: Any = None
+    status: StepStatus = StepStatus.PENDING
+    result: StepResult | None = None
+    error: str | None = None
+    retry_count: int = 0
+    duration_ms: int | None = None
+
+    def reset(self) -> None:
+        set_fields(self, status=StepStatus.PENDING, result=None, error=None, retry_count=0, duration_ms=None)
+
+
 class Step(_Lean):
     model_config = ConfigDict(validate_assignment=True, allow_inf_nan=False)
 
@@ -307,19 +326,51 @@ class Step(_Lean):
     max_retries: int = 0
     retry_delay_ms: int = 1000
     timeout_ms: int | None = None
+    for_each: list[Any] | str | None = None
+    max_parallel_items: int = 0
+    allow_item_failures: bool = False
+    when: str | None = None
+    fail_if: str | None = None
+    #: A `for_each` step's items once its list is known (stored apart from the step: `Store` writes each
+    #: item's changes on its own, so a step of 10,000 items is never rewritten whole per item).
+    items: list[StepItem] | None = Field(default=None, exclude=True)
 
-    def reset(self) -> None:
-        """Back to `pending`, as resume does for a step that did not complete."""
-        self.status = StepStatus.PENDING
-        self.result = None
-        self.error = None
-        self.started_at = None
-        self.completed_at = None
-        self.duration_ms = None
-        self.retry_count = 0
+    def reset(self, *, keep_items: bool = False) -> None:
+        """Back to `pending`, as resume does for a step that did not complete.
+
+        `keep_items`: a `for_each` step keeps its list and its completed items (the rest go back to pending),
+        so a resume calls only the items that did not complete.
+        """
+        set_fields(
+            self,
+            status=StepStatus.PENDING,
+            result=None,
+            error=None,
+            started_at=None,
+            completed_at=None,
+            duration_ms=None,
+            retry_count=0,
+        )
+        if not keep_items:
+            set_fields(self, items=None)
+        elif self.items:
+            for item in self.items:
+                if item.status != StepStatus.COMPLETED:
+                    item.reset()
+
+    def language_templates(self) -> dict[str, Any]:
+        """`for_each`, `when` and `fail_if` as templates, by field (a bare condition is one expression)."""
+        found: dict[str, Any] = {}
+        if self.for_each is not None:
+            found["for_each"] = self.for_each
+        if self.when is not None:
+            found["when"] = condition_template(self.when)
+        if self.fail_if is not None:
+            found["fail_if"] = condition_template(self.fail_if)
+        return found
 
     def hash_material(self) -> dict[str, Any]:
-        return {
+        material = {
             "id": self.id,
             "tool_name": self.tool_name,
             "parameters": self.parameters,
@@ -328,9 +379,17 @@ class Step(_Lean):
             "retry_delay_ms": self.retry_delay_ms,
             "timeout_ms": self.timeout_ms,
         }
+        for name in _LANGUAGE_FIELDS:  # only when set: the hash of a plan without them is unchanged
+            value = getattr(self, name)
+            if value not in (None, 0, False):
+                material[name] = value
+        return material
 
 
-_ALL_FIELDS.update({cls: set(cls.model_fields) for cls in (StepResult, Step)})
+#: The plan-language fields of a step (SPEC section 12).
+_LANGUAGE_FIELDS = ("for_each", "max_parallel_items", "allow_item_failures", "when", "fail_if")
+
+_ALL_FIELDS.update({cls: set(cls.model_fields) for cls in (StepResult, StepItem, Step)})
 
 
 def _step_label(data: Mapping[str, Any]) -> str:
@@ -374,6 +433,25 @@ class StepSpec(_CallerWritten):
     timeout_ms: int | None = Field(
         default=None, description="bound on each attempt; overrides step_timeout_ms"
     )
+    for_each: list[Any] | str | None = Field(
+        default=None,
+        description="a list, or a template giving one: the tool is called once per item, with {{ item }} "
+        "and {{ item_index }} in the parameters; the result is the list of the items' results",
+    )
+    max_parallel_items: int = Field(default=0, description="for_each: items at once (0: the plan's slots)")
+    allow_item_failures: bool = Field(
+        default=False, description="for_each: complete even if some items fail (they are listed)"
+    )
+    when: str | None = Field(
+        default=None,
+        description="condition checked once the dependencies have finished, e.g. "
+        '"steps.check.result.changed" or "steps.deploy.status == \'failed\'"; false skips the step',
+    )
+    fail_if: str | None = Field(
+        default=None,
+        description="check on each attempt's result, e.g. \"'ERROR' in result.text\"; true fails "
+        "(and retries) the attempt",
+    )
 
     @classmethod
     def where(cls, data: Mapping[str, Any]) -> str:
@@ -394,6 +472,15 @@ class PlanSpec(_CallerWritten):
     description: str
     steps: list[StepSpec] = Field(default_factory=list)
     options: ExecutionOptions = Field(default_factory=ExecutionOptions)
+    inputs: dict[str, Any] | None = Field(
+        default=None,
+        description="JSON Schema of the values the plan takes ({{ inputs.<name> }}): properties, required, "
+        "defaults",
+    )
+    outputs: dict[str, str] = Field(
+        default_factory=dict,
+        description="name -> template over step results and inputs, rendered at the end and returned first",
+    )
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
@@ -426,6 +513,12 @@ class PlanSummary(BaseModel):
     steps: list[StepSummary] = Field(default_factory=list)
     steps_omitted: int = Field(
         default=0, description="steps not listed here (those listed need attention first); get_plan has all"
+    )
+    outputs: dict[str, Any] = Field(
+        default_factory=dict, description="the plan's outputs, rendered at its end"
+    )
+    output_errors: dict[str, str] = Field(
+        default_factory=dict, description="outputs that could not be rendered, with why"
     )
 
     def __getitem__(self, key: str) -> Any:
@@ -464,6 +557,8 @@ def make_summary(
     duration_ms: int | None,
     counts: Mapping[StepStatus, int],
     steps: list[StepSummary],
+    outputs: Mapping[str, Any] | None = None,
+    output_errors: Mapping[str, str] | None = None,
 ) -> PlanSummary:
     """A summary from a plan's counts and the steps it lists (the rest are counted as omitted)."""
     total = sum(counts.values())
@@ -483,6 +578,8 @@ def make_summary(
         error=error,
         steps=steps,
         steps_omitted=total - len(steps),
+        outputs=dict(outputs or {}),
+        output_errors=dict(output_errors or {}),
     )
 
 
@@ -508,6 +605,13 @@ class ExecutionPlan(BaseModel):
     error: str | None = None
     plan_hash: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    #: The JSON Schema of the values the plan takes, and those values (defaults applied).
+    inputs: dict[str, Any] | None = None
+    input_values: dict[str, Any] = Field(default_factory=dict)
+    #: Output name -> template; what they rendered to when the run ended, and those that failed to render.
+    outputs: dict[str, str] = Field(default_factory=dict)
+    output_values: dict[str, Any] = Field(default_factory=dict)
+    output_errors: dict[str, str] = Field(default_factory=dict)
     #: The stored revision this copy was read at (0: never stored). Every write is a compare-and-set on it,
     #: so a write based on an outdated copy fails instead of silently undoing someone else's.
     revision: int = Field(default=0, exclude=True)
@@ -522,17 +626,45 @@ class ExecutionPlan(BaseModel):
         return cls(description=description)
 
     @classmethod
-    def from_spec(cls, spec: PlanSpec) -> ExecutionPlan:
-        """Build a draft plan from what a caller wrote; validation is separate (`validate`)."""
-        plan = cls(description=spec.description, options=spec.options.model_copy(), metadata=spec.metadata)
+    def from_spec(cls, spec: PlanSpec, values: Mapping[str, Any] | None = None) -> ExecutionPlan:
+        """Build a draft plan from what a caller wrote and the values of its inputs (their schema's defaults
+        fill the rest); validation is separate (`validate`)."""
+        plan = cls(
+            description=spec.description,
+            options=spec.options.model_copy(),
+            metadata=spec.metadata,
+            inputs=spec.inputs,
+            outputs=spec.outputs,
+        )
+        plan.set_inputs(values or {})
         with gc_paused():
             for s in spec.steps:
                 step = plan.add_step(s.tool_name, s.description, s.parameters, step_id=s.id)
-                step.depends_on = _merge(s.depends_on, step.depends_on)
-                step.max_retries = s.max_retries
-                step.retry_delay_ms = s.retry_delay_ms
-                step.timeout_ms = s.timeout_ms
+                set_fields(
+                    step,
+                    max_retries=s.max_retries,
+                    retry_delay_ms=s.retry_delay_ms,
+                    timeout_ms=s.timeout_ms,
+                    for_each=s.for_each,
+                    max_parallel_items=s.max_parallel_items,
+                    allow_item_failures=s.allow_item_failures,
+                    when=s.when,
+                    fail_if=s.fail_if,
+                )
+                refs = referenced_steps(step.language_templates()) - {step.id}
+                step.depends_on = _merge(s.depends_on, _merge(step.depends_on, sorted(refs)))
         return plan
+
+    def set_inputs(self, values: Mapping[str, Any]) -> None:
+        """Set the values of the plan's inputs: those given, then each property's default. Validation checks
+        them against the schema (`inputs`)."""
+        merged = dict(values)
+        properties = (self.inputs or {}).get("properties")
+        if isinstance(properties, dict):
+            for name, schema in properties.items():
+                if name not in merged and isinstance(schema, dict) and "default" in schema:
+                    merged[name] = schema["default"]
+        self.input_values = merged
 
     def add_step(
         self,
@@ -595,11 +727,15 @@ class ExecutionPlan(BaseModel):
 
     def compute_hash(self) -> str:
         """sha256 of the canonical JSON of everything an approval vouches for."""
-        material = {
+        material: dict[str, Any] = {
             "description": self.description,
             "options": self.options.model_dump(mode="json"),
             "steps": [s.hash_material() for s in self.steps],
         }
+        if self.inputs is not None or self.input_values:  # only when used: older hashes stay valid
+            material["inputs"] = {"schema": self.inputs, "values": self.input_values}
+        if self.outputs:
+            material["outputs"] = self.outputs
         canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -724,7 +860,15 @@ class ExecutionPlan(BaseModel):
                 for s in listed
             ]
             return make_summary(
-                self.id, self.description, self.status, self.error, self.total_duration_ms, counts, steps
+                self.id,
+                self.description,
+                self.status,
+                self.error,
+                self.total_duration_ms,
+                counts,
+                steps,
+                self.output_values,
+                self.output_errors,
             )
 
     def validate(  # type: ignore[override]

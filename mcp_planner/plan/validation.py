@@ -26,6 +26,8 @@ from mcp_planner.plan.model import (
     MAX_BACKOFF,
     MAX_DESCRIPTION_CHARS,
     MAX_DURATION_MS,
+    MAX_ITEMS,
+    MAX_OUTPUTS,
     MAX_PARALLEL_CAP,
     MAX_PARAMETERS_BYTES,
     MAX_RETRIES,
@@ -34,7 +36,11 @@ from mcp_planner.plan.model import (
     Step,
     gc_paused,
 )
-from mcp_planner.plan.templating import analyse_template, is_template, template_strings
+from mcp_planner.plan.templating import (
+    analyse_template,
+    is_template,
+    template_strings,
+)
 
 Catalog = Mapping[str, dict[str, Any] | None]
 
@@ -82,9 +88,11 @@ def _problems(plan: ExecutionPlan, catalog: Catalog | None, max_steps: int) -> l
             )
         )
     problems.extend(_option_problems(plan))
+    problems.extend(_input_problems(plan))
 
     ids = [s.id for s in plan.steps]
     known = set(ids)
+    inputs = _declared_inputs(plan)
     counts = Counter(ids)
     reported_duplicates: set[str] = set()
     budget = _Budget()
@@ -104,10 +112,12 @@ def _problems(plan: ExecutionPlan, catalog: Catalog | None, max_steps: int) -> l
         problems.extend(_dependency_problems(step, known, budget))
         problems.extend(_number_problems(step))
         problems.extend(_size_problems(step))
-        problems.extend(_template_problems(step, known, budget))
+        problems.extend(_language_problems(step))
+        problems.extend(_template_problems(step, known, inputs, budget))
         if catalog is not None:
             problems.extend(_tool_problems(step, catalog, budget, validators))
     problems.extend(_cycle_problems(plan))
+    problems.extend(_output_problems(plan, known, inputs, budget))
     return problems
 
 
@@ -288,16 +298,31 @@ def _cycle_problems(plan: ExecutionPlan) -> list[Problem]:
 # -- templates --------------------------------------------------------------------------------------------
 
 
-def _template_problems(step: Step, known: set[str], budget: _Budget) -> Iterator[Problem]:
-    for field, text in template_strings(step.parameters):
+def _step_templates(step: Step) -> Iterator[tuple[str, str]]:
+    """(field, text) of every template of a step: its parameters, `for_each`, `when` and `fail_if`."""
+    yield from template_strings(step.parameters)
+    for field, value in step.language_templates().items():
+        yield from template_strings(value, field)
+
+
+def _template_problems(
+    step: Step, known: set[str], inputs: set[str] | None, budget: _Budget
+) -> Iterator[Problem]:
+    for field, text in _step_templates(step):
         analysis = analyse_template(text)
         if analysis.syntax_error is not None:
             yield Problem(step.id, field, f"template syntax error in {text!r}: {analysis.syntax_error}")
             continue
         for name in analysis.unknown_names:
             yield Problem(
-                step.id, field, f"template {text!r} uses {name!r}: only steps.<id>.result/.text/.json exist"
+                step.id,
+                field,
+                f"template {text!r} uses {name!r}: a template sees steps.<id> (.result, .text, .json, "
+                ".status, .error, .items), inputs.<name>, item and item_index (for_each) and result "
+                "(fail_if)",
             )
+        yield from _misplaced_names(step, field, text, analysis.names)
+        yield from _input_ref_problems(step.id, field, text, analysis.input_refs, inputs, budget)
         for ref in sorted(analysis.refs):
             if ref == step.id:
                 yield Problem(step.id, field, f"template {text!r} refers to the step's own result")
@@ -316,6 +341,134 @@ def _template_problems(step: Step, known: set[str], budget: _Budget) -> Iterator
                     f"template {text!r} uses step {ref!r} but the step does not depend on it: "
                     f"add {ref!r} to depends_on",
                 )
+
+
+def _misplaced_names(step: Step, field: str, text: str, names: frozenset[str]) -> Iterator[Problem]:
+    in_check = field == "fail_if"
+    if names & {"item", "item_index"} and (
+        step.for_each is None or not (in_check or field.startswith("param"))
+    ):
+        where = "a step without for_each" if step.for_each is None else field
+        yield Problem(
+            step.id,
+            field,
+            f"template {text!r} uses item/item_index, which exist only in the parameters and "
+            f"fail_if of a for_each step, not in {where}",
+        )
+    if "result" in names and not in_check:
+        yield Problem(
+            step.id,
+            field,
+            f"template {text!r} uses 'result', which exists only in fail_if: use steps.<id>.result for "
+            "another step's result",
+        )
+
+
+def _input_ref_problems(
+    step_id: str | None, field: str, text: str, refs: frozenset[str], inputs: set[str] | None, budget: _Budget
+) -> Iterator[Problem]:
+    for ref in sorted(refs):
+        if inputs is None:
+            yield Problem(
+                step_id,
+                field,
+                f"template {text!r} uses inputs.{ref}, but the plan declares no inputs: add "
+                f'"inputs": {{"properties": {{"{ref}": {{...}}}}}} to the plan',
+            )
+        elif ref not in inputs:
+            hint = budget.suggest(ref, inputs) or (
+                f"; the inputs are {', '.join(map(repr, sorted(inputs)))}" if inputs else ""
+            )
+            yield Problem(
+                step_id, field, f"template {text!r} uses input {ref!r}, which is not declared{hint}"
+            )
+
+
+def _language_problems(step: Step) -> Iterator[Problem]:
+    """`for_each`, `when`, `fail_if` and the item settings: their shapes and numbers."""
+    each = step.for_each
+    if isinstance(each, str) and not is_template(each):
+        yield Problem(
+            step.id,
+            "for_each",
+            f"for_each is the text {each!r}: give a list, or a template that gives one, e.g. "
+            '"{{ steps.ls.result.files }}"',
+        )
+    elif isinstance(each, list) and len(each) > MAX_ITEMS:
+        yield Problem(step.id, "for_each", _above(len(each), MAX_ITEMS, " items"))
+    for name in ("when", "fail_if"):
+        value = getattr(step, name)
+        if value is not None and not value.strip():
+            yield Problem(step.id, name, f"{name} is empty: remove it or give a condition")
+    if step.max_parallel_items < 0:
+        yield Problem(step.id, "max_parallel_items", f"{step.max_parallel_items} is negative: use 0 or more")
+    elif step.max_parallel_items > MAX_PARALLEL_CAP:
+        yield Problem(step.id, "max_parallel_items", _above(step.max_parallel_items, MAX_PARALLEL_CAP))
+    if each is None:
+        for name in ("max_parallel_items", "allow_item_failures"):
+            if getattr(step, name):
+                yield Problem(step.id, name, f"{name} applies only to a step with for_each")
+
+
+# -- inputs and outputs -----------------------------------------------------------------------------------
+
+
+def _declared_inputs(plan: ExecutionPlan) -> set[str] | None:
+    """The names of the plan's inputs (its schema's properties); None when it declares no inputs."""
+    if plan.inputs is None:
+        return None
+    properties = plan.inputs.get("properties")
+    return set(properties) if isinstance(properties, dict) else set()
+
+
+def _input_problems(plan: ExecutionPlan) -> Iterator[Problem]:
+    """The inputs schema is a valid JSON Schema of an object, and the values satisfy it."""
+    schema = plan.inputs
+    if schema is None:
+        if plan.input_values:
+            names = ", ".join(map(repr, sorted(plan.input_values)))
+            yield Problem(None, "inputs", f"values were given for {names}, but the plan declares no inputs")
+        return
+    if schema.get("type", "object") != "object":
+        yield Problem(None, "inputs", 'the inputs schema must describe an object: "type": "object"')
+        return
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    try:
+        cls.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        yield Problem(None, "inputs", f"the inputs schema is not a valid JSON Schema: {exc.message}")
+        return
+    for error in sorted(cls(schema).iter_errors(plan.input_values), key=lambda e: e.json_path):
+        message = error.message if len(error.message) <= 300 else error.message[:297] + "..."
+        yield Problem(None, "inputs" + error.json_path[1:], f"input values: {message}")
+
+
+def _output_problems(
+    plan: ExecutionPlan, known: set[str], inputs: set[str] | None, budget: _Budget
+) -> Iterator[Problem]:
+    if len(plan.outputs) > MAX_OUTPUTS:
+        yield Problem(None, "outputs", _above(len(plan.outputs), MAX_OUTPUTS, " outputs"))
+    for name, text in plan.outputs.items():
+        field = f"outputs.{name}"
+        if not is_template(text):
+            continue  # a constant is a valid, if dull, output
+        analysis = analyse_template(text)
+        if analysis.syntax_error is not None:
+            yield Problem(None, field, f"template syntax error in {text!r}: {analysis.syntax_error}")
+            continue
+        extra = analysis.names - {"steps", "inputs"}
+        for bad in sorted(set(analysis.unknown_names) | extra):
+            yield Problem(
+                None, field, f"template {text!r} uses {bad!r}: an output sees steps.<id> and inputs"
+            )
+        yield from _input_ref_problems(None, field, text, analysis.input_refs, inputs, budget)
+        for ref in sorted(analysis.refs - known):
+            yield Problem(
+                None,
+                field,
+                f"template {text!r} refers to step {ref!r}, which does not exist"
+                + budget.suggest(ref, known),
+            )
 
 
 # -- tools and parameter schemas --------------------------------------------------------------------------

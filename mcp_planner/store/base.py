@@ -137,12 +137,14 @@ class Store(Protocol):
         steps: Sequence[Step],
         events: Sequence[Event] = (),
         *,
+        items: Sequence[tuple[Step, int]] = (),
         release: str | None = None,
     ) -> None:
         """Write the plan's own fields, the given steps only, and append `events`: the executor's hot path.
 
-        The same compare-and-set as `save_plan`. `release`: also drop that owner's claim, in the same
-        transaction (a run's last commit).
+        The same compare-and-set as `save_plan`. `items`: the `for_each` items that changed, as (step,
+        position); a step's items are stored apart from it, so a step of many items is not rewritten whole
+        for each. `release`: also drop that owner's claim, in the same transaction (a run's last commit).
         """
         ...
 

@@ -17,6 +17,7 @@ from mcp_planner.plan.model import (
     PlanStatus,
     PlanSummary,
     Step,
+    StepItem,
     StepStatus,
     gc_paused,
     utcnow,
@@ -52,6 +53,7 @@ class MemoryStore:
         self._revisions: dict[str, int] = {}
         self._steps: dict[str, dict[str, str]] = {}
         self._statuses: dict[str, dict[str, StepStatus]] = {}
+        self._items: dict[str, dict[str, dict[int, str]]] = {}  # plan -> step -> position -> item JSON
         self._events: dict[str, list[Event]] = {}
         self._claims: dict[str, Claim] = {}
         self._runs: dict[str, RunRecord] = {}  # in order of submission
@@ -69,6 +71,9 @@ class MemoryStore:
         self._compare_and_advance(plan)
         self._steps[plan.id] = {s.id: s.model_dump_json() for s in plan.steps}
         self._statuses[plan.id] = {s.id: s.status for s in plan.steps}
+        self._items[plan.id] = {
+            s.id: {i: item.model_dump_json() for i, item in enumerate(s.items)} for s in plan.steps if s.items
+        }
         self._heads[plan.id] = plan.model_dump_json(exclude={"steps"})
         self._append(events)
 
@@ -78,6 +83,7 @@ class MemoryStore:
         steps: Sequence[Step],
         events: Sequence[Event] = (),
         *,
+        items: Sequence[tuple[Step, int]] = (),
         release: str | None = None,
     ) -> None:
         if release is not None:
@@ -93,6 +99,9 @@ class MemoryStore:
         for step in steps:
             stored[step.id] = step.model_dump_json()
             statuses[step.id] = step.status
+        for step, i in items:
+            assert step.items is not None
+            self._items[plan.id].setdefault(step.id, {})[i] = step.items[i].model_dump_json()
         self._append(events)
 
     async def start_run(
@@ -128,6 +137,11 @@ class MemoryStore:
             plan = ExecutionPlan.model_validate_json(self._heads[plan_id])
             plan.__dict__["revision"] = self._revisions[plan_id]
             plan.steps = [Step.model_validate_json(raw) for raw in self._steps[plan_id].values()]
+            items = self._items.get(plan_id, {})
+            for step in plan.steps:
+                if step.id in items:
+                    stored = items[step.id]
+                    step.items = [StepItem.model_validate_json(stored[i]) for i in sorted(stored)]
         return plan
 
     async def get_plan(self, plan_id: str) -> ExecutionPlan:

@@ -45,9 +45,11 @@ from mcp_planner.plan.model import (
     PlanStatus,
     PlanSummary,
     Step,
+    StepItem,
     StepSummary,
     gc_paused,
     make_summary,
+    set_fields,
     utcnow,
 )
 from mcp_planner.store.base import (
@@ -74,6 +76,7 @@ _WRITE_ATTEMPTS = 5
 #: Steps parsed at once when a plan is read.
 _LOAD_CHUNK = 1000
 _STEPS = TypeAdapter(list[Step])
+_ITEMS = TypeAdapter(list[StepItem])
 #: The largest write (bytes of rows) that may run on the event loop's thread.
 INLINE_MAX_BYTES = 64 * 1024
 #: Calls between two WAL checkpoints (SQLite's own default is about every 1000 pages written).
@@ -141,6 +144,16 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         END""",
         "INSERT INTO step_counts SELECT plan_id, status, COUNT(*) FROM steps GROUP BY plan_id, status",
     ),
+    # The items of `for_each` steps, one row each: a run writes an item's change, never the whole list.
+    (
+        """CREATE TABLE step_items (
+            plan_id TEXT NOT NULL,
+            step_id TEXT NOT NULL,
+            item INTEGER NOT NULL,
+            data TEXT NOT NULL,
+            PRIMARY KEY (plan_id, step_id, item)
+        ) WITHOUT ROWID""",
+    ),
 )
 
 _INSERT_PLAN = """
@@ -155,7 +168,8 @@ WHERE id = ?1 AND revision = ?7
 _COUNTS = "SELECT status, n FROM step_counts WHERE plan_id = ?"
 _SUMMARY_HEAD = """
 SELECT status, json_extract(header, '$.description'), json_extract(header, '$.error'),
-    json_extract(header, '$.total_duration_ms')
+    json_extract(header, '$.total_duration_ms'), json_extract(header, '$.output_values'),
+    json_extract(header, '$.output_errors')
 FROM plans WHERE id = ?
 """
 #: `ATTENTION_ORDER`, then plan order: the steps a short summary lists.
@@ -166,6 +180,7 @@ FROM steps WHERE plan_id = ?
 ORDER BY CASE status {" ".join(f"WHEN '{s.value}' THEN {i}" for i, s in enumerate(ATTENTION_ORDER))} END, idx
 LIMIT ?
 """
+_UPSERT_ITEM = "INSERT OR REPLACE INTO step_items (plan_id, step_id, item, data) VALUES (?, ?, ?, ?)"
 #: Takes a `_step_rows` row, as the insert does.
 _UPDATE_STEP = "UPDATE steps SET status = ?4, data = ?5 WHERE plan_id = ?1 AND step_id = ?2 AND idx = ?3"
 _INSERT_EVENT = """
@@ -205,6 +220,19 @@ def _step_rows(plan_id: str, steps: Sequence[Step]) -> list[tuple[str, str, int,
     return [(plan_id, s.id, s.index, s.status, s.model_dump_json()) for s in steps]
 
 
+def _item_rows(plan_id: str, items: Sequence[tuple[Step, int]]) -> list[tuple[str, str, int, str]]:
+    """Rows of the given items (a `for_each` step and an item's position in it)."""
+    rows = []
+    for step, i in items:
+        assert step.items is not None
+        rows.append((plan_id, step.id, i, step.items[i].model_dump_json()))
+    return rows
+
+
+def _all_item_rows(plan_id: str, steps: Sequence[Step]) -> list[tuple[str, str, int, str]]:
+    return _item_rows(plan_id, [(s, i) for s in steps if s.items for i in range(len(s.items))])
+
+
 def _event_rows(events: Sequence[Event]) -> list[dict[str, Any]]:
     return [
         {
@@ -234,6 +262,7 @@ def _load_plan(conn: sqlite3.Connection, plan_id: str) -> ExecutionPlan | None:
             while chunk := rows.fetchmany(_LOAD_CHUNK):
                 # One parse of many steps is much faster than one parse per step.
                 plan.steps.extend(_STEPS.validate_json(f"[{','.join(r[0] for r in chunk)}]"))
+            _attach_items(conn, plan)
     except ValueError as exc:
         raise StoreError(
             f"plan {plan_id!r} is stored but cannot be read ({exc.__class__.__name__}): it was written by "
@@ -242,14 +271,36 @@ def _load_plan(conn: sqlite3.Connection, plan_id: str) -> ExecutionPlan | None:
     return plan
 
 
+def _attach_items(conn: sqlite3.Connection, plan: ExecutionPlan) -> None:
+    rows = conn.execute(
+        "SELECT step_id, data FROM step_items WHERE plan_id = ? ORDER BY step_id, item", (plan.id,)
+    ).fetchall()
+    if not rows:
+        return
+    by_step: dict[str, list[str]] = {}
+    for step_id, data in rows:
+        by_step.setdefault(step_id, []).append(data)
+    for step in plan.steps:
+        if step.id in by_step:
+            set_fields(step, items=_ITEMS.validate_json(f"[{','.join(by_step[step.id])}]"))
+
+
 def _write_plan(
-    conn: sqlite3.Connection, plan_row: tuple[str, ...], steps: list[tuple[Any, ...]], revision: int
+    conn: sqlite3.Connection,
+    plan_row: tuple[str, ...],
+    steps: list[tuple[Any, ...]],
+    revision: int,
+    items: list[tuple[Any, ...]],
 ) -> None:
-    """Write the plan header and all its steps if the stored revision is still `revision` (0: new)."""
+    """Write the plan header, all its steps and their items if the stored revision is still `revision`
+    (0: new)."""
     _write_header(conn, plan_row, revision)
     plan_id = plan_row[0]
     conn.execute("DELETE FROM steps WHERE plan_id = ?", (plan_id,))
     conn.executemany("INSERT INTO steps (plan_id, step_id, idx, status, data) VALUES (?, ?, ?, ?, ?)", steps)
+    if revision:
+        conn.execute("DELETE FROM step_items WHERE plan_id = ?", (plan_id,))
+    conn.executemany(_UPSERT_ITEM, items)
     conn.execute("DELETE FROM step_counts WHERE plan_id = ?", (plan_id,))
     conn.execute(
         "INSERT INTO step_counts SELECT plan_id, status, COUNT(*) FROM steps WHERE plan_id = ? "
@@ -268,8 +319,9 @@ def _write_header(conn: sqlite3.Connection, plan_row: tuple[str, ...], revision:
         raise PlanConflictError(plan_row[0])
 
 
-def _size(plan_row: tuple[str, ...], steps: list[tuple[Any, ...]], events: list[dict[str, Any]]) -> int:
-    """About how many bytes a write stores: its JSON texts (the header, the steps', the events')."""
+def _size(plan_row: tuple[str, ...], steps: Sequence[tuple[Any, ...]], events: list[dict[str, Any]]) -> int:
+    """About how many bytes a write stores: its JSON texts (the header, the steps' and items', the
+    events')."""
     return len(plan_row[-1]) + sum(len(row[-1]) for row in steps) + sum(len(e["data"]) for e in events)
 
 
@@ -558,11 +610,12 @@ class PlanStore(SqliteRunQueue):
         """
         plan_row = _plan_row(plan)
         step_rows = _step_rows(plan.id, plan.steps)
+        item_rows = _all_item_rows(plan.id, plan.steps)
         event_rows = _event_rows(events)
         revision = plan.revision
 
         def body(conn: sqlite3.Connection) -> None:
-            _write_plan(conn, plan_row, step_rows, revision)
+            _write_plan(conn, plan_row, step_rows, revision, item_rows)
             _write_events(conn, event_rows)
 
         await self._run(lambda c: in_write(c, body))
@@ -574,10 +627,11 @@ class PlanStore(SqliteRunQueue):
         steps: Sequence[Step],
         events: Sequence[Event] = (),
         *,
+        items: Sequence[tuple[Step, int]] = (),
         release: str | None = None,
     ) -> None:
-        """Write the plan's own fields, the given steps only, and append `events`, in one transaction;
-        with `release`, drop that owner's claim in it too.
+        """Write the plan's own fields, the given steps and items only, and append `events`, in one
+        transaction; with `release`, drop that owner's claim in it too.
 
         Only the plan header and the given steps are serialised: this is the executor's hot path. A plan
         not stored yet is written whole. A compare-and-set on `plan.revision`, like `save_plan`.
@@ -588,21 +642,24 @@ class PlanStore(SqliteRunQueue):
         """
         plan_row = _plan_row(plan)
         step_rows = _step_rows(plan.id, steps)
+        item_rows = _item_rows(plan.id, items)
         event_rows = _event_rows(events)
         revision = plan.revision
 
         def body(conn: sqlite3.Connection) -> None:
             if revision == 0:
-                _write_plan(conn, plan_row, _step_rows(plan.id, plan.steps), revision)
+                whole = _step_rows(plan.id, plan.steps)
+                _write_plan(conn, plan_row, whole, revision, _all_item_rows(plan.id, plan.steps))
             else:
                 _write_header(conn, plan_row, revision)
                 if conn.executemany(_UPDATE_STEP, step_rows).rowcount != len(step_rows):
                     raise StoreError(f"plan {plan.id!r}: a transition names a step that is not stored")
+                conn.executemany(_UPSERT_ITEM, item_rows)
             _write_events(conn, event_rows)
             if release is not None:
                 _release(conn, plan.id, release)
 
-        small = revision != 0 and _size(plan_row, step_rows, event_rows) <= INLINE_MAX_BYTES
+        small = revision != 0 and _size(plan_row, step_rows + item_rows, event_rows) <= INLINE_MAX_BYTES
         await self._run(lambda c: in_write(c, body), inline=small)
         plan.__dict__["revision"] = revision + 1
 
@@ -683,8 +740,18 @@ class PlanStore(SqliteRunQueue):
                 )
                 for _, step_id, status, tool, ms, error, retries in sorted(rows)
             ]
-            status, description, error, duration_ms = head
-            return make_summary(plan_id, description, status, error, duration_ms, counts, steps)
+            status, description, error, duration_ms, outputs, output_errors = head
+            return make_summary(
+                plan_id,
+                description,
+                status,
+                error,
+                duration_ms,
+                counts,
+                steps,
+                json.loads(outputs) if outputs else None,
+                json.loads(output_errors) if output_errors else None,
+            )
 
         summary = await self._run(lambda c: in_read(c, body))
         if summary is None:
@@ -773,17 +840,18 @@ class PlanStore(SqliteRunQueue):
         """
         plan_row = _plan_row(plan)
         step_rows = _step_rows(plan.id, plan.steps)
+        item_rows = _all_item_rows(plan.id, plan.steps)
         event_rows = _event_rows(events)
         revision = plan.revision
 
         def body(conn: sqlite3.Connection) -> Claim | None:
             holder = _claim(conn, plan.id, owner, stale_after)
             if holder is None:
-                _write_plan(conn, plan_row, step_rows, revision)
+                _write_plan(conn, plan_row, step_rows, revision, item_rows)
                 _write_events(conn, event_rows)
             return holder
 
-        small = _size(plan_row, step_rows, event_rows) <= INLINE_MAX_BYTES
+        small = _size(plan_row, step_rows + item_rows, event_rows) <= INLINE_MAX_BYTES
         holder = await self._run(lambda c: in_write(c, body), inline=small)
         if holder is None:
             plan.__dict__["revision"] = revision + 1
