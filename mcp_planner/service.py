@@ -15,7 +15,7 @@ import functools
 import inspect
 import logging
 import math
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Concatenate, Literal, ParamSpec, Self, TypeVar, get_args
 
@@ -227,8 +227,11 @@ class PlannerService:
 
     # -- creating and changing plans -----------------------------------------------------------------
 
-    async def create_plan(self, spec: PlanSpec, *, created_by: str = "agent") -> ExecutionPlan:
-        """Validate and store a plan a caller wrote; it starts `pending_approval` or auto-`approved`.
+    async def create_plan(
+        self, spec: PlanSpec, values: Mapping[str, Any] | None = None, *, created_by: str = "agent"
+    ) -> ExecutionPlan:
+        """Validate and store a plan a caller wrote, with the values of its inputs (checked against its
+        `inputs` schema, defaults filled in); it starts `pending_approval` or auto-`approved`.
 
         Bare tool names are qualified (`server.tool`) when exactly one server offers them; dependencies
         are inferred from `{{ steps.<id> }}` references.
@@ -236,7 +239,7 @@ class PlannerService:
         Raises:
             PlanValidationError: with every problem; nothing is stored.
         """
-        plan = ExecutionPlan.from_spec(spec)
+        plan = ExecutionPlan.from_spec(spec, values)
         await self._check(plan)
         return await self._store_new(plan, source="create_plan", by=created_by)
 
@@ -279,9 +282,11 @@ class PlannerService:
             description=plan.description if description is None else description,
             steps=list(steps),
             options=plan.options if options is None else options,
+            inputs=plan.inputs,
+            outputs=plan.outputs,
             metadata=metadata,
         )
-        updated = ExecutionPlan.from_spec(spec)
+        updated = ExecutionPlan.from_spec(spec, plan.input_values)
         updated.id = plan.id
         updated.created_at = plan.created_at
         updated.revision = plan.revision
