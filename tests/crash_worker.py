@@ -3,6 +3,8 @@
     python tests/crash_worker.py run DB LOG PLAN_ID HOLD_AFTER
     python tests/crash_worker.py resume DB LOG PLAN_ID
 
+A PLAN_ID starting with "items" runs a `for_each` step of 40 items instead (`build_items_plan`).
+
 Every tool call appends "<step_id>" to LOG (fsync'd) before it returns, so the log records every call the
 plan made, including calls whose outcome a kill left uncommitted. In `run`, call number HOLD_AFTER and every
 later call never return, so the plan is certainly still executing when the test, having seen HOLD_AFTER
@@ -24,8 +26,16 @@ STEPS = 50
 WIDTH = 5
 
 
+ITEMS = 40
+
+
 def build_plan(plan_id: str) -> ExecutionPlan:
-    """Ten layers of five; each step depends on one or two steps of the layer before and uses a result."""
+    """Ten layers of five; each step depends on one or two steps of the layer before and uses a result.
+
+    A plan id starting with "items" gives instead one `for_each` step of 40 items, then a step using its
+    result."""
+    if plan_id.startswith("items"):
+        return build_items_plan(plan_id)
     plan = ExecutionPlan(id=plan_id, description="crash test: 50 steps")
     plan.options.require_approval = False
     plan.options.allow_parallel = True
@@ -39,6 +49,19 @@ def build_plan(plan_id: str) -> ExecutionPlan:
             if col % 2:
                 params["also"] = f"{{{{ steps.s{(layer - 1) * WIDTH + (col + 1) % WIDTH}.result.id }}}}"
         plan.add_step("work", f"step {n}", params, step_id=f"s{n}")
+    return plan
+
+
+def build_items_plan(plan_id: str) -> ExecutionPlan:
+    plan = ExecutionPlan(id=plan_id, description="crash test: 40 items")
+    plan.options.require_approval = False
+    plan.options.allow_parallel = True
+    plan.options.max_parallel_steps = 4
+    each = plan.add_step("work", "each item", {"id": "i{{ item }}"}, step_id="each")
+    each.for_each = list(range(ITEMS))
+    plan.add_step(
+        "work", "after", {"id": "after", "prev": "{{ steps.each.result | length }}"}, step_id="after"
+    )
     return plan
 
 

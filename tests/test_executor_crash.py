@@ -34,10 +34,10 @@ def logged_calls(log: Path) -> list[str]:
     return [line for line in text.split("\n")[:-1]]  # a torn last line is not a call yet
 
 
-def load(db: Path) -> ExecutionPlan:
+def load(db: Path, plan_id: str = PLAN_ID) -> ExecutionPlan:
     async def read() -> ExecutionPlan:
         async with PlanStore.open(db) as store:
-            return await store.get_plan(PLAN_ID)
+            return await store.get_plan(plan_id)
 
     return anyio.run(read)
 
@@ -100,3 +100,53 @@ def test_a_killed_run_resumes_without_rerunning_any_completed_step(tmp_path: Pat
     assert set(calls) == {s.id for s in final.steps}
     for step_id in done_at_kill:
         assert calls[step_id] == 1, f"step {step_id} was completed before the kill and ran again"
+
+
+@pytest.mark.parametrize("kill_after", [1, 6, 17, 30])
+def test_a_killed_for_each_resumes_without_rerunning_any_completed_item(
+    tmp_path: Path, kill_after: int
+) -> None:
+    """Items are durable like steps: a completed item is never called again, and the results come back whole
+    and in item order."""
+    db, log, plan_id = tmp_path / "plans.db", tmp_path / "calls.log", "items-plan"
+    worker = subprocess.Popen(
+        [sys.executable, WORKER, "run", str(db), str(log), plan_id, str(kill_after)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len(logged_calls(log)) < kill_after:
+            assert worker.poll() is None, f"the worker ended before the kill point: {worker.stderr.read()!r}"  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "the worker made no progress in 30 s"
+            time.sleep(0.001)
+        worker.send_signal(signal.SIGKILL)
+    finally:
+        worker.kill()
+        worker.wait(10)
+        assert worker.stderr is not None
+        worker.stderr.close()
+
+    at_kill = load(db, plan_id)
+    assert at_kill.status == PlanStatus.EXECUTING
+    items = at_kill.step("each").items
+    assert items is not None and len(items) == 40
+    done_at_kill = [f"i{i}" for i, item in enumerate(items) if item.status == StepStatus.COMPLETED]
+
+    resumed = subprocess.run(
+        [sys.executable, WORKER, "resume", str(db), str(log), plan_id],
+        capture_output=True,
+        text=True,
+        timeout=45,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+
+    final = load(db, plan_id)
+    assert final.status == PlanStatus.COMPLETED
+    each = final.step("each")
+    assert each.result is not None
+    assert [r["id"] for r in each.result.structured] == [f"i{i}" for i in range(40)]
+    assert final.step("after").result.structured["prev"] == 40  # type: ignore[union-attr]
+    calls = Counter(logged_calls(log))
+    for item_id in done_at_kill:
+        assert calls[item_id] == 1, f"item {item_id} was completed before the kill and ran again"
