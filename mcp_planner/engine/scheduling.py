@@ -677,7 +677,7 @@ class Run:
             else:
                 self.prepared[pos] = True
                 if message.items is not None:
-                    set_fields(step, items=[StepItem(value=v) for v in message.items])
+                    step.items = [StepItem(value=v) for v in message.items]
                     rnd.items.extend((step, i) for i in range(len(message.items)))
                     self._queue_items(pos)
                 self._push(pos)

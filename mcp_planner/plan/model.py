@@ -309,6 +309,10 @@ class StepItem(_Lean):
 
 class Step(_Lean):
     model_config = ConfigDict(validate_assignment=True, allow_inf_nan=False)
+    #: `items` lives in a slot, not a field: the store keeps items apart from their step (`Store` writes each
+    #: item's change on its own, so a step of 10,000 items is never rewritten whole per item), and a 22nd
+    #: field would grow every step's `__dict__` from 464 to 832 bytes.
+    __slots__ = ("_items",)
 
     id: str
     index: int = 0
@@ -331,9 +335,15 @@ class Step(_Lean):
     allow_item_failures: bool = False
     when: str | None = None
     fail_if: str | None = None
-    #: A `for_each` step's items once its list is known (stored apart from the step: `Store` writes each
-    #: item's changes on its own, so a step of 10,000 items is never rewritten whole per item).
-    items: list[StepItem] | None = Field(default=None, exclude=True)
+
+    @property
+    def items(self) -> list[StepItem] | None:
+        """A `for_each` step's items once its list is known (None before, and for other steps)."""
+        return getattr(self, "_items", None)
+
+    @items.setter
+    def items(self, value: list[StepItem] | None) -> None:
+        object.__setattr__(self, "_items", value)
 
     def reset(self, *, keep_items: bool = False) -> None:
         """Back to `pending`, as resume does for a step that did not complete.
@@ -352,7 +362,7 @@ class Step(_Lean):
             retry_count=0,
         )
         if not keep_items:
-            set_fields(self, items=None)
+            self.items = None
         elif self.items:
             for item in self.items:
                 if item.status != StepStatus.COMPLETED:

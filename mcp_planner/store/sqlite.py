@@ -49,7 +49,6 @@ from mcp_planner.plan.model import (
     StepSummary,
     gc_paused,
     make_summary,
-    set_fields,
     utcnow,
 )
 from mcp_planner.store.base import (
@@ -282,7 +281,7 @@ def _attach_items(conn: sqlite3.Connection, plan: ExecutionPlan) -> None:
         by_step.setdefault(step_id, []).append(data)
     for step in plan.steps:
         if step.id in by_step:
-            set_fields(step, items=_ITEMS.validate_json(f"[{','.join(by_step[step.id])}]"))
+            step.items = _ITEMS.validate_json(f"[{','.join(by_step[step.id])}]")
 
 
 def _write_plan(
