@@ -203,6 +203,9 @@ class Executor:
         now = utcnow()
         events = []
         for step in plan.steps:
+            for item in step.items or ():
+                if item.status in (StepStatus.PENDING, StepStatus.RUNNING):
+                    _set(item, status=StepStatus.SKIPPED, error=f"not run: {reason}")
             if step.status in (StepStatus.PENDING, StepStatus.RUNNING):
                 step.status = StepStatus.SKIPPED
                 step.error = f"not run: {reason}"
