@@ -180,7 +180,8 @@ def truthy(value: Any) -> bool:
 
 class _StepView(TextLike, Mapping[str, Any]):
     """`steps.<id>` inside a template: `result`, `text`, `json` (the text parsed, on demand), `status`,
-    `error`, and for a `for_each` step `items` (each item's value, status, error and retries).
+    `error`, and for a `for_each` step `items` (each item's index, value as `item`, status, error and
+    retries).
 
     Printed (`{{ steps.x }}`, `'%s' % steps.x`), it is the step's text.
     """
@@ -221,8 +222,14 @@ class _StepView(TextLike, Mapping[str, Any]):
             if step is None or step.items is None:
                 return []
             return [
-                {"item": i.value, "status": i.status.value, "error": i.error, "retries": i.retry_count}
-                for i in step.items
+                {
+                    "index": n,
+                    "item": i.value,
+                    "status": i.status.value,
+                    "error": i.error,
+                    "retries": i.retry_count,
+                }
+                for n, i in enumerate(step.items)
             ]
         raise KeyError(key)
 
