@@ -14,6 +14,7 @@
         ├── ToolNotFoundError    no such tool (not retried)
         ├── TemplateError        a parameter template failed to render (not retried)
         ├── ParameterError       rendered parameters break the tool's schema (not retried)
+        ├── LLMNotConfiguredError  `planner.llm` was called with no LLM provider (not retried)
         ├── ToolCallError        the tool answered with an error (retried)
         ├── DownstreamError      transport failure, dead or unreachable server (retried)
         └── StepTimeoutError     an attempt ran past its timeout (retried)
@@ -124,6 +125,12 @@ class TemplateError(StepError):
 
 
 class ParameterError(StepError):
+    retryable = False
+
+
+class LLMNotConfiguredError(StepError):
+    """`planner.llm` was called but this planner has no LLM provider to ask."""
+
     retryable = False
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from mcp_planner.engine.builtins import BUILTIN_SERVER
 from mcp_planner.engine.tools import ToolInfo, ToolProvider
 from mcp_planner.errors import DownstreamError, PlannerError
 from mcp_planner.plan.model import MAX_STEPS, PlanStatus, StepResult, utcnow
@@ -254,8 +255,11 @@ class CachedCatalog:
 
 
 async def publish_catalog(store: QueueStore, servers: str | None, tools: ToolProvider) -> None:
-    """Store `tools`' catalog under `servers`, for `CachedCatalog`."""
-    entries = [dataclasses.asdict(info) for info in tools.catalog().values()]
+    """Store `tools`' catalog under `servers`, for `CachedCatalog`.
+
+    The built-in tools are left out: whoever reads the catalog adds its own (`engine.builtins`).
+    """
+    entries = [dataclasses.asdict(info) for info in tools.catalog().values() if info.server != BUILTIN_SERVER]
     await store.save_catalog(servers, entries)
 
 

@@ -22,6 +22,7 @@ from typing import Any, Concatenate, Literal, ParamSpec, Self, TypeVar, get_args
 import anyio
 
 from mcp_planner.engine.admission import check_can_execute, check_can_resume
+from mcp_planner.engine.builtins import with_builtins
 from mcp_planner.engine.tools import ServerStatus, StatusReporter, ToolInfo, ToolProvider, schema_catalog
 from mcp_planner.errors import (
     PlanChangedError,
@@ -147,7 +148,7 @@ class PlannerService:
         if approval not in APPROVAL_POLICIES:
             raise ValueError(f"approval policy must be one of {APPROVAL_POLICIES}, not {approval!r}")
         self.store = store
-        self.tools = tools
+        self.tools = with_builtins(tools)
         self.approval: ApprovalPolicy = approval  # type: ignore[assignment]
         self.owner = owner or new_owner_id()
         self.stale_after = stale_after
@@ -160,7 +161,7 @@ class PlannerService:
         from mcp_planner.engine.executor import Executor  # the engine loads with the service, not the server
 
         self._executor = Executor(
-            tools, store, owner=self.owner, stale_after=stale_after, max_steps=max_steps
+            self.tools, store, owner=self.owner, stale_after=stale_after, max_steps=max_steps
         )
         self._runner: Runner | None = None
         self._changed = anyio.Event()

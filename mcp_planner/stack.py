@@ -91,7 +91,8 @@ async def open_stack(
             )
         )
         _freeze_startup_objects()
-        yield Stack(store=store, tools=provider, service=service, servers_file=servers_file)
+        # The service's tools: the downstream ones and the built-in tools, as plans are validated against.
+        yield Stack(store=store, tools=service.tools, service=service, servers_file=servers_file)
 
 
 @asynccontextmanager

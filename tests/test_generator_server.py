@@ -15,6 +15,7 @@ import pytest
 from mcp import Client
 from mcp.client.session import ClientRequestContext
 
+from mcp_planner.engine.builtins import with_builtins
 from mcp_planner.engine.tools import ToolInfo
 from mcp_planner.errors import ToolNotFoundError
 from mcp_planner.generation.generator import render_planning_prompt
@@ -247,6 +248,6 @@ async def test_plan_task_prompt_renders_the_same_planning_prompt(mode: str, tmp_
     async with planner(tmp_path, tools, mode=mode) as client:
         result = await client.get_prompt("plan_task", {"task": "back up my todo note", "context": "daily"})
     texts = [m.content.text for m in result.messages if isinstance(m.content, types.TextContent)]
-    expected = render_planning_prompt(tools.catalog(), "back up my todo note", "daily")
+    expected = render_planning_prompt(with_builtins(tools).catalog(), "back up my todo note", "daily")
     assert texts == [expected]
     assert "call the `create_plan` tool" in expected and "## notes.read" in expected

@@ -421,7 +421,8 @@ async def test_list_tools_shows_the_catalog(tmp_path: Path) -> None:
     async with planner(tmp_path) as (client, _):
         result = await client.call_tool("list_tools", {})
         assert result.structured_content is not None
-        assert [t["name"] for t in result.structured_content["tools"]] == ["boom", "echo"]
+        names = [t["name"] for t in result.structured_content["tools"]]
+        assert names == ["boom", "echo", "planner.echo", "planner.llm"]
         unknown = await client.call_tool("list_tools", {"server": "nowhere"})
         assert unknown.is_error and "nowhere" in text(unknown)
 

@@ -34,6 +34,7 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from mcp_planner.engine.builtins import BUILTIN_SERVER, BUILTINS
 from mcp_planner.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -234,6 +235,11 @@ class ServersConfig(_Redacting):
                 raise ConfigError(f"{where}: server {name!r}: expected an object, got {type(raw).__name__}")
             if not name.strip():
                 raise ConfigError(f"{where}: a server has an empty name; give it a short identifier")
+            if name == BUILTIN_SERVER:
+                raise ConfigError(
+                    f"{where}: server {name!r}: {BUILTIN_SERVER!r} is reserved for the built-in tools "
+                    f"({', '.join(sorted(BUILTINS))}); give the server another name"
+                )
             unknown = sorted(set(raw) - _KNOWN_KEYS)
             if unknown:
                 logger.warning("%s: server %r: ignoring unknown field(s) %s", where, name, unknown)

@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 
 from mcp_planner.engine.admission import check_can_execute, check_can_resume
+from mcp_planner.engine.builtins import with_builtins
 from mcp_planner.engine.scheduling import CANCEL_GRACE_S, FINAL_SAVE_TIMEOUT_S, Hook, Hooks, Run
 from mcp_planner.engine.tools import ToolInfo, ToolProvider, as_provider
 from mcp_planner.errors import (
@@ -84,7 +85,7 @@ class Executor:
         stale_after: float = DEFAULT_STALE_AFTER,
         max_steps: int = MAX_STEPS,
     ) -> None:
-        self.provider = as_provider(tools)
+        self.provider = with_builtins(as_provider(tools))
         self.max_steps = max_steps
         self.store: Store = store if store is not None else MemoryStore()
         self.owner = owner or new_owner_id()
