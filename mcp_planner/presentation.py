@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from mcp_planner.engine.tools import ServerState, ServerStatus
 from mcp_planner.plan.model import (
+    CONDITION_FALSE,
     RESULT_PREVIEW_LIMIT,
     SUMMARY_STEPS,
     ExecutionOptions,
@@ -25,6 +26,7 @@ from mcp_planner.plan.model import (
     PlanStatus,
     PlanSummary,
     Step,
+    StepItem,
     StepResult,
     StepStatus,
     StepSummary,
@@ -38,6 +40,10 @@ PREVIEW_CHARS = 2048
 PAGE_STEPS = 100
 #: Plans with more steps than this get no Mermaid graph (nobody reads one that large).
 MERMAID_MAX_STEPS = 200
+#: How much of one output's value the text of a summary shows (the structured content has it whole).
+OUTPUT_CHARS = 2000
+#: How many failed items of a `for_each` step a view names, with their errors.
+FAILED_ITEMS = 3
 
 _STATUS_MARK = {
     StepStatus.PENDING: "·",
@@ -104,6 +110,22 @@ class ResultView(BaseModel):
     uri: str | None = Field(default=None, description="resource URI to read the whole result")
 
 
+class FailedItem(BaseModel):
+    index: int
+    value: str = Field(description="the item, as JSON (shortened)")
+    error: str | None = None
+    retry_count: int = 0
+
+
+class ItemsView(BaseModel):
+    """A for_each step's items, once its list is known."""
+
+    total: int
+    completed: int
+    failed: int
+    failed_items: list[FailedItem] = Field(default_factory=list, description="the first failed items")
+
+
 class StepView(BaseModel):
     id: str
     index: int
@@ -120,6 +142,12 @@ class StepView(BaseModel):
     completed_at: datetime | None = None
     duration_ms: int | None = None
     result: ResultView | None = None
+    for_each: list[Any] | str | None = None
+    max_parallel_items: int = 0
+    allow_item_failures: bool = False
+    items: ItemsView | None = None
+    when: str | None = None
+    fail_if: str | None = None
 
 
 class PlanView(BaseModel):
@@ -141,6 +169,11 @@ class PlanView(BaseModel):
     completed_at: datetime | None = None
     total_duration_ms: int | None = None
     progress: float
+    inputs: dict[str, Any] | None = Field(default=None, description="JSON Schema of the inputs")
+    input_values: dict[str, Any] = Field(default_factory=dict)
+    outputs: dict[str, str] = Field(default_factory=dict, description="name -> template")
+    output_values: dict[str, Any] = Field(default_factory=dict, description="as rendered at the end")
+    output_errors: dict[str, str] = Field(default_factory=dict, description="outputs not rendered, why")
     steps: list[StepView] = Field(description="the steps from `steps_offset` on, at most a page of them")
     steps_total: int = Field(description="how many steps the plan has")
     steps_offset: int = Field(default=0, description="the position of the first step listed")
@@ -208,6 +241,29 @@ def _non_text(result: StepResult) -> list[dict[str, Any]]:
     return [block for block in result.content if block.get("type") != "text"]
 
 
+def items_view(step: Step) -> ItemsView | None:
+    """A `for_each` step's item counts and first failed items (None before its list is known)."""
+    items = step.items
+    if items is None:
+        return None
+    failed = _failed_items(items)
+    return ItemsView(
+        total=len(items),
+        completed=sum(1 for item in items if item.status == StepStatus.COMPLETED),
+        failed=len(failed),
+        failed_items=[
+            FailedItem(
+                index=i, value=_json_line(item.value, 200), error=item.error, retry_count=item.retry_count
+            )
+            for i, item in failed[:FAILED_ITEMS]
+        ],
+    )
+
+
+def _failed_items(items: Sequence[StepItem]) -> list[tuple[int, StepItem]]:
+    return [(i, item) for i, item in enumerate(items) if item.status == StepStatus.FAILED]
+
+
 def step_view(plan_id: str, step: Step) -> StepView:
     return StepView(
         id=step.id,
@@ -225,6 +281,12 @@ def step_view(plan_id: str, step: Step) -> StepView:
         completed_at=step.completed_at,
         duration_ms=step.duration_ms,
         result=result_view(plan_id, step.id, step.result) if step.result is not None else None,
+        for_each=step.for_each,
+        max_parallel_items=step.max_parallel_items,
+        allow_item_failures=step.allow_item_failures,
+        items=items_view(step),
+        when=step.when,
+        fail_if=step.fail_if,
     )
 
 
@@ -251,6 +313,11 @@ def plan_view(plan: ExecutionPlan, offset: int = 0, limit: int | None = PAGE_STE
         completed_at=plan.completed_at,
         total_duration_ms=plan.total_duration_ms,
         progress=plan.summary().progress,
+        inputs=plan.inputs,
+        input_values=plan.input_values,
+        outputs=plan.outputs,
+        output_values=plan.output_values,
+        output_errors=plan.output_errors,
         steps=[step_view(plan.id, s) for s in plan.steps[offset:end]],
         steps_total=total,
         steps_offset=offset,
@@ -285,6 +352,8 @@ def plan_list(plans: list[ExecutionPlan]) -> PlanList:
 def mermaid(plan: ExecutionPlan) -> str:
     """A `flowchart TD` of the steps (edges from dependency to dependent), nodes coloured by status.
 
+    A `for_each` step's node says `for each ×<items>` (and how many failed), a step with a condition or a
+    check shows it, and the edges into a step with `when` are dashed: it may run whatever they did.
     Node ids are `s<index>` because step ids may hold characters Mermaid reserves; labels are quoted.
     """
     node = {s.id: f"s{i}" for i, s in enumerate(plan.steps)}
@@ -292,18 +361,43 @@ def mermaid(plan: ExecutionPlan) -> str:
     for status, style in _STATUS_STYLE.items():
         lines.append(f"  classDef {status.value} {style}")
     for i, s in enumerate(plan.steps):
-        label = _mermaid_text(f"{s.id}<br/>{s.tool_name}<br/>{s.status.value}")
+        label = "<br/>".join(_mermaid_text(part) for part in _node_lines(s))
         lines.append(f'  s{i}["{label}"]:::{s.status.value}')
     for i, s in enumerate(plan.steps):
+        arrow = "-.->" if s.when is not None else "-->"
         for dep in s.depends_on:
             if dep in node:
-                lines.append(f"  {node[dep]} --> s{i}")
+                lines.append(f"  {node[dep]} {arrow} s{i}")
     return "\n".join(lines)
 
 
+def _node_lines(step: Step) -> list[str]:
+    lines = [step.id, step.tool_name, step.status.value]
+    if step.for_each is not None:
+        each = "for each"
+        if step.items is not None:
+            each += f" ×{len(step.items)}"
+            failed = len(_failed_items(step.items))
+            each += f", {failed} failed" if failed else ""
+        elif isinstance(step.for_each, list):  # known before the run
+            each += f" ×{len(step.for_each)}"
+        lines.append(each)
+    if step.when is not None:
+        lines.append(f"when {one_line(step.when, 60)}")
+    if step.fail_if is not None:
+        lines.append(f"fail if {one_line(step.fail_if, 60)}")
+    return lines
+
+
+#: Characters that would end a quoted label, open a tag or start a markdown string, as Mermaid entity codes
+#: (`#` first: the codes themselves start with it).
+_MERMAID_ESCAPES = (("#", "#35;"), ('"', "#quot;"), ("<", "#lt;"), (">", "#gt;"), ("`", "#96;"))
+
+
 def _mermaid_text(text: str) -> str:
-    # Inside a quoted label only `"` breaks the syntax; Mermaid reads `#quot;` as the character.
-    return text.replace('"', "#quot;")
+    for char, code in _MERMAID_ESCAPES:
+        text = text.replace(char, code)
+    return text
 
 
 # -- words and numbers (the CLI lays these out with rich) ------------------------------------------------
@@ -390,22 +484,38 @@ def tool_hints(annotations: Mapping[str, Any]) -> list[str]:
 
 
 def event_line(event: Event, step: StepSummary | None = None) -> str | None:
-    """The log line for one step event (started, retry, completed, failed, skipped), given the step as it
-    was before it (for its tool and retries); None for other events."""
+    """The log line for one step event (started, retry, completed, failed, skipped) or item event of a
+    `for_each` step (`item    read[3] failed: ...`), given the step as it was before it (for its tool and
+    retries); None for other events."""
     data, sid = event.data, event.step_id
     match event.kind:
+        case "item_completed":
+            return f"item    {sid}[{data.get('item')}] done"
+        case "item_failed":
+            retries = data.get("retries")
+            after = f" (after {retries_text(retries)})" if isinstance(retries, int) and retries else ""
+            return f"item    {sid}[{data.get('item')}] failed{after}: {_event_error(data)}"
+        case "item_retry":
+            return f"retry   {sid}[{data.get('item')}] (retry {data.get('retry')}): {_event_error(data)}"
         case "step_started":
             return f"start   {sid} -> {step.tool_name}" if step is not None else f"start   {sid}"
         case "step_retry":
-            return f"retry   {sid} (retry {data.get('retry')}): {one_line(str(data.get('error', '')))}"
+            return f"retry   {sid} (retry {data.get('retry')}): {_event_error(data)}"
         case "step_completed":
             retries = f", {retries_text(step.retry_count)}" if step is not None and step.retry_count else ""
             return f"done    {sid} ({duration_text(data.get('duration_ms'))}{retries})"
         case "step_failed":
             return f"FAILED  {sid}: {data.get('error') or 'no error message'}"
         case "step_skipped":
-            return f"skipped {sid}: {data.get('reason', '')}"
+            reason = str(data.get("reason", ""))
+            if reason.startswith(CONDITION_FALSE):
+                return f"skipped {sid} by its condition: {one_line(reason.removeprefix(CONDITION_FALSE))}"
+            return f"skipped {sid}: {one_line(reason)}"
     return None
+
+
+def _event_error(data: Mapping[str, Any]) -> str:
+    return one_line(str(data.get("error") or "no error message"))
 
 
 #: The status a step event leaves its step in.
@@ -436,22 +546,36 @@ def apply_event(step: StepSummary, event: Event) -> StepSummary:
     return step.model_copy(update=update)
 
 
+#: What an item event of a `for_each` step says happened to the item.
+_ITEM_EVENTS = {"item_completed": "completed", "item_failed": "failed", "item_retry": "retrying"}
+
+
 def progress_message(events: Sequence[Event], limit: int = 5) -> str | None:
-    """What the newest step events say, e.g. "step 'a' completed; step 'b' running" (None: no step moved)."""
-    moved = [e for e in events if e.kind in _EVENT_STATUS][-limit:]
-    return "; ".join(f"step {e.step_id!r} {_EVENT_STATUS[e.kind].value}" for e in moved) or None
+    """What the newest step and item events say, e.g. "step 'a' completed; item read[3] failed; step 'b'
+    running" (None: nothing moved)."""
+    parts = []
+    for e in events:
+        if e.kind in _EVENT_STATUS:
+            parts.append(f"step {e.step_id!r} {_EVENT_STATUS[e.kind].value}")
+        elif e.kind in _ITEM_EVENTS:
+            parts.append(f"item {e.step_id}[{e.data.get('item')}] {_ITEM_EVENTS[e.kind]}")
+    return "; ".join(parts[-limit:]) or None
 
 
 # -- short text -----------------------------------------------------------------------------------------
 
 
-def summary_text(summary: PlanSummary, *, steps: bool = True, max_steps: int = SUMMARY_STEPS) -> str:
-    """A few lines a model reads at a glance: the status line, then one line per step (of a large plan,
-    the steps that need attention first)."""
+def summary_text(
+    summary: PlanSummary, *, steps: bool = True, max_steps: int = SUMMARY_STEPS, outputs: bool = True
+) -> str:
+    """A few lines a model reads at a glance: the plan's outputs first (with `outputs`; the answer, when
+    the plan has one), the status line, then one line per step (of a large plan, the steps that need
+    attention first)."""
     head = f"plan {summary.plan_id!r} ({summary.description}): {summary.status.value}, {counts_text(summary)}"
     if summary.duration_ms is not None:
         head += f", {duration_text(summary.duration_ms)}"
-    lines = [head]
+    lines = outputs_lines(summary.outputs, summary.output_errors) if outputs else []
+    lines.append(head)
     if summary.error:
         lines.append(f"  error: {summary.error}")
     if steps:
@@ -470,6 +594,28 @@ def summary_text(summary: PlanSummary, *, steps: bool = True, max_steps: int = S
     return "\n".join(lines)
 
 
+def outputs_lines(
+    outputs: Mapping[str, Any], errors: Mapping[str, str], limit: int = OUTPUT_CHARS
+) -> list[str]:
+    """`outputs:` then `  name: value` per output (a string as it is, with its lines indented; anything
+    else as JSON), each cut at `limit` characters with where to read it whole, then those that could not
+    be rendered with why; no lines for a plan without outputs."""
+    if not outputs and not errors:
+        return []
+    lines = ["outputs:"]
+    for name, value in outputs.items():
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+        if len(text) > limit:
+            text = (
+                f"{text[:limit]}… ({len(text) - limit} more characters: the whole value is outputs.{name} in "
+                "the structured content, also from get_summary)"
+            )
+        lines.append(f"  {name}: " + text.replace("\n", "\n    "))
+    for name, error in errors.items():
+        lines.append(f"  {name}: not rendered: {one_line(error.removeprefix('not rendered: '))}")
+    return lines
+
+
 def plan_text(
     plan: ExecutionPlan,
     *,
@@ -479,9 +625,15 @@ def plan_text(
     outcomes: bool = False,
 ) -> str:
     """The plan as a person approving it reads it: one line per step with its tool and parameters (the
-    steps from `offset` on, `max_steps` of them); with `outcomes`, each step's status and result or error
-    under it, so the text alone is enough to read a plan that ran."""
-    lines = [f"Plan {plan.id!r}: {plan.description}", f"{len(plan.steps)} step(s):"]
+    steps from `offset` on, `max_steps` of them), what each iterates over (`for_each`, and its items once
+    known) and checks (`when`, `fail_if`), the values of the plan's inputs and its outputs (templates, and
+    values once rendered); with `outcomes`, each step's status and result or error under it, so the text
+    alone is enough to read a plan that ran."""
+    lines = [f"Plan {plan.id!r}: {plan.description}"]
+    inputs = inputs_text(plan)
+    if inputs:
+        lines.append(f"inputs: {inputs}")
+    lines.append(f"{len(plan.steps)} step(s):")
     shown = plan.steps[offset : offset + max_steps]
     for i, s in enumerate(shown, offset + 1):
         params = json.dumps(s.parameters, sort_keys=True, default=str)
@@ -492,13 +644,90 @@ def plan_text(
         lines.append(f"{i}. {s.id}: {s.tool_name} {params}" + (f" ({'; '.join(notes)})" if notes else ""))
         if s.description:
             lines.append(f"   {one_line(s.description)}")
+        lines += [f"   {line}" for line in language_lines(s)]
         if outcomes and s.status != StepStatus.PENDING:
             lines.append(f"   {_outcome_text(plan.id, s)}")
     rest = len(plan.steps) - offset - len(shown)
     if rest > 0:
         lines.append(f"... and {rest} more steps (get_plan with offset={offset + len(shown)} shows them)")
     lines.append(f"Steps run {run_mode(plan)}.")
+    if plan.outputs:
+        lines.append("outputs:")
+        for name, template in plan.outputs.items():
+            line = f"  {name} = {one_line(template, 200)}"
+            if name in plan.output_values:
+                line += f" -> {_json_line(plan.output_values[name], 300)}"
+            elif name in plan.output_errors:
+                line += f" -> not rendered: {one_line(plan.output_errors[name])}"
+            lines.append(line)
     return "\n".join(lines)
+
+
+def inputs_text(plan: ExecutionPlan) -> str:
+    """The plan's inputs with their values: `pattern = "*.md", limit = 10, tag (not set)` (the schema's
+    properties, then any other value given); empty for a plan without inputs."""
+    properties = (plan.inputs or {}).get("properties")
+    names = list(properties) if isinstance(properties, dict) else []
+    names += [name for name in plan.input_values if name not in names]
+    parts = []
+    for name in names:
+        if name in plan.input_values:
+            parts.append(f"{name} = {_json_line(plan.input_values[name], 100)}")
+        else:
+            parts.append(f"{name} (not set)")
+    return ", ".join(parts)
+
+
+def language_lines(step: Step) -> list[str]:
+    """What a step iterates over and what decides whether it runs or fails: `for each of ...` (with its
+    items once known), `when ...`, `fail if ...`; none for a plain step."""
+    lines = []
+    if step.for_each is not None:
+        each = step.for_each if isinstance(step.for_each, str) else _json_line(step.for_each, 200)
+        line = f"for each of {one_line(each, 200)}"
+        notes = [f"up to {step.max_parallel_items} at once"] if step.max_parallel_items else []
+        notes += ["item failures allowed"] if step.allow_item_failures else []
+        lines.append(line + (f" ({', '.join(notes)})" if notes else ""))
+        if step.items is not None:
+            lines.append(items_text(step))
+    if step.when is not None:
+        lines.append(f"when {one_line(step.when, 200)}")
+    if step.fail_if is not None:
+        lines.append(f"fail if {one_line(step.fail_if, 200)}")
+    return lines
+
+
+def items_text(step: Step) -> str:
+    """`items: 12 (10 completed, 2 failed); read[3] "b.md": error; ...`: a `for_each` step's item counts
+    and its first failed items with their errors (empty before its list is known)."""
+    items = step.items
+    if items is None:
+        return ""
+    counts = dict.fromkeys(StepStatus, 0)
+    for item in items:
+        counts[item.status] += 1
+    text = f"items: {len(items)}"
+    shown = [f"{counts[s]} {s.value}" for s in _ITEM_ORDER if counts[s]]
+    text += f" ({', '.join(shown)})" if shown else ""
+    failed = _failed_items(items)
+    for i, item in failed[:FAILED_ITEMS]:
+        text += f"; {step.id}[{i}] {_json_line(item.value, 60)}: {one_line(item.error or 'failed', 150)}"
+    if len(failed) > FAILED_ITEMS:
+        text += f"; and {len(failed) - FAILED_ITEMS} more failed"
+    return text
+
+
+_ITEM_ORDER = (
+    StepStatus.COMPLETED,
+    StepStatus.FAILED,
+    StepStatus.RUNNING,
+    StepStatus.PENDING,
+    StepStatus.SKIPPED,
+)
+
+
+def _json_line(value: Any, limit: int) -> str:
+    return one_line(json.dumps(value, ensure_ascii=False, default=str), limit)
 
 
 def _outcome_text(plan_id: str, step: Step) -> str:

@@ -261,9 +261,16 @@ class PlannerService:
         steps: Sequence[StepSpec] | None = None,
         options: ExecutionOptions | None = None,
         *,
+        inputs: Mapping[str, Any] | None = None,
+        outputs: Mapping[str, str] | None = None,
+        input_values: Mapping[str, Any] | None = None,
         updated_by: str = "agent",
     ) -> ExecutionPlan:
         """Replace parts of a plan that has not started; any approval is cleared (the hash changes).
+
+        `inputs` replaces the inputs schema, `outputs` the outputs (`{}`: none), `input_values` all the
+        values (checked against the schema, its defaults filling the rest). Without `input_values` the
+        values are kept, except those that were only the old schema's defaults: a new schema's apply.
 
         Raises:
             PlanNotFoundError: no such plan.
@@ -276,29 +283,35 @@ class PlannerService:
                 f"plan {plan.id!r} is {plan.status.value}: only a plan that has not started can be updated; "
                 "create a new plan instead"
             )
-        if steps is None:
-            steps = [StepSpec.from_step(s) for s in plan.steps]
+        specs = [StepSpec.from_step(s) for s in plan.steps] if steps is None else steps
         metadata = {k: v for k, v in plan.metadata.items() if k != "approval_method"}
         spec = PlanSpec(
             description=plan.description if description is None else description,
-            steps=list(steps),
+            steps=list(specs),
             options=plan.options if options is None else options,
-            inputs=plan.inputs,
-            outputs=plan.outputs,
+            inputs=plan.inputs if inputs is None else dict(inputs),
+            outputs=plan.outputs if outputs is None else dict(outputs),
             metadata=metadata,
         )
-        updated = ExecutionPlan.from_spec(spec, plan.input_values)
+        values = input_values
+        if values is None:
+            values = plan.input_values if inputs is None else _given_values(plan)
+        updated = ExecutionPlan.from_spec(spec, values)
         updated.id = plan.id
         updated.created_at = plan.created_at
         updated.revision = plan.revision
         await self._check(updated)
         self._apply_policy(updated)
         updated.submit()
-        changed = [
-            name
-            for name, value in (("description", description), ("steps", steps), ("options", options))
-            if value is not None
-        ]
+        fields = {
+            "description": description,
+            "steps": steps,
+            "options": options,
+            "inputs": inputs,
+            "outputs": outputs,
+            "input_values": input_values,
+        }
+        changed = [name for name, value in fields.items() if value is not None]
         events = [
             _event(
                 updated,
@@ -679,6 +692,15 @@ async def _report(on_progress: ProgressCallback, progress: PlanProgress) -> None
                 await result
     except Exception:  # a listener that fails (a client gone) does not stop the run, which is elsewhere
         log.debug("progress listener failed", exc_info=True)
+
+
+def _given_values(plan: ExecutionPlan) -> dict[str, Any]:
+    """The plan's input values without those that are only its schema's defaults."""
+    properties = (plan.inputs or {}).get("properties")
+    defaults = {}
+    if isinstance(properties, dict):
+        defaults = {n: p["default"] for n, p in properties.items() if isinstance(p, dict) and "default" in p}
+    return {n: v for n, v in plan.input_values.items() if n not in defaults or defaults[n] != v}
 
 
 _SHOW_AGAIN = "it was not approved; show the current version to the person and ask again"

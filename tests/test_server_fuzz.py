@@ -23,7 +23,7 @@ EXAMPLES_PER_TOOL = 25
 NOISE = (
     "Traceback",
     "pydantic",
-    "input_value",
+    "input_value=",  # pydantic's report (`input_values` is a create_plan parameter)
     "input_type",
     "Error executing tool",
     "For further information",

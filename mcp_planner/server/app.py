@@ -42,11 +42,13 @@ list_tools), which a person or you approve and the planner then executes durably
 parallelism, cancellation and resume.
 
 Typical flow: list_tools -> create_plan (or generate_plan) -> show the plan to the user -> approve_plan ->
-execute_plan -> get_summary / get_plan. A plan that failed can be resumed (resume_plan) without re-running
-completed steps. Plan statuses: draft, pending_approval (waiting for approve_plan), approved, executing,
-completed, failed (stopped at an error or timed out), partial (some steps failed, others completed),
-cancelled (rejected, cancelled or approval timed out; never runs again). Every result includes
-`next_action`, what to call next."""
+execute_plan -> get_summary / get_plan. A step can run once per item of a list (for_each), only on a
+condition (when, e.g. after another step failed) or fail on a check of a text result (fail_if); a plan's
+`outputs` come back first, so you read the answer, not every result. A plan that failed can be resumed
+(resume_plan) without re-running completed steps. Plan statuses: draft, pending_approval (waiting for
+approve_plan), approved, executing, completed, failed (stopped at an error or timed out), partial (some
+steps failed, others completed), cancelled (rejected, cancelled or approval timed out; never runs again).
+Every result includes `next_action`, what to call next."""
 
 
 #: How many of the newest plans resources/list names.

@@ -13,7 +13,8 @@ up to 2025-11-25 and through an `InputRequiredResult` round on 2026-07-28 and la
 # No `from __future__ import annotations`: MCPServer reads tool and resolver signatures at registration.
 
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any, TypeVar
 
 import anyio
@@ -30,7 +31,7 @@ from mcp_types.version import is_version_at_least
 from pydantic import BaseModel, Field
 
 from mcp_planner import presentation as views
-from mcp_planner.errors import PlanChangedError, PlannerError, PlanStateError
+from mcp_planner.errors import PlanChangedError, PlannerError, PlanStateError, PlanValidationError
 from mcp_planner.plan.model import ExecutionOptions, PlanStatus, PlanSummary, StepSpec
 from mcp_planner.service import PlannerService
 from mcp_planner.store.base import PlanProgress
@@ -47,6 +48,10 @@ WaitSeconds = Annotated[
         "running in a runner after that, even if this client exits (follow it with get_summary)",
     ),
 ]
+
+_INPUTS = "JSON Schema (type object: properties, required, defaults) of values used as {{ inputs.<name> }}"
+_OUTPUTS = "name -> template, e.g. '{{ steps.read.result | length }}': returned first when the plan ends"
+_INPUT_VALUES = "values of the inputs (checked against the schema; defaults fill the rest)"
 
 
 def _hints(*, read_only: bool, destructive: bool, idempotent: bool, open_world: bool) -> ToolAnnotations:
@@ -101,7 +106,12 @@ def _result(model: BaseModel, text: str) -> CallToolResult:
 def _summary_result(summary: PlanSummary, lead: str | None = None) -> CallToolResult:
     view = views.summary_view(summary)
     text = views.summary_text(summary) + f"\nnext: {view.next_action}"
-    return _result(view, f"{lead}\n{text}" if lead else text)
+    structured = view.model_dump(mode="json")
+    first = {"outputs": structured.pop("outputs"), "output_errors": structured.pop("output_errors")}
+    return CallToolResult(
+        content=[TextContent(type="text", text=f"{lead}\n{text}" if lead else text)],
+        structured_content=first | structured,  # the answer first, as in the text
+    )
 
 
 def _can_elicit(ctx: Context[Any, Any]) -> bool:
@@ -281,7 +291,9 @@ async def generate_plan(
     "list_tools with parameters. Steps run in order of their dependencies (`depends_on`: ids of earlier "
     "steps); a string parameter may use an earlier step's result as `{{ steps.<id>.result }}` (or "
     "`.result.<field>`, `.text`, `.json`), which also makes it a dependency. Give steps short readable "
-    "ids. Set max_retries for flaky, idempotent calls only. The whole plan is validated against the "
+    "ids. Set max_retries for flaky, idempotent calls only. A step can run once per item of a list "
+    "(for_each), only if a condition holds (when), or fail on a check of its result (fail_if). Name the "
+    "answer in `outputs`: it comes back first when the plan ends. The whole plan is validated against the "
     "tools' input schemas and refused with every problem listed; fix them all and call again. A new plan "
     "is pending_approval (call approve_plan) unless options.require_approval is false.",
     annotations=_hints(read_only=False, destructive=False, idempotent=False, open_world=False),
@@ -294,19 +306,30 @@ async def create_plan(
         ExecutionOptions | None,
         Field(description="how to approve and run it (parallelism, error handling, timeouts)"),
     ] = None,
+    inputs: Annotated[dict[str, Any] | None, Field(description=_INPUTS)] = None,
+    outputs: Annotated[dict[str, str] | None, Field(description=_OUTPUTS)] = None,
+    input_values: Annotated[dict[str, Any] | None, Field(description=_INPUT_VALUES)] = None,
 ) -> Annotated[CallToolResult, views.PlanView]:
     from mcp_planner.plan.model import PlanSpec
 
     service = await state.get()
-    spec = PlanSpec(description=description, steps=steps, options=options or ExecutionOptions())
-    plan = await service.create_plan(spec)
+    spec = PlanSpec(
+        description=description,
+        steps=steps,
+        options=options or ExecutionOptions(),
+        inputs=inputs,
+        outputs=outputs or {},
+    )
+    with _naming_input_values():
+        plan = await service.create_plan(spec, input_values)
     return _plan_result(plan, "created", service)
 
 
 @_tool(
-    description="Replace the description, steps and/or options of a plan that has not started yet "
-    "(draft, pending_approval or approved). The plan is validated again, and any approval is cleared: "
-    "call approve_plan again afterwards. To change a plan that already ran, create a new one.",
+    description="Replace the description, steps, options, inputs, outputs and/or input values of a plan "
+    "that has not started yet (draft, pending_approval or approved). The plan is validated again, and any "
+    "approval is cleared: call approve_plan again afterwards. To change a plan that already ran, create a "
+    "new one.",
     annotations=_hints(read_only=False, destructive=True, idempotent=True, open_world=False),
 )
 async def update_plan(
@@ -315,9 +338,23 @@ async def update_plan(
     description: Annotated[str | None, Field(description="new description")] = None,
     steps: Annotated[list[StepSpec] | None, Field(description="new steps (replace all steps)")] = None,
     options: Annotated[ExecutionOptions | None, Field(description="new options (replace all)")] = None,
+    inputs: Annotated[dict[str, Any] | None, Field(description="new inputs schema")] = None,
+    outputs: Annotated[dict[str, str] | None, Field(description="new outputs (replace all)")] = None,
+    input_values: Annotated[
+        dict[str, Any] | None, Field(description="new input values (replace all)")
+    ] = None,
 ) -> Annotated[CallToolResult, views.PlanView]:
     service = await state.get()
-    plan = await service.update_plan(plan_id, description=description, steps=steps, options=options)
+    with _naming_input_values():
+        plan = await service.update_plan(
+            plan_id,
+            description=description,
+            steps=steps,
+            options=options,
+            inputs=inputs,
+            outputs=outputs,
+            input_values=input_values,
+        )
     return _plan_result(plan, "updated (any earlier approval was cleared)", service)
 
 
@@ -387,7 +424,8 @@ async def reject_plan(
 
 @_tool(
     description="Execute an approved plan: its steps call the downstream tools (real side effects). "
-    "Returns the summary when the plan finishes or after wait_seconds, whichever comes first; a plan "
+    "Returns the plan's outputs first, then the summary, when the plan finishes or after wait_seconds, "
+    "whichever comes first; a plan "
     "still executing keeps running in a runner process, even if this client exits: follow it with "
     "get_summary, stop it with cancel_plan. "
     "Sends progress notifications per step when the request has a progress token. Only for a plan that "
@@ -451,9 +489,9 @@ async def cancel_plan(
 
 
 @_tool(
-    description="A plan's status, step counts, progress (percent of steps completed), duration, and for "
-    "each step its id, tool, status, duration, error and retry count. Cheap: use it to follow an "
-    "executing plan.",
+    description="A plan's outputs (once it ended), status, step counts, progress (percent of steps "
+    "completed), duration, and for each step its id, tool, status, duration, error and retry count. Cheap: "
+    "use it to follow an executing plan.",
     annotations=_READ_ONLY,
 )
 async def get_summary(state: ServiceState, plan_id: PlanId) -> Annotated[CallToolResult, views.SummaryView]:
@@ -462,10 +500,10 @@ async def get_summary(state: ServiceState, plan_id: PlanId) -> Annotated[CallToo
 
 
 @_tool(
-    description="The plan: options, approval, its steps (100 at a time: pass next_offset as offset for "
-    "more) with parameters, dependencies, status and result, and a Mermaid graph of the steps coloured "
-    "by status. Results over 64 KiB are shown as a preview plus a plan:// resource URI to read them in "
-    "full.",
+    description="The plan: options, approval, inputs, outputs, its steps (100 at a time: pass next_offset "
+    "as offset for more) with parameters, dependencies, for_each items, conditions, status and result, and "
+    "a Mermaid graph of the steps coloured by status. Results over 64 KiB are shown as a preview plus a "
+    "plan:// resource URI to read them in full.",
     annotations=_READ_ONLY,
 )
 async def get_plan(
@@ -480,7 +518,7 @@ async def get_plan(
     text = (
         views.plan_text(plan, offset=view.steps_offset, max_steps=limit, outcomes=True)
         + "\n"
-        + views.summary_text(plan.summary())
+        + views.summary_text(plan.summary(), outputs=False)  # the plan's text has them
         + f"\nnext: {view.next_action}"
     )
     return _result(view, text)
@@ -510,6 +548,18 @@ async def plan_task(state: ServiceState, task: str, context: str | None = None) 
 
     service = await state.get()
     return render_planning_prompt(await service.catalog(), task, context, None, for_agent=True)
+
+
+@contextmanager
+def _naming_input_values() -> Iterator[None]:
+    """A plan refused for its inputs says which of this tool's arguments hold them."""
+    try:
+        yield
+    except PlanValidationError as exc:
+        if not any(p.step_id is None and p.field.startswith("inputs") for p in exc.problems):
+            raise
+        message = "the plan is invalid (its inputs schema is `inputs`, their values `input_values`)"
+        raise PlanValidationError(exc.problems, message) from exc
 
 
 def _plan_result(plan: Any, verb: str, service: PlannerService) -> CallToolResult:
