@@ -86,6 +86,7 @@ async def test_files_are_written_read_listed_and_run_inside_the_root(root: Path)
                 {"name": "done.md", "type": "file", "size": 5},
                 {"name": "todo.md", "type": "file", "size": 5},
             ],
+            "files": ["done.md", "todo.md"],
         }
         top = await call(client, "list_dir")
         assert top.structured_content is not None
@@ -93,6 +94,27 @@ async def test_files_are_written_read_listed_and_run_inside_the_root(root: Path)
 
         count = await call(client, "run", command="word_count", path="notes/2024/done.md")
         assert count.structured_content is not None and count.structured_content["output"] == 3
+
+
+async def test_list_dir_keeps_the_entries_a_glob_pattern_matches(root: Path) -> None:
+    (root / "notes" / "old.md").parent.mkdir()
+    for name in ("a.md", "b.MD", "c.txt", "old.md"):
+        (root / "notes" / name).write_text(name)
+    (root / "notes" / "x.md").mkdir()  # a directory matching the pattern is an entry, but not in `files`
+    async with workspace(root) as client:
+        listing = await call(client, "list_dir", path="notes", pattern="*.md")
+        assert listing.structured_content is not None
+        assert [e["name"] for e in listing.structured_content["entries"]] == ["a.md", "old.md", "x.md"]
+        assert listing.structured_content["files"] == ["a.md", "old.md"]  # case-sensitive: not b.MD
+
+        either = await call(client, "list_dir", path="notes", pattern="[ab].*")
+        assert either.structured_content is not None
+        assert either.structured_content["files"] == ["a.md", "b.MD"]
+        none = await call(client, "list_dir", path="notes", pattern="*.pdf")
+        assert none.structured_content == {"path": "notes", "entries": [], "files": []}
+
+        assert "not a name pattern" in await refused(client, "list_dir", path=".", pattern="notes/*.md")
+        assert "not a name pattern" in await refused(client, "list_dir", pattern="*" * 201)
 
 
 async def test_a_hard_link_to_a_file_outside_is_refused_for_read_write_and_run(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fnmatch
 import hashlib
 import logging
 import os
@@ -174,12 +175,25 @@ def read_file(path: str) -> str:
     return _read(path)
 
 
+#: The longest `pattern` list_dir takes: a glob is a filter on names, never a path.
+MAX_PATTERN = 200
+
+
 @mcp.tool(annotations=READ_ONLY)
-def list_dir(path: str = ".") -> dict[str, Any]:
-    """List a directory: each entry's name, type (file/dir/symlink/other) and size in bytes (files only)."""
+def list_dir(path: str = ".", pattern: str | None = None) -> dict[str, Any]:
+    """List a directory: each entry's name, type (file/dir/symlink/other) and size in bytes (files only),
+    and `files`, the names of its regular files. `pattern` (a glob such as `*.md`, matched against names,
+    case-sensitive) keeps only the entries it matches."""
+    if pattern is not None and (len(pattern) > MAX_PATTERN or "/" in pattern or "\0" in pattern):
+        raise ToolError(
+            f"pattern {pattern[:50]!r} is not a name pattern: use a glob of at most {MAX_PATTERN} characters "
+            "without '/', e.g. '*.md'; list_dir(path=...) names the directory"
+        )
     entries = []
     with _refusing(path), _directory(_parts(path)) as fd:
         for entry in sorted(os.scandir(fd), key=lambda e: e.name):
+            if pattern is not None and not fnmatch.fnmatchcase(entry.name, pattern):
+                continue
             try:
                 info = entry.stat(follow_symlinks=False)
             except FileNotFoundError:  # removed since the listing was read
@@ -193,7 +207,8 @@ def list_dir(path: str = ".") -> dict[str, Any]:
             else:
                 kind = "other"
             entries.append({"name": entry.name, "type": kind, "size": info.st_size if kind == "file" else 0})
-    return {"path": path, "entries": entries}
+    files = [e["name"] for e in entries if e["type"] == "file"]
+    return {"path": path, "entries": entries, "files": files}
 
 
 Command = Literal["count_lines", "word_count", "sha256", "head"]

@@ -20,7 +20,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -37,7 +37,7 @@ from mcp_planner.cli.runtime import (
     run_plan,
     terminal_user,
 )
-from mcp_planner.plan.model import PlanSpec, PlanStatus
+from mcp_planner.plan.model import ExecutionPlan, PlanSpec, PlanStatus
 
 if TYPE_CHECKING:
     from mcp_planner.engine.tools import ServerStatus, ToolInfo
@@ -100,6 +100,26 @@ VerboseOpt = Annotated[
 PlanIdArg = Annotated[str, typer.Argument(metavar="ID", help="Plan id.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+InputOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input",
+        metavar="NAME=VALUE",
+        help="A value for one of the plan's inputs; repeatable. Parsed as JSON (numbers, booleans, lists) "
+        "unless the input is a string. Wins over --inputs.",
+        show_default=False,
+    ),
+]
+InputsFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--inputs",
+        metavar="FILE.json",
+        help="A JSON object of values for the plan's inputs.",
+        dir_okay=False,
+        show_default=False,
+    ),
+]
 
 
 class Approval(StrEnum):
@@ -260,6 +280,17 @@ def _submitting(settings: Settings, fn: Callable[[Stack], Awaitable[T]], *, here
     return run_async(body, verbose=settings.verbose)
 
 
+def _input_values(spec: PlanSpec, pairs: list[str] | None, file: Path | None) -> dict[str, Any]:
+    """The values of the plan file's inputs from `--inputs` and `--input`; a bad one ends the command
+    (exit 2, one line)."""
+    from mcp_planner.cli.inputs import InputError, input_values
+
+    try:
+        return input_values(spec, pairs or [], file)
+    except InputError as exc:
+        fail(f"error: {exc}", ExitCode.INVALID)
+
+
 def _plan_servers(spec: PlanSpec) -> Tools:
     """The downstream servers a plan names (`server.tool`); all of them if a tool name is bare."""
     names = [step.tool_name for step in spec.steps]
@@ -372,19 +403,25 @@ def run(
     detach: Annotated[
         bool, typer.Option("--detach", help="Submit the plan to a runner and return its id at once.")
     ] = False,
+    input_pairs: InputOpt = None,
+    inputs_file: InputsFileOpt = None,
     servers: ServersOpt = None,
     db: DbOpt = None,
     verbose: VerboseOpt = 0,
 ) -> None:
-    """Create a plan from PLAN_FILE, show it, ask y/N (unless --yes), execute it and print the summary.
+    """Create a plan from PLAN_FILE, show it, ask y/N (unless --yes), execute it and print its outputs and
+    summary.
 
     Exits 0 only if the plan completed. Ctrl-C cancels the plan (exit 5). A live runner for this database
     and servers file executes it; else this command does, starting only the servers the plan names.
     """
     settings = _settings(ctx, servers, db, verbose)
     spec = load_plan_file(plan_file)
+    values = _input_values(spec, input_pairs, inputs_file)
     here = None if detach else _plan_servers(spec)
-    summary = _submitting(settings, lambda stack: run_plan(stack, spec, yes, detach=detach), here=here)
+    summary = _submitting(
+        settings, lambda stack: run_plan(stack, spec, yes, values=values, detach=detach), here=here
+    )
     raise typer.Exit(0 if detach else int(exit_code(summary.status)))
 
 
@@ -424,22 +461,32 @@ def show(
     db: DbOpt = None,
     verbose: VerboseOpt = 0,
 ) -> None:
-    """Show a plan: its fields, steps with durations and errors, result previews and its Mermaid graph."""
+    """Show a plan: its fields, inputs and outputs, steps with durations, errors, item counts and
+    conditions, result previews and its Mermaid graph."""
     from mcp_planner.cli import terminal
 
     settings = _settings(ctx, servers, db, verbose)
     plan = _with_stack(settings, lambda stack: stack.service.get_plan(plan_id))
     if as_json:
-        out.print_json(plan.model_dump_json())
+        out.print_json(json.dumps(_plan_json(plan)))
         return
     from mcp_planner.presentation import mermaid
 
     out.print(terminal.plan_details(plan))
-    out.print(terminal.steps_table(plan.summary(), title="Steps"))
+    out.print(terminal.steps_table(plan.summary(), title="Steps", plan=plan))
     if any(step.result is not None for step in plan.steps):
         out.print(terminal.results_table(plan))
     out.print("Graph (Mermaid):", style="bold")
     out.print(mermaid(plan), markup=False, highlight=False, soft_wrap=True)
+
+
+def _plan_json(plan: ExecutionPlan) -> dict[str, Any]:
+    """The plan as JSON, each `for_each` step with its items (the model keeps them apart from the step)."""
+    data: dict[str, Any] = json.loads(plan.model_dump_json())
+    for step, raw in zip(plan.steps, data["steps"], strict=True):
+        if step.items is not None:
+            raw["items"] = [item.model_dump(mode="json") for item in step.items]
+    return data
 
 
 @app.command(epilog=EXIT_CODES_HELP)

@@ -157,6 +157,10 @@ def run_async(fn: Callable[[], Awaitable[T]], *, verbose: int = 0, stop_on_inter
         exit_request = find(exc, typer.Exit)
         if exit_request is not None:
             raise exit_request from None
+        # rich exits so when stdout is a closed pipe (`mcp-planner run ... | head`)
+        system_exit = find(exc, SystemExit)
+        if system_exit is not None:
+            raise system_exit from None
         planner_error = find(exc, PlannerError)
         if planner_error is not None:
             if verbose >= 2:
@@ -251,11 +255,21 @@ def can_ask() -> bool:
 # -- running plans --------------------------------------------------------------------------------------
 
 
-async def run_plan(rt: Stack, spec: PlanSpec, yes: bool, *, detach: bool = False) -> PlanSummary:
-    """What `run` does: validate, show, ask (unless `yes`), create, approve, execute (or only submit)."""
+async def run_plan(
+    rt: Stack,
+    spec: PlanSpec,
+    yes: bool,
+    *,
+    values: Mapping[str, Any] | None = None,
+    detach: bool = False,
+) -> PlanSummary:
+    """What `run` does: validate, show, ask (unless `yes`), create, approve, execute (or only submit).
+
+    `values`: the values of the plan's inputs (their defaults fill the rest).
+    """
     from mcp_planner.cli import terminal
 
-    plan = await checked_plan(rt, spec)
+    plan = await checked_plan(rt, spec, values)
     terminal.print_plan(out.console, plan, "Plan")
     for warning in rt.service.warnings(plan):
         err.print(f"warning: {warning}", markup=False, highlight=False)
@@ -267,10 +281,10 @@ async def run_plan(rt: Stack, spec: PlanSpec, yes: bool, *, detach: bool = False
         )
     if not yes and not ask("Run this plan?"):
         user = terminal_user()
-        plan = await rt.service.create_plan(spec, created_by=user)
+        plan = await rt.service.create_plan(spec, values, created_by=user)
         await rt.service.reject_plan(plan.id, f"declined at the terminal by {user}", rejected_by=user)
         fail(f"not run: plan {plan.id} declined", ExitCode.NOT_APPROVED)
-    plan = await rt.service.create_plan(spec, created_by=terminal_user())
+    plan = await rt.service.create_plan(spec, values, created_by=terminal_user())
     if plan.status in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL):
         plan = await rt.service.approve_plan(
             plan.id, terminal_user(), METHOD, expected_hash=plan.compute_hash()
@@ -288,8 +302,9 @@ async def run_plan(rt: Stack, spec: PlanSpec, yes: bool, *, detach: bool = False
     return await execute_with_progress(rt, plan, resume=False, rerun_interrupted=False)
 
 
-async def checked_plan(rt: Stack, spec: PlanSpec) -> ExecutionPlan:
-    """The plan as `create_plan` would store it, validated against the catalog, but not stored yet.
+async def checked_plan(rt: Stack, spec: PlanSpec, values: Mapping[str, Any] | None = None) -> ExecutionPlan:
+    """The plan as `create_plan` would store it (with `values` for its inputs), validated against the
+    catalog, but not stored yet.
 
     Raises:
         PlanValidationError: with every problem (and the downstream servers that are unreachable).
@@ -298,7 +313,7 @@ async def checked_plan(rt: Stack, spec: PlanSpec) -> ExecutionPlan:
     from mcp_planner.plan.validation import qualify_tool_names
 
     catalog = await rt.service.catalog()
-    plan = ExecutionPlan.from_spec(spec)
+    plan = ExecutionPlan.from_spec(spec, values)
     qualify_tool_names(plan, catalog.keys())
     problems = plan.validate(schema_catalog(rt.tools), max_steps=rt.service.max_steps)
     if problems:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -50,14 +51,42 @@ def step_status_text(status: StepStatus) -> Text:
 
 
 def print_plan(console: Console, plan: ExecutionPlan, title: str) -> None:
-    """The plan as it will run (what `run` shows before asking, `approve` before approving).
+    """The plan as it will run (what `run` shows before asking, `approve` before approving): its steps,
+    what each iterates over and checks, the values of its inputs and the outputs it returns.
 
     A table on a terminal; plain lines otherwise, which stay readable in CI logs.
     """
-    if console.is_terminal:
-        console.print(plan_table(plan, title))
+    if not console.is_terminal:
+        console.print(views.plan_text(plan), markup=False, highlight=False, soft_wrap=True)
         return
-    console.print(views.plan_text(plan), markup=False, highlight=False, soft_wrap=True)
+    console.print(plan_table(plan, title))
+    inputs = views.inputs_text(plan)
+    if inputs:
+        console.print(f"inputs: {inputs}", markup=False, highlight=False, soft_wrap=True)
+    for name, template in plan.outputs.items():
+        console.print(f"output {name} = {template}", markup=False, highlight=False, soft_wrap=True)
+
+
+def output_text(value: Any, limit: int = views.OUTPUT_CHARS) -> str:
+    """An output's value as a person reads it: a string as it is, anything else as JSON; cut at `limit`."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    if len(text) > limit:
+        text = text[:limit] + f"… ({len(text) - limit} more characters; `mcp-planner show ID --json` has all)"
+    return text
+
+
+def outputs_renderable(outputs: Mapping[str, Any], errors: Mapping[str, str]) -> RenderableType | None:
+    """The outputs as a titled grid (name, value), those not rendered in red; None without outputs."""
+    if not outputs and not errors:
+        return None
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column(overflow="fold")
+    for name, value in outputs.items():
+        grid.add_row(escape(name), escape(output_text(value)))
+    for name, error in errors.items():
+        grid.add_row(escape(name), Text(f"not rendered: {error}", style="red"))
+    return Group(Text("Outputs", style="bold"), grid)
 
 
 def plan_table(plan: ExecutionPlan, title: str) -> Table:
@@ -72,41 +101,59 @@ def plan_table(plan: ExecutionPlan, title: str) -> Table:
     table.add_column("depends on")
     table.add_column("parameters", overflow="fold")
     table.add_column("retries", justify="right")
+    with_logic = any(views.language_lines(step) for step in plan.steps)
+    if with_logic:
+        table.add_column("for each / conditions", overflow="fold")
     for step in plan.steps:
         params = json.dumps(step.parameters, ensure_ascii=False, default=str)
-        table.add_row(
+        row = [
             str(step.index + 1),
             escape(step.id),
             escape(step.tool_name),
             escape(", ".join(step.depends_on)),
             escape(views.one_line(params, 100)),
             str(step.max_retries) if step.max_retries else "",
-        )
+        ]
+        if with_logic:
+            row.append(escape("\n".join(views.language_lines(step))))
+        table.add_row(*row)
     return table
 
 
-def steps_table(summary: PlanSummary, *, title: str | None = None) -> Table:
+def steps_table(
+    summary: PlanSummary, *, title: str | None = None, plan: ExecutionPlan | None = None
+) -> Table:
+    """Each step's status, duration, retries and error; given the `plan`, also what each step iterates
+    over (with its item counts) and checks, when any step does."""
     table = Table(title=title, title_justify="left")
     table.add_column("step", style="bold")
     table.add_column("tool")
     table.add_column("status")
     table.add_column("duration", justify="right")
     table.add_column("retries", justify="right")
+    language = {step.id: views.language_lines(step) for step in plan.steps} if plan is not None else {}
+    with_language = any(language.values())
+    if with_language:
+        table.add_column("for each / conditions", overflow="fold")
     table.add_column("error", overflow="fold", style="red")
     for step in summary.steps:
-        table.add_row(
+        row: list[RenderableType] = [
             escape(step.id),
             escape(step.tool_name),
             step_status_text(step.status),
             views.duration_text(step.duration_ms),
             str(step.retry_count) if step.retry_count else "",
-            escape(step.error or ""),
-        )
+        ]
+        if with_language:
+            row.append(escape("\n".join(language.get(step.id, []))))
+        row.append(escape(step.error or ""))
+        table.add_row(*row)
     return table
 
 
 def summary_renderable(summary: PlanSummary, *, steps: bool = True) -> RenderableType:
-    """The summary's head line (status, counts, duration), its error, and the steps table if `steps`."""
+    """The plan's outputs first, then the steps table if `steps`, the summary's head line (status, counts,
+    duration) and its error."""
     head = Text.assemble(
         ("Plan ", "bold"),
         (summary.plan_id, "bold"),
@@ -115,14 +162,17 @@ def summary_renderable(summary: PlanSummary, *, steps: bool = True) -> Renderabl
         f"  {views.counts_text(summary)}",
         f" in {views.duration_text(summary.duration_ms)}" if summary.duration_ms is not None else "",
     )
-    parts: list[RenderableType] = [steps_table(summary), head] if steps else [head]
+    outputs = outputs_renderable(summary.outputs, summary.output_errors)
+    parts: list[RenderableType] = [] if outputs is None else [outputs]
+    parts += [steps_table(summary), head] if steps else [head]
     if summary.error:
         parts.append(Text(f"error: {summary.error}", style="red"))
     return Group(*parts)
 
 
 def summary_lines(summary: PlanSummary) -> list[str]:
-    """The summary as plain lines, for logs and CI output: every step, however many."""
+    """The summary as plain lines, for logs and CI output: the outputs first, then every step, however
+    many."""
     return views.summary_text(summary, max_steps=len(summary.steps)).splitlines()
 
 
@@ -176,6 +226,18 @@ def plan_details(plan: ExecutionPlan) -> Table:
     if plan.error:
         grid.add_row("error", Text(plan.error, style="red"))
     grid.add_row("options", escape(json.dumps(plan.options.model_dump(mode="json"))))
+    inputs = views.inputs_text(plan)
+    if inputs:
+        grid.add_row("inputs", escape(inputs))
+    for name, template in plan.outputs.items():
+        if name in plan.output_values:
+            value: RenderableType = escape(output_text(plan.output_values[name]))
+        elif name in plan.output_errors:
+            value = Text(f"not rendered: {plan.output_errors[name]}", style="red")
+        else:
+            value = Text("rendered when the plan ends", style="dim")
+        grid.add_row(f"output {escape(name)}", value)
+        grid.add_row("", Text(template, style="dim"))
     return grid
 
 

@@ -46,7 +46,9 @@ DEFAULT_MAX_REPAIRS = 3
 
 SYSTEM_PROMPT = (
     "You are the planning assistant of mcp-planner. You turn a task into an execution plan: a DAG of calls "
-    "of the listed tools. You answer with exactly one JSON object in the requested format and nothing else."
+    "of the listed tools, where a step may call its tool once per item of a list (for_each) or only when a "
+    "condition holds (when), and the plan may name the outputs it returns. You answer with exactly one JSON "
+    "object in the requested format and nothing else."
 )
 
 #: Options that decide approval. A person sets them (the request, the server's policy), never the LLM:
