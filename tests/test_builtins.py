@@ -233,3 +233,20 @@ async def test_the_builtins_sit_in_front_of_a_downstream_server_without_hiding_i
     assert summary["status"] == "completed", summary
     assert stored["steps"][1]["result"]["text"] == "hi"
     assert stored["steps"][1]["status"] == StepStatus.COMPLETED
+
+
+def test_a_bare_name_prefers_a_downstream_tool_over_a_built_in_one() -> None:
+    """A plan written before the built-ins existed (`echo` meaning a server's echo) means what it meant."""
+    from mcp_planner.plan.model import ExecutionPlan
+    from mcp_planner.plan.validation import qualify_tool_names
+
+    plan = ExecutionPlan.new("bare names")
+    plan.add_step("echo", "a server's echo", {}, step_id="a")
+    plan.add_step("llm", "only the built-in has it", {}, step_id="b")
+    qualify_tool_names(plan, ["basic.echo", "planner.echo", "planner.llm"])
+    assert [s.tool_name for s in plan.steps] == ["basic.echo", "planner.llm"]
+    plan.add_step("echo", "two servers have it", {}, step_id="c")
+    qualify_tool_names(plan, ["basic.echo", "other.echo", "planner.echo"])
+    assert plan.step("c").tool_name == "echo"
+    problems = plan.validate({"basic.echo": None, "other.echo": None, "planner.echo": None})
+    assert "several servers ('basic.echo', 'other.echo')" in problems[-1].message

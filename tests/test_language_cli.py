@@ -346,11 +346,6 @@ def test_show_lists_the_items_of_each_for_each_step(
 # -- engine problems found here (the engine's owners fix them) ------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine: a template that is one expression followed by a newline ('{{ x }}\\n', a file's "
-    "content) is taken for a lone expression, so the newline is dropped (and '{{ n }}\\n' yields a number)",
-)
 def test_a_newline_after_a_lone_expression_is_kept() -> None:
     from mcp_planner.plan.templating import render_value
 

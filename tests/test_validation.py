@@ -171,7 +171,7 @@ def test_a_bare_name_offered_by_several_servers_asks_for_the_qualified_name() ->
 def test_an_empty_catalog_says_no_tools_are_available() -> None:
     problems = validate_plan(plan_of(("a", "x.y", {})), {})
 
-    assert "no tools are available" in problems[0].message
+    assert "no downstream tools are available" in problems[0].message
 
 
 def test_no_catalog_skips_the_tool_checks() -> None:

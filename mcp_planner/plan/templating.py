@@ -41,7 +41,7 @@ _ABANDON_GRACE_S = 0.5
 _QUOTED_CHARS = 200
 
 _ENV = LimitedEnvironment()
-_LONE_EXPRESSION = re.compile(r"^\s*\{\{(?P<expr>.*)\}\}\s*$", re.DOTALL)
+_LONE_EXPRESSION = re.compile(r"^[ \t]*\{\{(?P<expr>.*)\}\}[ \t]*\Z", re.DOTALL)
 _MARKERS = ("{{", "{%", "{#")
 
 

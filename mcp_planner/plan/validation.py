@@ -51,6 +51,9 @@ logger = logging.getLogger(__name__)
 _MAX_SUGGESTED = 20
 #: At most this many cycles are named; a plan with more has a bigger problem than their list.
 _MAX_CYCLES = 20
+#: The built-in tools' names start with this (`engine.builtins.BUILTIN_SERVER`; the plan package does not
+#: import the engine).
+BUILTIN_PREFIX = "planner."
 
 
 def validate_plan(
@@ -124,8 +127,9 @@ def _problems(plan: ExecutionPlan, catalog: Catalog | None, max_steps: int) -> l
 def qualify_tool_names(plan: ExecutionPlan, tool_names: Iterable[str]) -> None:
     """Rewrite each bare tool name offered by exactly one server to its qualified `server.tool` name.
 
-    An exact match always wins; a name offered by several servers, or by none, is left as it is for
-    `validate_plan` to report.
+    An exact match always wins; a downstream tool wins over a built-in one (`planner.echo`), so a plan
+    written before the built-ins existed means what it meant; a name offered by several servers, or by
+    none, is left as it is for `validate_plan` to report.
     """
     names = set(tool_names)
     resolved: dict[str, str | None] = {}
@@ -135,7 +139,11 @@ def qualify_tool_names(plan: ExecutionPlan, tool_names: Iterable[str]) -> None:
             continue
         if bare not in resolved:
             candidates = [n for n in names if n.endswith("." + bare)]
-            resolved[bare] = candidates[0] if len(candidates) == 1 else None
+            downstream = [n for n in candidates if not n.startswith(BUILTIN_PREFIX)]
+            if len(downstream) == 1 or (not downstream and len(candidates) == 1):
+                resolved[bare] = (downstream or candidates)[0]
+            else:
+                resolved[bare] = None
         qualified = resolved[bare]
         if qualified is not None:
             step.tool_name = qualified
@@ -494,12 +502,15 @@ def _tool_problems(
 
 
 def _unknown_tool_message(name: str, catalog: Catalog, budget: _Budget) -> str:
-    owners = sorted(n for n in catalog if n.endswith("." + name))
+    owners = sorted(n for n in catalog if n.endswith("." + name) and not n.startswith(BUILTIN_PREFIX))
     if len(owners) > 1:
         listed = ", ".join(repr(o) for o in owners)
         return f"tool {name!r} is offered by several servers ({listed}): use the qualified name"
-    if not catalog:
-        return f"unknown tool {name!r}: no tools are available (are the downstream servers connected?)"
+    if not any(not n.startswith(BUILTIN_PREFIX) for n in catalog):
+        return (
+            f"unknown tool {name!r}: no downstream tools are available (are the downstream servers "
+            "connected?)"
+        )
     bare_to_full = {n.rpartition(".")[2]: n for n in catalog}
     hint = budget.suggest(name, catalog)
     if not hint and budget.left > 0:
