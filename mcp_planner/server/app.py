@@ -25,11 +25,13 @@ from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, InputRequiredResult, TextContent
 from mcp_types import Resource as MCPResource
+from mcp_types import Tool as MCPTool
 from pydantic import ValidationError
 
 from mcp_planner import presentation as views
 from mcp_planner.errors import PlannerError, PlanNotFoundError
 from mcp_planner.server.http_security import bearer_auth, check_bind, transport_security
+from mcp_planner.server.schemas import compact_input_schemas, compact_output_schema
 from mcp_planner.server.stdio import answering_stdio_server
 from mcp_planner.server.tools import ServiceState, register_tools
 from mcp_planner.service import APPROVAL_POLICIES, ApprovalPolicy, PlannerService
@@ -68,6 +70,20 @@ class PlannerMCPServer(MCPServer[Any]):
             return await super().call_tool(name, arguments, context)
         except Exception as exc:
             return error_result(name, exc)
+
+    async def list_tools(self) -> list[MCPTool]:
+        """The tools, their schemas compacted (`schemas.py`): the same contracts in fewer tokens."""
+        tools = await super().list_tools()
+        inputs = compact_input_schemas({tool.name: tool.input_schema for tool in tools})
+        return [
+            tool.model_copy(
+                update={
+                    "input_schema": inputs[tool.name],
+                    "output_schema": tool.output_schema and compact_output_schema(tool.output_schema),
+                }
+            )
+            for tool in tools
+        ]
 
     async def list_resources(self) -> list[MCPResource]:
         """The fixed resources, then the `RECENT_PLANS` newest plans as `plan://<id>` (the templates say how
