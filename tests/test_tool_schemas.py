@@ -8,7 +8,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from test_server import planner, two_step_plan
+from test_server import planner, text, two_step_plan
 
 from mcp_planner.server.schemas import compact_input_schema
 
@@ -70,3 +70,18 @@ def test_compacting_an_input_schema_keeps_every_property_constraint_and_default(
         jsonschema.validate(valid, compact_input_schema(schema))
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"title": "ab", "n": 0}, compact_input_schema(schema))
+
+
+async def test_get_summary_of_a_twenty_step_plan_stays_within_600_tokens(tmp_path: Path) -> None:
+    steps = [{"id": f"step-{i}", "tool_name": "echo", "parameters": {"i": i}} for i in range(20)]
+    async with planner(tmp_path) as (client, _):
+        created = await client.call_tool(
+            "create_plan",
+            {"description": "twenty echoes", "steps": steps, "options": {"require_approval": False}},
+        )
+        plan_id = created.structured_content["id"]  # type: ignore[index]
+        await client.call_tool("execute_plan", {"plan_id": plan_id})
+        summary = await client.call_tool("get_summary", {"plan_id": plan_id})
+    assert summary.structured_content is not None and summary.structured_content["completed"] == 20
+    assert len(text(summary)) / 4 <= 600
+    assert len(json.dumps(summary.structured_content)) / 4 <= 600

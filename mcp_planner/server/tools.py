@@ -108,6 +108,11 @@ def _summary_result(summary: PlanSummary, lead: str | None = None) -> CallToolRe
     text = views.summary_text(summary) + f"\nnext: {view.next_action}"
     structured = view.model_dump(mode="json")
     first = {"outputs": structured.pop("outputs"), "output_errors": structured.pop("output_errors")}
+    # A step's empty fields (no error, no retries) say nothing: 20 steps cost ~40% fewer tokens without them.
+    structured["steps"] = [
+        {k: v for k, v in step.items() if v is not None and (k != "retry_count" or v)}
+        for step in structured["steps"]
+    ]
     return CallToolResult(
         content=[TextContent(type="text", text=f"{lead}\n{text}" if lead else text)],
         structured_content=first | structured,  # the answer first, as in the text
