@@ -358,7 +358,7 @@ async def test_input_values_are_validated_defaulted_and_part_of_the_approval(tmp
     assert view["inputs"] == NAMES_FROM_INPUTS["inputs"]
     assert view["input_values"] == {"prefix": "x", "count": 2}  # the default filled in
     assert 'inputs: prefix = "x", count = 2' in text(created)
-    assert "  shouted = {{ steps.shout.result }}" in text(created)
+    assert "get_plan shows it whole" in text(created)  # the outputs the caller wrote are not repeated
 
     assert structured(updated)["status"] == "pending_approval" and not after_update.user_approved
     assert after_update.input_values == {"prefix": "y", "count": 2}

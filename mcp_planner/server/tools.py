@@ -327,7 +327,7 @@ async def create_plan(
     )
     with _naming_input_values():
         plan = await service.create_plan(spec, input_values)
-    return _plan_result(plan, "created", service)
+    return _plan_result(plan, "created", service, whole=False)
 
 
 @_tool(
@@ -360,7 +360,7 @@ async def update_plan(
             outputs=outputs,
             input_values=input_values,
         )
-    return _plan_result(plan, "updated (any earlier approval was cleared)", service)
+    return _plan_result(plan, "updated (any earlier approval was cleared)", service, whole=False)
 
 
 @_tool(
@@ -567,13 +567,35 @@ def _naming_input_values() -> Iterator[None]:
         raise PlanValidationError(exc.problems, message) from exc
 
 
-def _plan_result(plan: Any, verb: str, service: PlannerService) -> CallToolResult:
+def _plan_result(plan: Any, verb: str, service: PlannerService, *, whole: bool = True) -> CallToolResult:
+    """A plan's view, and as text the plan whole (`whole`: one the caller has not seen, a generated plan)
+    or its outline (one the caller just wrote: repeating it back costs its tokens again)."""
     view = views.plan_view(plan)
     view.warnings = [str(w) for w in service.warnings(plan)]
     head = f"plan {plan.id!r} {verb}; status {plan.status.value}."
     warned = "".join(f"\nwarning: {w}" for w in view.warnings)
-    text = f"{head}{warned}\n{views.plan_text(plan)}\nnext: {view.next_action}"
+    body = views.plan_text(plan) if whole else _outline(plan)
+    text = f"{head}{warned}\n{body}\nnext: {view.next_action}"
     return _result(view, text)
+
+
+def _outline(plan: Any, limit: int = 20) -> str:
+    """`2 steps: read (workspace.read_file, for each of 10), write (workspace.write_file, for each of 10)`."""
+    parts = []
+    for step in plan.steps[:limit]:
+        extra = ""
+        if isinstance(step.for_each, list):
+            extra += f", for each of {len(step.for_each)}"
+        elif step.for_each is not None:
+            extra += ", for each"
+        if step.when is not None:
+            extra += ", when"
+        parts.append(f"{step.id} ({step.tool_name}{extra})")
+    more = f", and {len(plan.steps) - limit} more" if len(plan.steps) > limit else ""
+    inputs = views.inputs_text(plan)  # with the defaults the caller did not write
+    return f"{len(plan.steps)} step(s): {', '.join(parts)}{more}; get_plan shows it whole" + (
+        f"\ninputs: {inputs}" if inputs else ""
+    )
 
 
 def _progress(ctx: Context[Any, Any]) -> Callable[[PlanProgress], Any]:
