@@ -608,7 +608,14 @@ def tools(
     async def listed(stack: Stack) -> tuple[dict[str, ToolInfo], dict[str, ServerStatus]]:
         return await stack.service.catalog(), stack.service.server_status()
 
-    catalog, status = _with_stack(settings, listed, tools="all")
+    client_log = logging.getLogger("mcp_planner.downstream.client")
+    level = client_log.level
+    if not verbose:  # the servers table says which server failed and why: once, not also as a log line
+        client_log.setLevel(logging.ERROR)
+    try:
+        catalog, status = _with_stack(settings, listed, tools="all")
+    finally:
+        client_log.setLevel(level)
     out.print(terminal.tools_table(catalog))
     out.print(terminal.servers_table(status))
     failed = sorted(name for name, server in status.items() if server.error)
