@@ -19,8 +19,10 @@ from typing import Literal
 
 import anyio
 
+from mcp_planner.engine.builtins import WithBuiltins
 from mcp_planner.engine.tools import LocalTools, ToolProvider
 from mcp_planner.errors import ConfigError
+from mcp_planner.generation.providers import LLMSettings, llm_settings
 from mcp_planner.plan.model import MAX_STEPS
 from mcp_planner.runner import (
     CachedCatalog,
@@ -48,6 +50,8 @@ class Stack:
     tools: ToolProvider
     service: PlannerService
     servers_file: Path | None
+    #: The LLM of `generate_plan`, `mcp-planner generate` and `planner.llm` (`MCP_PLANNER_LLM`), if any.
+    llm: LLMSettings | None = None
 
 
 @asynccontextmanager
@@ -70,15 +74,18 @@ async def open_stack(
         warm: when a live runner serves this database and servers file, use it instead: validate against
             the catalog it published (no server starts) and submit runs to it.
 
+    The LLM comes from `env["MCP_PLANNER_LLM"]` (`generation.providers`): `planner.llm` steps ask it.
+
     Raises:
         StoreError: the database cannot be opened.
-        ConfigError: the servers file is unreadable or malformed.
+        ConfigError: the servers file is unreadable or malformed, or the LLM spec is.
     """
+    llm = llm_settings(env)
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(PlanStore.open(db_path))
         if warm and await warm_runner(store, servers_file):
             tools, runners = "cached", True
-        provider = await stack.enter_async_context(_tools(store, servers_file, env, tools))
+        provider = _with_llm(await stack.enter_async_context(_tools(store, servers_file, env, tools)), llm)
         launcher = DetachedRunners(db_path, servers_file, idle_exit=idle_exit) if runners else None
         service = await stack.enter_async_context(
             PlannerService(
@@ -92,7 +99,12 @@ async def open_stack(
         )
         _freeze_startup_objects()
         # The service's tools: the downstream ones and the built-in tools, as plans are validated against.
-        yield Stack(store=store, tools=service.tools, service=service, servers_file=servers_file)
+        yield Stack(store=store, tools=service.tools, service=service, servers_file=servers_file, llm=llm)
+
+
+def _with_llm(provider: ToolProvider, llm: LLMSettings | None) -> ToolProvider:
+    """`provider` with the built-in tools, `planner.llm` asking `llm`."""
+    return provider if llm is None else WithBuiltins(provider, llm)
 
 
 @asynccontextmanager
@@ -137,6 +149,7 @@ async def run_runner(
     Returns:
         How many runs it executed.
     """
+    llm = llm_settings(env)
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(PlanStore.open(db_path))
         provider = await stack.enter_async_context(_tools(store, servers_file, env, "all"))
@@ -153,7 +166,12 @@ async def run_runner(
         # It claims runs at once (a submitter sees its run taken) and executes them once connected.
         _freeze_startup_objects()
         runner = Runner(
-            store, provider, servers=key, max_runs=max_runs, ready=ready, max_steps=max_steps(env)
+            store,
+            _with_llm(provider, llm),
+            servers=key,
+            max_runs=max_runs,
+            ready=ready,
+            max_steps=max_steps(env),
         )
         async with anyio.create_task_group() as tg:
             tg.start_soon(_keep_catalog_published, store, key, provider, ready)

@@ -30,6 +30,7 @@ from mcp_planner.cli.runtime import (
     execute_stored,
     exit_code,
     fail,
+    generate_plan,
     load_plan_file,
     out,
     resume_stored,
@@ -51,7 +52,8 @@ Exit codes: 0 the plan completed (or the command succeeded); 1 error (unknown pl
 servers file, unreachable server); 2 invalid plan or usage; 3 the plan failed; 4 the plan ended partial;
 5 the plan was cancelled; 6 the plan was not approved (declined, or no terminal to ask and no --yes).
 
-Environment: MCP_PLANNER_DB (default database), MCP_PLANNER_SERVERS (default servers file).
+Environment: MCP_PLANNER_DB (default database), MCP_PLANNER_SERVERS (default servers file), MCP_PLANNER_LLM
+(the LLM provider, as --llm).
 """
 
 app = typer.Typer(
@@ -117,6 +119,20 @@ InputsFileOpt = Annotated[
         metavar="FILE.json",
         help="A JSON object of values for the plan's inputs.",
         dir_okay=False,
+        show_default=False,
+    ),
+]
+
+
+LlmOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--llm",
+        metavar="SPEC",
+        help="The LLM for plan generation and planner.llm: anthropic:MODEL, openai:MODEL, "
+        "openai-compatible:BASE_URL#MODEL, auto (MCP sampling when the client offers it, else a provider "
+        "from the keys set), auto:SPEC, or sampling. Default: MCP_PLANNER_LLM. Keys come from "
+        "ANTHROPIC_API_KEY / OPENAI_API_KEY (MCP_PLANNER_LLM_API_KEY for an OpenAI-compatible server).",
         show_default=False,
     ),
 ]
@@ -233,6 +249,19 @@ def _config_env() -> dict[str, str]:
     return {"PYTHON": sys.executable, **os.environ}
 
 
+def _use_llm(spec: str | None) -> None:
+    """`--llm` wins over MCP_PLANNER_LLM, here and in the runners this process starts (they inherit it)."""
+    if spec is not None:
+        from mcp_planner.errors import ConfigError
+        from mcp_planner.generation.providers import ENV_VAR, parse_llm_spec
+
+        try:
+            parse_llm_spec(spec)
+        except ConfigError as exc:
+            fail(f"error: --llm: {exc}", ExitCode.INVALID)
+        os.environ[ENV_VAR] = spec
+
+
 def _open_stack(
     settings: Settings, *, tools: Tools, runners: bool, warm: bool = False
 ) -> AbstractAsyncContextManager[Stack]:
@@ -339,11 +368,13 @@ def serve(
         ),
     ] = None,
     approval: ApprovalOpt = Approval.AUTO,
+    llm: LlmOpt = None,
     servers: ServersOpt = None,
     db: DbOpt = None,
     verbose: VerboseOpt = 0,
 ) -> None:
     """Serve the planner's MCP tools over stdio (default) or streamable HTTP."""
+    _use_llm(llm)
     if transport is Transport.HTTP:
         from mcp_planner.server.http_security import check_bind
 
@@ -405,6 +436,7 @@ def run(
     ] = False,
     input_pairs: InputOpt = None,
     inputs_file: InputsFileOpt = None,
+    llm: LlmOpt = None,
     servers: ServersOpt = None,
     db: DbOpt = None,
     verbose: VerboseOpt = 0,
@@ -414,7 +446,9 @@ def run(
 
     Exits 0 only if the plan completed. Ctrl-C cancels the plan (exit 5). A live runner for this database
     and servers file executes it; else this command does, starting only the servers the plan names.
+    `planner.llm` steps ask the LLM of --llm (or MCP_PLANNER_LLM).
     """
+    _use_llm(llm)
     settings = _settings(ctx, servers, db, verbose)
     spec = load_plan_file(plan_file)
     values = _input_values(spec, input_pairs, inputs_file)
@@ -423,6 +457,39 @@ def run(
         settings, lambda stack: run_plan(stack, spec, yes, values=values, detach=detach), here=here
     )
     raise typer.Exit(0 if detach else int(exit_code(summary.status)))
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def generate(
+    ctx: typer.Context,
+    task: Annotated[str, typer.Argument(metavar="TASK", help="What the plan should achieve.")],
+    context: Annotated[
+        str | None, typer.Option("--context", help="Background the planner should know.", show_default=False)
+    ] = None,
+    constraint: Annotated[
+        list[str] | None,
+        typer.Option("--constraint", help="A rule the plan must follow; repeatable.", show_default=False),
+    ] = None,
+    llm: LlmOpt = None,
+    as_json: JsonOpt = False,
+    servers: ServersOpt = None,
+    db: DbOpt = None,
+    verbose: VerboseOpt = 0,
+) -> None:
+    """Ask an LLM provider (--llm or MCP_PLANNER_LLM) for a plan for TASK with the downstream servers' tools,
+    store it and show it for approval (`mcp-planner approve ID`, then `mcp-planner execute ID`).
+
+    The plan is validated and repaired up to 3 times; its token usage is kept in its metadata (llm_usage).
+    """
+    _use_llm(llm)
+    settings = _settings(ctx, servers, db, verbose)
+    plan = _with_stack(
+        settings,
+        lambda stack: generate_plan(stack, task, context, constraint or [], as_json=as_json),
+        tools="all",
+    )
+    if as_json:
+        out.print_json(json.dumps(_plan_json(plan)))
 
 
 @app.command()

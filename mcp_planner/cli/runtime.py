@@ -302,6 +302,43 @@ async def run_plan(
     return await execute_with_progress(rt, plan, resume=False, rerun_interrupted=False)
 
 
+async def generate_plan(
+    rt: Stack, task: str, context: str | None, constraints: list[str], *, as_json: bool = False
+) -> ExecutionPlan:
+    """What `generate` does: ask the configured LLM provider for a plan, store it and show it for approval.
+
+    Raises:
+        GenerationError: no provider is configured, it failed, or no answer became a valid plan.
+    """
+    from mcp_planner.errors import GenerationError
+    from mcp_planner.generation.generator import PlanRequest
+    from mcp_planner.generation.providers import generate_with_provider
+
+    if rt.llm is None or not rt.llm.has_provider:
+        raise GenerationError(
+            "no LLM provider configured: pass --llm (e.g. 'anthropic:claude-sonnet-4-5', "
+            "'openai:gpt-4.1-mini' or 'openai-compatible:http://127.0.0.1:11434/v1#qwen3') or set "
+            "MCP_PLANNER_LLM, with the "
+            "provider's key in ANTHROPIC_API_KEY or OPENAI_API_KEY"
+        )
+    request = PlanRequest(task=task, context=context, constraints=constraints)
+    generated = await generate_with_provider(rt.llm.provider(), await rt.service.catalog(), request)
+    plan = await rt.service.add_plan(generated, source="generate")
+    if as_json:
+        return plan
+    from mcp_planner.cli import terminal
+
+    terminal.print_plan(out.console, plan, "Generated plan")
+    for warning in rt.service.warnings(plan):
+        err.print(f"warning: {warning}", markup=False, highlight=False)
+    if plan.status is PlanStatus.PENDING_APPROVAL:
+        follow = f"`mcp-planner approve {plan.id}` approves it, `mcp-planner execute {plan.id}` runs it"
+    else:
+        follow = f"`mcp-planner execute {plan.id}` runs it"
+    out.print(f"plan {plan.id} stored ({plan.status.value}): {follow}", markup=False, highlight=False)
+    return plan
+
+
 async def checked_plan(rt: Stack, spec: PlanSpec, values: Mapping[str, Any] | None = None) -> ExecutionPlan:
     """The plan as `create_plan` would store it (with `values` for its inputs), validated against the
     catalog, but not stored yet.

@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 
 from mcp_planner import presentation as views
 from mcp_planner.errors import PlanChangedError, PlannerError, PlanStateError, PlanValidationError
-from mcp_planner.plan.model import ExecutionOptions, PlanStatus, PlanSummary, StepSpec
+from mcp_planner.plan.model import ExecutionOptions, ExecutionPlan, PlanStatus, PlanSummary, StepSpec
 from mcp_planner.service import PlannerService
 from mcp_planner.store.base import PlanProgress
 
@@ -261,10 +261,10 @@ async def list_tools(
 
 
 @_tool(
-    description="Ask the client's LLM (MCP sampling) to write a plan for a task, using the tools from "
-    "list_tools; the plan is validated (and repaired up to 3 times) and stored. Returns the plan: show "
-    "it to the user, then call approve_plan and execute_plan. If this client cannot sample, draft the "
-    "plan yourself (the plan_task prompt has the instructions) and call create_plan.",
+    description="Ask an LLM (the configured provider, or the client's by MCP sampling) to write a plan for a "
+    "task, using the tools from list_tools; the plan is validated (and repaired up to 3 times) and stored. "
+    "Returns the plan: show it to the user, then call approve_plan and execute_plan. If no LLM is "
+    "available, draft the plan yourself (the plan_task prompt has the instructions) and call create_plan.",
     annotations=_hints(read_only=False, destructive=False, idempotent=False, open_world=False),
 )
 async def generate_plan(
@@ -280,11 +280,24 @@ async def generate_plan(
     ] = None,
 ) -> Annotated[CallToolResult, views.PlanView] | InputRequiredResult:
     from mcp_planner.generation.generator import PlanRequest
-    from mcp_planner.generation.sampling import generate_with_sampling
+    from mcp_planner.generation.providers import LLMSettings, generate_with_provider
+    from mcp_planner.generation.sampling import SamplingProvider, generate_with_sampling
 
     service = await state.get()
     request = PlanRequest(task=task, context=context, constraints=constraints, options=options)
-    generated = await generate_with_sampling(ctx, await service.catalog(), request)
+    catalog = await service.catalog()
+    llm = service.tools.llm
+    # `auto`: the client's LLM when it samples, else the configured provider, else the "no sampling" error.
+    if (
+        isinstance(llm, LLMSettings)
+        and llm.has_provider
+        and not (llm.sampling_first and SamplingProvider(ctx).supported)
+    ):
+        generated: ExecutionPlan | InputRequiredResult = await generate_with_provider(
+            llm.provider(), catalog, request
+        )
+    else:
+        generated = await generate_with_sampling(ctx, catalog, request)
     if isinstance(generated, InputRequiredResult):
         return generated
     plan = await service.add_plan(generated)
