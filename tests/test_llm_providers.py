@@ -25,7 +25,7 @@ from mcp import Client
 
 from mcp_planner.engine.builtins import WithBuiltins
 from mcp_planner.engine.tools import LocalTools, ToolInfo
-from mcp_planner.errors import ConfigError, ToolNotFoundError
+from mcp_planner.errors import ConfigError, ToolCallError, ToolNotFoundError
 from mcp_planner.generation.generator import PlanRequest
 from mcp_planner.generation.providers import (
     ENV_VAR,
@@ -56,6 +56,8 @@ class Reply:
     status: int
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
+    #: Answer nothing until the server stops (a model that never answers).
+    hang: bool = False
 
 
 @dataclass
@@ -71,6 +73,7 @@ class ScriptedLLMServer:
     def __init__(self) -> None:
         self.replies: list[Reply] = []
         self.requests: list[Seen] = []
+        self.stopping = threading.Event()
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -78,7 +81,14 @@ class ScriptedLLMServer:
                 length = int(self.headers.get("content-length", "0"))
                 body = json.loads(self.rfile.read(length) or b"{}")
                 owner.requests.append(Seen(self.path, {k.lower(): v for k, v in self.headers.items()}, body))
-                reply = owner.replies.pop(0) if owner.replies else Reply(500, {"error": {"message": "none"}})
+                reply = (
+                    owner.replies.pop(0)
+                    if owner.replies
+                    else Reply(500, {"error": {"message": "none"}}, {"retry-after-ms": "1"})
+                )
+                if reply.hang:
+                    owner.stopping.wait(30)
+                    return
                 data = json.dumps(reply.body).encode()
                 self.send_response(reply.status)
                 self.send_header("content-type", "application/json")
@@ -162,6 +172,7 @@ class ScriptedLLMServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(timeout=5)
@@ -331,6 +342,30 @@ async def test_server_errors_after_every_retry_become_a_generation_error(
     assert llm_server.requests[0].headers["authorization"] == "Bearer not-needed"
 
 
+async def test_server_refusing_json_schema_output_is_asked_again_in_plain_text(
+    llm_server: ScriptedLLMServer,
+) -> None:
+    llm_server.replies.append(Reply(400, {"error": {"message": "response_format is not supported"}}))
+    llm_server.chat(json.dumps(GOOD))
+    tools = WithBuiltins(NotesTools()).catalog()
+    plan = await generate_with_provider(openai_settings(llm_server).provider(), tools, PlanRequest("greet"))
+    assert plan.steps[0].id == "write"
+    refused, plain = llm_server.requests
+    assert "response_format" in refused.body and "response_format" not in plain.body
+    assert "JSON Schema" in plain.body["messages"][0]["content"]
+
+
+async def test_a_model_that_never_answers_times_out_with_a_clear_error(
+    llm_server: ScriptedLLMServer,
+) -> None:
+    llm_server.replies.append(Reply(200, {}, hang=True))
+    settings = LLMSettings(
+        LLMSpec("openai-compatible", "m", llm_server.openai_url), None, timeout=0.5, max_retries=0
+    )
+    with pytest.raises(ToolCallError, match="could not be reached"):
+        await settings("hello?", None, None, None)
+
+
 async def test_anthropic_messages_wire_format_generates_a_plan(llm_server: ScriptedLLMServer) -> None:
     llm_server.message("not json at all")
     llm_server.message(json.dumps(GOOD), input_tokens=700, output_tokens=90)
@@ -404,6 +439,7 @@ async def test_llm_step_text_flows_into_a_later_step_through_the_mcp_server(
     assert tools.notes == {"Spring": "Roses are red"}
     assert llm_server.requests[1].body["messages"][-1]["content"] == "Title for: Roses are red"
     assert "response_format" not in llm_server.requests[0].body
+    assert llm_server.requests[1].body["response_format"]["json_schema"]["schema"]["type"] == "object"
 
 
 async def test_generate_plan_uses_the_provider_and_no_key_reaches_the_database(
@@ -505,10 +541,26 @@ def test_cli_generate_stores_the_plan_and_shows_it_for_approval(
     assert "mcp-planner approve" in done.stdout
     prompt = llm_server.requests[0].body["messages"][-1]["content"]
     assert "say hello" in prompt and "a test" in prompt and "one step" in prompt
-    shown = subprocess.run(
+    llm_server.chat(json.dumps(plan), prompt_tokens=7, completion_tokens=3)
+    as_json = subprocess.run(
         [*command, "--json"], env=env, capture_output=True, text=True, timeout=60, check=False
     )
-    assert shown.returncode == 1 and "answered HTTP 500" in shown.stderr  # nothing scripted: the server fails
+    assert as_json.returncode == 0, as_json.stderr
+    stored = json.loads(as_json.stdout)
+    assert stored["status"] == "pending_approval"
+    assert stored["metadata"]["llm_usage"] == {
+        "provider": "openai-compatible",
+        "model": "scripted-model",
+        "calls": 1,
+        "input_tokens": 7,
+        "output_tokens": 3,
+    }
+    llm_server.replies.append(Reply(401, {"error": {"message": "bad key"}}))  # not retried
+    refused = subprocess.run(
+        [*command, "--json"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert refused.returncode == 1 and "answered HTTP 401" in refused.stderr
+    assert "Traceback" not in refused.stderr
     assert_key_not_stored(tmp_path)
 
 

@@ -30,9 +30,9 @@ LLMFunction = Callable[
 ]
 
 NO_LLM_MESSAGE: Final = (
-    f"no LLM configured: {LLM!r} asks an LLM provider and this planner has none yet (providers will be "
-    "chosen with `--llm` or MCP_PLANNER_LLM, e.g. 'anthropic:claude-sonnet-4-5'); write the text into the "
-    f"plan instead, as a step parameter or shaped with {ECHO!r}"
+    f"no LLM configured: {LLM!r} asks an LLM provider and this planner has none: start it with `--llm` or "
+    "MCP_PLANNER_LLM (e.g. 'anthropic:claude-sonnet-4-5' with ANTHROPIC_API_KEY set; see the README's LLM "
+    f"providers), or write the text into the plan instead, as a step parameter or shaped with {ECHO!r}"
 )
 
 _ECHO_INFO = ToolInfo(

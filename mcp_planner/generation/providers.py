@@ -177,6 +177,13 @@ class APIProvider:
     usage: Usage = field(default_factory=Usage)
     _client: Any = field(default=None, repr=False)
 
+    async def aclose(self) -> None:
+        """Close the client's connections (bounded: a close never hangs the caller)."""
+        client, self._client = self._client, None
+        if client is not None:
+            with anyio.move_on_after(5, shield=True):
+                await client.close()
+
     async def complete(self, system: str, messages: list[tuple[str, str]]) -> str:
         """Answer the conversation with a plan (structured output where supported).
 
@@ -246,7 +253,17 @@ class APIProvider:
                 "json_schema": {"name": "answer", "schema": schema, "strict": False},
             }
         try:
-            response = await self._client.chat.completions.create(**kwargs)
+            try:
+                response = await self._client.chat.completions.create(**kwargs)
+            except openai.BadRequestError:
+                if "response_format" not in kwargs:
+                    raise
+                # Some compatible servers refuse JSON-schema output: ask again as plain text, whose
+                # tolerant parsing and repair loop still apply, and stop asking for it.
+                del kwargs["response_format"]
+                self.structured = False
+                kwargs["messages"] = _with_json_instruction(wire, schema)
+                response = await self._client.chat.completions.create(**kwargs)
         except openai.APIStatusError as exc:
             raise GenerationError(
                 f"the LLM ({self.spec.label()}) answered HTTP {exc.status_code}: {_short(exc.message)}; "
@@ -370,6 +387,8 @@ class LLMSettings:
             answer = await provider.ask(system, [("user", prompt)], schema=schema, max_tokens=max_tokens)
         except GenerationError as exc:
             raise ToolCallError(str(exc)) from exc
+        finally:
+            await provider.aclose()
         if schema is None:
             return answer
         try:
@@ -430,7 +449,10 @@ async def generate_with_provider(
     Raises:
         GenerationError: the provider failed, or no answer became a valid plan.
     """
-    plan = await Generator(provider, tools, max_repairs=max_repairs).generate(request)
+    try:
+        plan = await Generator(provider, tools, max_repairs=max_repairs).generate(request)
+    finally:
+        await provider.aclose()
     plan.metadata["llm_usage"] = {
         "provider": provider.spec.kind,
         "model": provider.spec.model,
@@ -439,6 +461,16 @@ async def generate_with_provider(
         "output_tokens": provider.usage.output_tokens,
     }
     return plan
+
+
+def _with_json_instruction(wire: list[dict[str, str]], schema: dict[str, Any] | None) -> list[dict[str, str]]:
+    """The messages with the JSON instruction added to the system prompt (a new one if there is none)."""
+    if schema is None:
+        return wire
+    instruction = _JSON_INSTRUCTION.format(schema=json.dumps(schema, separators=(",", ":")))
+    if wire and wire[0]["role"] == "system":
+        return [{"role": "system", "content": f"{wire[0]['content']}\n\n{instruction}"}, *wire[1:]]
+    return [{"role": "system", "content": instruction}, *wire]
 
 
 def _short(text: str, limit: int = 300) -> str:
