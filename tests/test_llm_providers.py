@@ -21,7 +21,7 @@ from typing import Any
 
 import mcp_types as types
 import pytest
-from mcp import Client
+from mcp import Client, StdioServerParameters
 
 from mcp_planner.engine.builtins import WithBuiltins
 from mcp_planner.engine.tools import LocalTools, ToolInfo
@@ -510,6 +510,47 @@ async def test_without_a_provider_planner_llm_fails_its_step_with_a_clear_error(
         assert run.structured_content is not None and run.structured_content["status"] == "failed"
         shown = await c.call_tool("get_plan", {"plan_id": plan_id})
         assert "needs an LLM provider" in _text(shown) + json.dumps(shown.structured_content)
+
+
+@pytest.mark.e2e
+async def test_serve_with_llm_generates_plans_and_its_runners_answer_planner_llm(
+    llm_server: ScriptedLLMServer, tmp_path: Path
+) -> None:
+    plan = {
+        "description": "Echo a greeting",
+        "steps": [{"id": "greet", "tool_name": "planner.echo", "parameters": {"value": "hello"}}],
+    }
+    llm_server.chat(json.dumps(plan))
+    llm_server.chat("a poem")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MCP_PLANNER", "OPENAI", "ANTHROPIC"))}
+    env.update({"MCP_PLANNER_LLM_API_KEY": KEY, "MCP_PLANNER_RUNNER_IDLE_EXIT": "3"})
+    spec = f"openai-compatible:{llm_server.openai_url}#scripted-model"
+    db = tmp_path / "plans.db"
+    args = ["-m", "mcp_planner", "serve", "--db", str(db), "--approval", "agent", "--llm", spec]
+    launch = StdioServerParameters(command=sys.executable, args=args, env=env, cwd=str(tmp_path))
+    ask = {
+        "description": "Ask and keep",
+        "steps": [
+            {"id": "ask", "tool_name": "planner.llm", "parameters": {"prompt": "a poem"}},
+            {"id": "keep", "tool_name": "planner.echo", "parameters": {"poem": "{{ steps.ask.text }}"}},
+        ],
+    }
+    async with Client(launch, mode="legacy") as client:
+        generated = await client.call_tool("generate_plan", {"task": "greet"})
+        assert not generated.is_error, _text(generated)
+        assert generated.structured_content is not None
+        assert generated.structured_content["steps"][0]["tool_name"] == "planner.echo"
+        created = await client.call_tool("create_plan", ask)
+        assert created.structured_content is not None
+        plan_id = created.structured_content["id"]
+        await client.call_tool("approve_plan", {"plan_id": plan_id})
+        run = await client.call_tool("execute_plan", {"plan_id": plan_id, "wait_seconds": 30})
+        assert run.structured_content is not None, _text(run)
+        assert run.structured_content["status"] == "completed", _text(run)
+        shown = await client.call_tool("get_plan", {"plan_id": plan_id})
+        assert '"poem": "a poem"' in json.dumps(shown.structured_content) + _text(shown)
+    assert len(llm_server.requests) == 2
+    assert_key_not_stored(tmp_path)
 
 
 # -- the command line --------------------------------------------------------------------------------------
