@@ -605,6 +605,41 @@ def test_cli_generate_stores_the_plan_and_shows_it_for_approval(
     assert_key_not_stored(tmp_path)
 
 
+def test_cli_run_with_llm_answers_planner_llm_steps(llm_server: ScriptedLLMServer, tmp_path: Path) -> None:
+    llm_server.chat("a haiku about dags")
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(
+        json.dumps(
+            {
+                "description": "Ask and keep",
+                "steps": [
+                    {"id": "ask", "tool_name": "planner.llm", "parameters": {"prompt": "a haiku"}},
+                    {
+                        "id": "keep",
+                        "tool_name": "planner.echo",
+                        "parameters": {"value": "{{ steps.ask.text }}!"},
+                    },
+                ],
+                "outputs": {"poem": "{{ steps.keep.text }}"},
+            }
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MCP_PLANNER", "OPENAI", "ANTHROPIC"))}
+    env.update({"MCP_PLANNER_DB": str(tmp_path / "plans.db"), "COLUMNS": "200"})
+    spec = f"openai-compatible:{llm_server.openai_url}#scripted-model"
+    done = subprocess.run(
+        [sys.executable, "-m", "mcp_planner", "run", str(plan_file), "--yes", "--llm", spec],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "a haiku about dags!" in done.stdout
+    assert llm_server.requests[0].body["messages"] == [{"role": "user", "content": "a haiku"}]
+
+
 def test_cli_generate_without_a_provider_says_how_to_configure_one(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MCP_PLANNER", "OPENAI", "ANTHROPIC"))}
     env["MCP_PLANNER_DB"] = str(tmp_path / "plans.db")
