@@ -464,11 +464,19 @@ def generate(
     ctx: typer.Context,
     task: Annotated[str, typer.Argument(metavar="TASK", help="What the plan should achieve.")],
     context: Annotated[
-        str | None, typer.Option("--context", help="Background the planner should know.", show_default=False)
+        str | None,
+        typer.Option(
+            "--context", metavar="TEXT", help="Background the planner should know.", show_default=False
+        ),
     ] = None,
     constraint: Annotated[
         list[str] | None,
-        typer.Option("--constraint", help="A rule the plan must follow; repeatable.", show_default=False),
+        typer.Option(
+            "--constraint",
+            metavar="RULE",
+            help="A rule the plan must follow; repeatable.",
+            show_default=False,
+        ),
     ] = None,
     llm: LlmOpt = None,
     as_json: JsonOpt = False,
