@@ -229,18 +229,27 @@ class PlannerService:
     # -- creating and changing plans -----------------------------------------------------------------
 
     async def create_plan(
-        self, spec: PlanSpec, values: Mapping[str, Any] | None = None, *, created_by: str = "agent"
+        self,
+        spec: PlanSpec,
+        values: Mapping[str, Any] | None = None,
+        *,
+        created_by: str = "agent",
+        plan_id: str | None = None,
     ) -> ExecutionPlan:
         """Validate and store a plan a caller wrote, with the values of its inputs (checked against its
         `inputs` schema, defaults filled in); it starts `pending_approval` or auto-`approved`.
 
         Bare tool names are qualified (`server.tool`) when exactly one server offers them; dependencies
-        are inferred from `{{ steps.<id> }}` references.
+        are inferred from `{{ steps.<id> }}` references. `plan_id`: the id to store it under (default: a
+        new one).
 
         Raises:
             PlanValidationError: with every problem; nothing is stored.
+            PlanConflictError: a plan with `plan_id` exists.
         """
         plan = ExecutionPlan.from_spec(spec, values)
+        if plan_id is not None:  # the id a caller already showed (`mcp-planner run`)
+            plan.id = plan_id
         await self._check(plan)
         return await self._store_new(plan, source="create_plan", by=created_by)
 

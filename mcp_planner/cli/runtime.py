@@ -279,16 +279,15 @@ async def run_plan(
             "as shown, or run this command in a terminal to be asked.",
             ExitCode.NOT_APPROVED,
         )
+    shown, shown_hash = plan.id, plan.compute_hash()  # stored under the id shown, approved as shown
     if not yes and not ask("Run this plan?"):
         user = terminal_user()
-        plan = await rt.service.create_plan(spec, values, created_by=user)
+        plan = await rt.service.create_plan(spec, values, created_by=user, plan_id=shown)
         await rt.service.reject_plan(plan.id, f"declined at the terminal by {user}", rejected_by=user)
         fail(f"not run: plan {plan.id} declined", ExitCode.NOT_APPROVED)
-    plan = await rt.service.create_plan(spec, values, created_by=terminal_user())
+    plan = await rt.service.create_plan(spec, values, created_by=terminal_user(), plan_id=shown)
     if plan.status in (PlanStatus.DRAFT, PlanStatus.PENDING_APPROVAL):
-        plan = await rt.service.approve_plan(
-            plan.id, terminal_user(), METHOD, expected_hash=plan.compute_hash()
-        )
+        plan = await rt.service.approve_plan(plan.id, terminal_user(), METHOD, expected_hash=shown_hash)
     if detach:
         summary = await rt.service.execute_plan(plan.id, wait_seconds=0, submitted_by=terminal_user())
         out.print(
