@@ -690,6 +690,116 @@ async def test_an_output_over_the_template_limit_is_an_output_error(tmp_path: Pa
     assert "big" in summary["output_errors"]
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"fail_if": "('x' * 10**9) | length > 0"},
+        {"for_each": "{{ range(10**9) | list }}"},
+        {"when": "('x' * 10**9) | length"},
+    ],
+)
+async def test_a_template_over_a_limit_is_not_retried(tmp_path: Path, fields: dict[str, Any]) -> None:
+    step = {
+        "id": "s",
+        "tool_name": "basic.flaky",
+        "parameters": {"key": "{{ item }}" if "for_each" in fields else "limit", "failures": 0},
+        "max_retries": 3,
+        "retry_delay_ms": 0,
+        **fields,
+    }
+    async with planner(tmp_path) as client:
+        plan_id = await create(client, {"steps": [step]})
+        structured(await execute(client, plan_id))
+        s = step_of(await get_plan(client, plan_id), "s")
+    assert s["status"] == "failed"
+    assert s["error"].startswith(f"{next(iter(fields))}: template ")
+    assert s["retry_count"] == 0
+
+
+async def test_a_slow_condition_fails_at_the_time_budget_while_the_server_keeps_answering(
+    tmp_path: Path,
+) -> None:
+    slow = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    async with planner(tmp_path) as client:
+        plan_id = await create(client, {"steps": [echo("s", 1, fail_if=slow)]})
+        async with anyio.create_task_group() as tg:
+            done: list[dict[str, Any]] = []
+
+            async def execute_it() -> None:
+                done.append(structured(await execute(client, plan_id)))
+
+            tg.start_soon(execute_it)
+            with anyio.fail_after(5):
+                listed = await client.call_tool("list_plans", {})
+            answered_during_the_run = not done  # the render takes the whole 1 s budget
+    assert not listed.is_error
+    assert answered_during_the_run
+    s = step_of(done[0], "s")
+    assert s["status"] == "failed"
+    assert "time budget" in s["error"]
+
+
+# -- item concurrency ----------------------------------------------------------------------------------------
+
+
+def barrier_each(step_id: str, name: str, items: int, parties: int, cap: int = 0) -> dict[str, Any]:
+    """A for_each step whose items all wait at barrier `name` for `parties` calls (1 s each at most)."""
+    return {
+        "id": step_id,
+        "tool_name": "basic.barrier",
+        "for_each": list(range(items)),
+        "max_parallel_items": cap,
+        "timeout_ms": 1000,
+        "parameters": {"name": name, "parties": parties},
+    }
+
+
+async def test_items_share_the_plans_slots(tmp_path: Path) -> None:
+    async with planner(tmp_path) as client:
+        three_of_four = await run(client, {"steps": [barrier_each("e", "s4", 3, 3)]}, allow_parallel=True)
+        across_steps = await run(
+            client,
+            {"steps": [barrier_each("e1", "x", 2, 4, cap=2), barrier_each("e2", "x", 2, 4, cap=2)]},
+            allow_parallel=True,
+            max_parallel_steps=4,
+        )
+    assert three_of_four["status"] == "completed", three_of_four
+    assert across_steps["status"] == "completed", across_steps
+
+
+async def test_items_of_a_sequential_plan_run_one_at_a_time(tmp_path: Path) -> None:
+    async with planner(tmp_path) as client:
+        summary = await run(client, {"steps": [barrier_each("e", "seq", 2, 2, cap=2)]})
+    assert summary["status"] == "failed"
+    assert "timed out" in step_of(summary, "e")["error"]
+
+
+# -- where each name may be used -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("plan", "expected"),
+    [
+        ({"steps": [echo("a", 1, for_each="{{ item }}")]}, "not in for_each"),
+        ({"steps": [echo("a", 1, for_each=[1], when="item == 1")]}, "not in when"),
+        ({"steps": [echo("a", "{{ item }}")]}, "not in a step without for_each"),
+        ({"steps": [echo("a", 1, when="result")]}, "exists only in fail_if"),
+        ({"steps": [echo("a", 1)], "outputs": {"x": "{{ result }}"}}, "an output sees steps.<id> and inputs"),
+        ({"steps": [echo("a", 1, max_parallel_items=2)]}, "applies only to a step with for_each"),
+        ({"steps": [echo("a", 1, allow_item_failures=True)]}, "applies only to a step with for_each"),
+        ({"steps": [echo("a", 1, when="steps.b.status"), echo("b", 1, when="steps.a.status")]}, "cycle"),
+        ({"steps": [echo("a", "{{ inputs.x }}")]}, "declares no inputs"),
+    ],
+)
+async def test_misplaced_names_and_fields_are_refused_at_creation(
+    tmp_path: Path, plan: dict[str, Any], expected: str
+) -> None:
+    async with planner(tmp_path) as client:
+        result = await create_raw(client, plan)
+    assert result.is_error
+    assert expected in text(result), text(result)
+
+
 # -- Mermaid -------------------------------------------------------------------------------------------------
 
 
@@ -804,11 +914,6 @@ def test_cli_run_keeps_a_numeric_looking_string_input_a_string_and_prints_output
     assert tail[2].startswith("  b: not rendered: step 'b' did not complete (failed: no LLM configured")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `mcp-planner run` shows the plan under one id ('Plan <id>:'), then stores and runs a new "
-    "plan with another id, so the id shown before confirming names no stored plan",
-)
 def test_cli_run_shows_the_id_of_the_plan_it_runs(tmp_path: Path) -> None:
     result = mcp_planner_run(tmp_path, CLI_PLAN, "--input", "name=a")
     assert result.returncode == 0, result.stderr
