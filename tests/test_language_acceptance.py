@@ -228,7 +228,7 @@ async def test_max_parallel_items_caps_concurrent_items(tmp_path: Path) -> None:
                     "tool_name": "basic.barrier",
                     "for_each": ["a", "b"],
                     "max_parallel_items": cap,
-                    "timeout_ms": 1500,
+                    "timeout_ms": 2000 if cap > 1 else 500,  # a short wait for the call that must time out
                     "parameters": {"name": f"cap{cap}", "parties": 2},
                 }
             ]
@@ -608,7 +608,7 @@ async def test_outputs_are_rendered_after_a_cancel(tmp_path: Path) -> None:
     }
     async with planner(tmp_path) as client:
         plan_id = await create(client, plan)
-        await client.call_tool("execute_plan", {"plan_id": plan_id, "wait_seconds": 0.5})
+        await client.call_tool("execute_plan", {"plan_id": plan_id, "wait_seconds": 0.2})
         await client.call_tool("cancel_plan", {"plan_id": plan_id})
         with anyio.fail_after(5):
             while True:
@@ -742,14 +742,16 @@ async def test_a_slow_condition_fails_at_the_time_budget_while_the_server_keeps_
 # -- item concurrency ----------------------------------------------------------------------------------------
 
 
-def barrier_each(step_id: str, name: str, items: int, parties: int, cap: int = 0) -> dict[str, Any]:
-    """A for_each step whose items all wait at barrier `name` for `parties` calls (1 s each at most)."""
+def barrier_each(
+    step_id: str, name: str, items: int, parties: int, cap: int = 0, timeout_ms: int = 1000
+) -> dict[str, Any]:
+    """A for_each step whose items all wait at barrier `name` for `parties` calls."""
     return {
         "id": step_id,
         "tool_name": "basic.barrier",
         "for_each": list(range(items)),
         "max_parallel_items": cap,
-        "timeout_ms": 1000,
+        "timeout_ms": timeout_ms,
         "parameters": {"name": name, "parties": parties},
     }
 
@@ -769,7 +771,7 @@ async def test_items_share_the_plans_slots(tmp_path: Path) -> None:
 
 async def test_items_of_a_sequential_plan_run_one_at_a_time(tmp_path: Path) -> None:
     async with planner(tmp_path) as client:
-        summary = await run(client, {"steps": [barrier_each("e", "seq", 2, 2, cap=2)]})
+        summary = await run(client, {"steps": [barrier_each("e", "seq", 2, 2, cap=2, timeout_ms=500)]})
     assert summary["status"] == "failed"
     assert "timed out" in step_of(summary, "e")["error"]
 
