@@ -602,3 +602,33 @@ def test_references_in_for_each_when_and_fail_if_add_dependencies() -> None:
     )
     assert plan.step("x").depends_on == ["a", "b", "c"]
     assert messages(plan) == []
+
+
+def test_a_value_for_an_undeclared_input_an_empty_output_name_and_an_empty_condition_are_reported_once() -> (
+    None
+):
+    plan = plan_of(
+        {
+            "inputs": {"type": "object", "properties": {"colour": {"type": "string"}}},
+            "steps": [{"id": "a", "tool_name": "echo", "when": " "}],
+            "outputs": {"": "1"},
+        },
+        {"color": "red"},
+    )
+    assert messages(plan) == [
+        (
+            None,
+            "inputs.color",
+            "a value was given for 'color', which is not an input: did you mean 'colour'?",
+        ),
+        ("a", "when", "when is empty: remove it or give a condition"),
+        (None, "outputs", "an output has an empty name: name each output"),
+    ]
+    open_schema = plan_of(
+        {
+            "inputs": {"type": "object", "properties": {}, "additionalProperties": True},
+            "steps": [{"id": "a", "tool_name": "echo"}],
+        },
+        {"anything": 1},
+    )
+    assert messages(open_schema) == []

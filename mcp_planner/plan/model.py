@@ -373,9 +373,9 @@ class Step(_Lean):
         found: dict[str, Any] = {}
         if self.for_each is not None:
             found["for_each"] = self.for_each
-        if self.when is not None:
+        if self.when is not None and self.when.strip():  # an empty one is reported as such
             found["when"] = condition_template(self.when)
-        if self.fail_if is not None:
+        if self.fail_if is not None and self.fail_if.strip():
             found["fail_if"] = condition_template(self.fail_if)
         return found
 

@@ -449,6 +449,20 @@ def _input_problems(plan: ExecutionPlan) -> Iterator[Problem]:
     for error in sorted(cls(schema).iter_errors(plan.input_values), key=lambda e: e.json_path):
         message = error.message if len(error.message) <= 300 else error.message[:297] + "..."
         yield Problem(None, "inputs" + error.json_path[1:], f"input values: {message}")
+    properties = schema.get("properties")
+    if isinstance(properties, dict) and "additionalProperties" not in schema:  # a typo, as in a plan file
+        declared = list(properties)
+        for name in plan.input_values:
+            if name not in properties:
+                close = difflib.get_close_matches(name, declared, n=1, cutoff=0.6)
+                hint = (
+                    f"did you mean {close[0]!r}?"
+                    if close
+                    else f"the inputs are {', '.join(map(repr, declared))}"
+                )
+                yield Problem(
+                    None, f"inputs.{name}", f"a value was given for {name!r}, which is not an input: {hint}"
+                )
 
 
 def _output_problems(
@@ -458,6 +472,8 @@ def _output_problems(
         yield Problem(None, "outputs", _above(len(plan.outputs), MAX_OUTPUTS, " outputs"))
     for name, text in plan.outputs.items():
         field = f"outputs.{name}"
+        if not name.strip():
+            yield Problem(None, "outputs", "an output has an empty name: name each output")
         if not is_template(text):
             continue  # a constant is a valid, if dull, output
         analysis = analyse_template(text)
