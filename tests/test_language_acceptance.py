@@ -24,7 +24,8 @@ from mcp_planner.server.app import build_server
 from mcp_planner.service import PlannerService
 from mcp_planner.store.sqlite import PlanStore
 
-pytestmark = pytest.mark.anyio
+# A black-box acceptance suite: each test starts real downstream processes, so it runs with the e2e set.
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 SERVERS = Path(__file__).parent / "servers"
 
