@@ -488,6 +488,17 @@ class PlannerService:
                 or the runner refused it (the message says why).
             PlanValidationError: it no longer validates against the tool catalog.
         """
+        request = await self._execute_request(plan_id, submitted_by)
+        return await self._submit_and_follow(request, wait_seconds, on_progress)
+
+    @_on_fresh_state
+    async def submit_execute(self, plan_id: str, *, submitted_by: str = "agent") -> RunRecord:
+        """Submit a run of an approved plan and return the stored run at once, for a caller that follows it
+        by itself (an MCP task). Raises as `execute_plan` does before its run is submitted."""
+        run, _ = await self._submit(await self._execute_request(plan_id, submitted_by))
+        return run
+
+    async def _execute_request(self, plan_id: str, submitted_by: str) -> RunRequest:
         plan = await self._load(plan_id)
         await self._refuse_if_claimed(plan)
         check_can_execute(plan)
@@ -495,8 +506,7 @@ class PlannerService:
         problems = plan.validate(schema_catalog(self.tools), max_steps=self.max_steps)
         if problems:
             raise PlanValidationError(problems + self.unreachable_problems(problems), "the plan cannot run")
-        request = RunRequest(plan_id=plan.id, kind=RunKind.EXECUTE, submitted_by=submitted_by)
-        return await self._submit_and_follow(request, wait_seconds, on_progress)
+        return RunRequest(plan_id=plan.id, kind=RunKind.EXECUTE, submitted_by=submitted_by)
 
     @_on_fresh_state
     async def resume_plan(
@@ -517,18 +527,37 @@ class PlannerService:
             PlanNotFoundError: no such plan.
             PlanStateError: the plan never ran, is cancelled, or is executing in a live process.
         """
+        request = await self._resume_request(plan_id, rerun_interrupted, submitted_by)
+        if request is None:
+            return (await self._load(plan_id)).summary()
+        return await self._submit_and_follow(request, wait_seconds, on_progress)
+
+    @_on_fresh_state
+    async def submit_resume(
+        self, plan_id: str, rerun_interrupted: bool = False, *, submitted_by: str = "agent"
+    ) -> RunRecord | None:
+        """Submit a run resuming the plan and return the stored run at once (None: a completed plan, nothing
+        to resume). Raises as `resume_plan` does before its run is submitted."""
+        request = await self._resume_request(plan_id, rerun_interrupted, submitted_by)
+        if request is None:
+            return None
+        run, _ = await self._submit(request)
+        return run
+
+    async def _resume_request(
+        self, plan_id: str, rerun_interrupted: bool, submitted_by: str
+    ) -> RunRequest | None:
         plan = await self._load(plan_id)
         if not check_can_resume(plan):
-            return plan.summary()
+            return None
         await self._refuse_if_claimed(plan)
         await self._tools_ready()
-        request = RunRequest(
+        return RunRequest(
             plan_id=plan.id,
             kind=RunKind.RESUME,
             rerun_interrupted=rerun_interrupted,
             submitted_by=submitted_by,
         )
-        return await self._submit_and_follow(request, wait_seconds, on_progress)
 
     async def _refuse_if_claimed(self, plan: ExecutionPlan) -> None:
         if plan.status == PlanStatus.EXECUTING:
@@ -539,16 +568,21 @@ class PlannerService:
     async def _submit_and_follow(
         self, request: RunRequest, wait_seconds: float | None, on_progress: ProgressCallback | None
     ) -> PlanSummary:
+        run, since = await self._submit(request)
+        return await self._follow(run, wait_seconds, on_progress, since)
+
+    async def _submit(self, request: RunRequest) -> tuple[RunRecord, int]:
+        """The committed run, and the plan's newest event `seq` before it (what the run does comes after)."""
         request.servers = await self._servers_key()
         await reclaim_orphans(self.store, self.stale_after)  # a dead runner's run must not block this one
-        since = (await self.store.progress(request.plan_id)).seq  # progress: what the run does after this
+        since = (await self.store.progress(request.plan_id)).seq
         run = await self.store.submit_run(request)
         if self._launcher is not None:
             try:
                 await self._launcher.ensure(self.store, request.servers)
             except OSError as exc:
                 log.error("could not start a runner: %s", exc)
-        return await self._follow(run, wait_seconds, on_progress, since)
+        return run, since
 
     async def _follow(
         self,

@@ -33,6 +33,7 @@ from mcp_planner.errors import PlannerError, PlanNotFoundError
 from mcp_planner.server.http_security import bearer_auth, check_bind, transport_security
 from mcp_planner.server.schemas import compact_input_schemas, compact_output_schema
 from mcp_planner.server.stdio import answering_stdio_server
+from mcp_planner.server.tasks import PlannerTasks, legacy_tasks
 from mcp_planner.server.tools import ServiceState, register_tools
 from mcp_planner.service import APPROVAL_POLICIES, ApprovalPolicy, PlannerService
 
@@ -194,7 +195,11 @@ def build_server(
             finally:
                 stop.set()
 
-    server = PlannerMCPServer(name, instructions=INSTRUCTIONS, lifespan=lifespan, **bearer_auth(auth_token))
+    tasks = PlannerTasks(state, error_result)
+    server = PlannerMCPServer(
+        name, instructions=INSTRUCTIONS, lifespan=lifespan, extensions=[tasks], **bearer_auth(auth_token)
+    )
+    server.middleware.append(legacy_tasks(tasks))
     server.planner = state
     register_tools(server, state)
     _register_resources(server, state)
