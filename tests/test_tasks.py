@@ -9,6 +9,7 @@ receive a task handle itself). The e2e tests run `mcp-planner serve` processes o
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -201,6 +202,7 @@ async def test_a_task_handle_arrives_while_a_3_s_plan_runs_and_the_run_is_alread
             handle = await call_as_task(client, "execute_plan", {"plan_id": plan_id})
         assert handle.status == "working"
         assert handle.poll_interval_ms is not None and handle.poll_interval_ms > 0
+        assert handle.created_at.endswith("Z") and handle.ttl_ms is None
         # The handle names a committed run: another connection to the database reads it.
         async with PlanStore.open(tmp_path / "plans.db") as other:
             run = await other.get_run(handle.task_id)
@@ -440,3 +442,54 @@ async def test_a_second_planner_process_answers_for_the_first_ones_task(tmp_path
         assert done.result is not None and done.result["structuredContent"]["status"] == "completed"
         mine = await get_task(first, handle.task_id)
         assert mine.result == done.result
+
+        # And the other way round: the first process creates a task, the second cancels it.
+        long_id = await create(
+            first, plan({"id": "nap", "tool_name": "ci.sleep", "parameters": {"seconds": 30}})
+        )
+        long = await call_as_task(first, "execute_plan", {"plan_id": long_id})
+        await wait_for_executing(first, long_id)
+        async with Client(serve_params(tmp_path), extensions=[Tasks()]) as second:
+            await cancel_task(second, long.task_id)
+        cancelled = await wait_for(first, long.task_id, ("completed", "failed", "cancelled"), seconds=15)
+        assert cancelled.status == "cancelled", cancelled
+
+
+async def wait_for_executing(client: Client, plan_id: str) -> None:
+    with anyio.fail_after(15):
+        while True:
+            summary = await client.call_tool("get_summary", {"plan_id": plan_id})
+            assert summary.structured_content is not None, text(summary)
+            if summary.structured_content["status"] == "executing":
+                return
+            await anyio.sleep(0.05)
+
+
+@pytest.mark.e2e
+async def test_tasks_over_streamable_http(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = serve_params(tmp_path)
+    args = [*server.args, "--transport", "http", "--port", str(port)]
+    process = await anyio.open_process([server.command, *args], env=server.env, cwd=server.cwd)
+    try:
+        with anyio.fail_after(20):
+            while True:
+                try:
+                    await (await anyio.connect_tcp("127.0.0.1", port)).aclose()
+                    break
+                except OSError:
+                    await anyio.sleep(0.1)  # the server is still binding its port: a bounded poll
+        async with Client(f"http://127.0.0.1:{port}/mcp", extensions=[Tasks()]) as client:
+            assert client.protocol_version == "2026-07-28"
+            plan_id = await create(client, plan({"id": "lint", "tool_name": "ci.lint"}))
+            handle = await call_as_task(client, "execute_plan", {"plan_id": plan_id})
+            done = await wait_for(client, handle.task_id, ("completed", "failed", "cancelled"), seconds=30)
+        assert done.status == "completed", done
+        assert done.result is not None and done.result["structuredContent"]["status"] == "completed"
+    finally:
+        process.terminate()
+        with anyio.fail_after(10):
+            await process.wait()
+        await process.aclose()
