@@ -203,6 +203,7 @@ async def test_a_task_handle_arrives_while_a_3_s_plan_runs_and_the_run_is_alread
         assert handle.status == "working"
         assert handle.poll_interval_ms is not None and handle.poll_interval_ms > 0
         assert handle.created_at.endswith("Z") and handle.ttl_ms is None
+        assert client.server_capabilities.extensions == {TASKS_EXTENSION: {}}
         # The handle names a committed run: another connection to the database reads it.
         async with PlanStore.open(tmp_path / "plans.db") as other:
             run = await other.get_run(handle.task_id)

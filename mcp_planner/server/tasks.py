@@ -176,7 +176,7 @@ class PlannerTasks(Extension):
             if run is None:
                 return summary_result(await service.get_summary(args.plan_id))
             return await task_state(service, run)
-        except PlannerError as exc:
+        except Exception as exc:  # what the tool would have answered (`app.error_result`), never a traceback
             return self.error_result(tool, exc)
 
     # -- the task methods ------------------------------------------------------------------------------
