@@ -1,8 +1,8 @@
 """The store protocols: plans, events, execution claims and their liveness (`Store`, what the engine writes
 through), and the run queue that lets runs outlive the process that asked for them (`RunQueue`).
 
-`memory.MemoryStore` and `sqlite.PlanStore` implement both. Both keep copies, never the caller's objects, so
-a plan read back is what was committed and nothing else.
+`memory.MemoryStore`, `sqlite.PlanStore` and `postgres.PostgresStore` implement both. They keep copies, never
+the caller's objects, so a plan read back is what was committed and nothing else.
 """
 
 from __future__ import annotations
@@ -18,8 +18,14 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
-from mcp_planner.errors import PlanStateError
+from mcp_planner.errors import PlannerError, PlanStateError
 from mcp_planner.plan.model import ExecutionPlan, PlanStatus, PlanSummary, Step, StepStatus, utcnow
+
+
+class StoreError(PlannerError):
+    """The plan database could not be opened, read or written (SQLite or PostgreSQL: each store translates its
+    driver's errors into this, once, at its edge)."""
+
 
 #: A claim whose heartbeat is older than this is stale: its owner is taken as dead.
 DEFAULT_STALE_AFTER = 30.0
@@ -377,4 +383,4 @@ class RunQueue(Protocol):
 
 
 class QueueStore(Store, RunQueue, Protocol):
-    """A store that also holds the run queue (both `MemoryStore` and `PlanStore`)."""
+    """A store that also holds the run queue (`MemoryStore`, `PlanStore` and `PostgresStore`)."""

@@ -38,7 +38,7 @@ import anyio
 from pydantic import TypeAdapter
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from mcp_planner.errors import PlanConflictError, PlannerError, PlanNotFoundError
+from mcp_planner.errors import PlanConflictError, PlanNotFoundError
 from mcp_planner.plan.model import (
     ATTENTION_ORDER,
     ExecutionPlan,
@@ -58,6 +58,7 @@ from mcp_planner.store.base import (
     Event,
     PlanHead,
     PlanProgress,
+    StoreError,
     claim_is_live,
     step_counts,
 )
@@ -187,10 +188,6 @@ INSERT INTO events (plan_id, seq, at, kind, step_id, data)
 VALUES (:plan_id, (SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE plan_id = :plan_id),
         :at, :kind, :step_id, :data)
 """
-
-
-class StoreError(PlannerError):
-    """The plan database could not be opened, read or written."""
 
 
 def _is_busy(exc: BaseException) -> bool:
