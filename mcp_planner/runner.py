@@ -33,6 +33,7 @@ from mcp_planner.engine.builtins import BUILTIN_SERVER
 from mcp_planner.engine.tools import ToolInfo, ToolProvider
 from mcp_planner.errors import DownstreamError, PlannerError
 from mcp_planner.plan.model import MAX_STEPS, PlanStatus, StepResult, utcnow
+from mcp_planner.store import files_dir, is_postgres
 from mcp_planner.store.base import (
     DEFAULT_STALE_AFTER,
     QueueStore,
@@ -285,7 +286,8 @@ class DetachedRunners:
     database, mode 0600) and inherits this process's environment, from which it expands `${VAR}` values.
     """
 
-    db_path: Path
+    #: A SQLite file or a `postgresql://` URL.
+    db: str | Path
     servers_file: Path | None
     #: None: the runner's own default (its environment's MCP_PLANNER_RUNNER_IDLE_EXIT, else 300 s).
     idle_exit: float | None = None
@@ -302,7 +304,7 @@ class DetachedRunners:
 
     @property
     def log_path(self) -> Path:
-        return runner_log(self.db_path)
+        return runner_log(self.db)
 
     async def ensure(self, store: QueueStore, key: str | None) -> bool:
         """Start a runner unless a live one serves `key` (or one started here moments ago is coming up).
@@ -322,19 +324,30 @@ class DetachedRunners:
         return True
 
     def _start(self) -> int:
-        return start_detached(self.db_path, self.servers_file, idle_exit=self.idle_exit)
+        return start_detached(self.db, self.servers_file, idle_exit=self.idle_exit)
 
 
-def runner_log(db_path: Path) -> Path:
-    """Where a runner started on demand for `db_path` writes its log: beside the database."""
-    return db_path.parent / "runner.log"
+def runner_log(db: str | Path) -> Path:
+    """Where a runner started on demand for `db` writes its log: beside a SQLite file, else in this user's
+    data directory."""
+    return files_dir(db) / "runner.log"
 
 
-def start_detached(db_path: Path, servers_file: Path | None, *, idle_exit: float | None = None) -> int:
-    """Start `mcp-planner runner` for `db_path` and `servers_file`, detached from this process; its pid."""
-    log_path = runner_log(db_path)
+def start_detached(db: str | Path, servers_file: Path | None, *, idle_exit: float | None = None) -> int:
+    """Start `mcp-planner runner` for `db` and `servers_file`, detached from this process; its pid.
+
+    A PostgreSQL URL goes to the runner in its environment (`MCP_PLANNER_DB`), not its command line, where
+    any user of the host could read a password in it.
+    """
+    log_path = runner_log(db)
+    log_path.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    cmd = [sys.executable, "-m", "mcp_planner", "runner", "--db", str(db_path)]
+    env = None
+    cmd = [sys.executable, "-m", "mcp_planner", "runner"]
+    if is_postgres(db):
+        env = {**os.environ, "MCP_PLANNER_DB": str(db)}
+    else:
+        cmd += ["--db", os.path.abspath(os.path.expanduser(db))]  # its cwd is the log's directory
     if idle_exit is not None:
         cmd += ["--idle-exit", str(idle_exit)]
     if servers_file is not None:
@@ -347,7 +360,8 @@ def start_detached(db_path: Path, servers_file: Path | None, *, idle_exit: float
             stderr=fd,
             start_new_session=True,
             close_fds=True,
-            cwd=str(db_path.parent),
+            cwd=str(log_path.parent),
+            env=env,
         )
     finally:
         os.close(fd)

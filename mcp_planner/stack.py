@@ -1,8 +1,8 @@
 """The composition root: the production stack the MCP server, the CLI and runner processes are built from.
 
-One place decides how the pieces fit: the SQLite store, the downstream servers (all of them, only the ones
-a plan names, or none, validating against the catalog a warm runner published), the service, and whether
-runs execute in this process or in runner processes started on demand.
+One place decides how the pieces fit: the store (SQLite or PostgreSQL), the downstream servers (all of them,
+only the ones a plan names, or none, validating against the catalog a warm runner published), the service,
+and whether runs execute in this process or in runner processes started on demand.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from mcp_planner.runner import (
     servers_key,
 )
 from mcp_planner.service import ApprovalPolicy, PlannerService
-from mcp_planner.store.sqlite import PlanStore
+from mcp_planner.store import is_postgres, open_store
+from mcp_planner.store.base import QueueStore
 
 log = logging.getLogger("mcp_planner.stack")
 
@@ -46,7 +47,7 @@ Tools = Literal["all", "none", "cached"] | Collection[str]
 
 @dataclass
 class Stack:
-    store: PlanStore
+    store: QueueStore
     tools: ToolProvider
     service: PlannerService
     servers_file: Path | None
@@ -56,7 +57,7 @@ class Stack:
 
 @asynccontextmanager
 async def open_stack(
-    db_path: Path,
+    db: str | Path,
     servers_file: Path | None,
     env: Mapping[str, str],
     *,
@@ -69,6 +70,7 @@ async def open_stack(
     """Open the store, the downstream servers `tools` says, and the service.
 
     Args:
+        db: the database: a SQLite file or a `postgresql://` URL.
         runners: runs go to runner processes (started on demand, outliving this one); else this process
             executes them itself.
         warm: when a live runner serves this database and servers file, use it instead: validate against
@@ -82,11 +84,11 @@ async def open_stack(
     """
     llm = llm_settings(env)
     async with AsyncExitStack() as stack:
-        store = await stack.enter_async_context(PlanStore.open(db_path))
+        store = await stack.enter_async_context(open_store(db))
         if warm and await warm_runner(store, servers_file):
             tools, runners = "cached", True
         provider = _with_llm(await stack.enter_async_context(_tools(store, servers_file, env, tools)), llm)
-        launcher = DetachedRunners(db_path, servers_file, idle_exit=idle_exit) if runners else None
+        launcher = DetachedRunners(db, servers_file, idle_exit=idle_exit) if runners else None
         service = await stack.enter_async_context(
             PlannerService(
                 store,
@@ -109,7 +111,7 @@ def _with_llm(provider: ToolProvider, llm: LLMSettings | None) -> ToolProvider:
 
 @asynccontextmanager
 async def _tools(
-    store: PlanStore, servers_file: Path | None, env: Mapping[str, str], tools: Tools
+    store: QueueStore, servers_file: Path | None, env: Mapping[str, str], tools: Tools
 ) -> AsyncIterator[ToolProvider]:
     if servers_file is None or tools == "none":
         yield LocalTools({})
@@ -130,14 +132,14 @@ async def _tools(
         yield downstream
 
 
-async def warm_runner(store: PlanStore, servers_file: Path | None) -> bool:
+async def warm_runner(store: QueueStore, servers_file: Path | None) -> bool:
     """Whether a live runner serves this database and servers file, with its catalog published."""
     key = servers_key(servers_file)
     return bool(await store.live_runners(key)) and await store.get_catalog(key) is not None
 
 
 async def run_runner(
-    db_path: Path,
+    db: str | Path,
     servers_file: Path | None,
     env: Mapping[str, str],
     *,
@@ -151,7 +153,7 @@ async def run_runner(
     """
     llm = llm_settings(env)
     async with AsyncExitStack() as stack:
-        store = await stack.enter_async_context(PlanStore.open(db_path))
+        store = await stack.enter_async_context(open_store(db))
         provider = await stack.enter_async_context(_tools(store, servers_file, env, "all"))
         key = servers_key(servers_file)
 
@@ -175,7 +177,8 @@ async def run_runner(
         )
         async with anyio.create_task_group() as tg:
             tg.start_soon(_keep_catalog_published, store, key, provider, ready)
-            tg.start_soon(_stop_when_deleted, db_path, tg.cancel_scope)
+            if not is_postgres(db):
+                tg.start_soon(_stop_when_deleted, Path(db), tg.cancel_scope)
             if sys.platform != "win32":
                 tg.start_soon(_stop_on_signals, tg.cancel_scope)
             await runner.serve(idle_exit=idle_exit or None)
@@ -228,7 +231,7 @@ async def _stop_when_deleted(db_path: Path, scope: anyio.CancelScope) -> None:
 
 
 async def _keep_catalog_published(
-    store: PlanStore, key: str | None, provider: ToolProvider, ready: Callable[[], Awaitable[None]]
+    store: QueueStore, key: str | None, provider: ToolProvider, ready: Callable[[], Awaitable[None]]
 ) -> None:
     await ready()
     published = None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
 
 import pytest
 
@@ -15,3 +17,65 @@ os.environ.update(RUNNER_IDLE_EXIT)
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+# -- the database backends: store, executor, runner and server tests run on each ---------------------------
+
+#: A PostgreSQL server for the tests (`postgresql://user@host:port/db`); CI starts one (`pg_cluster.py`).
+#: Unset: the tests start their own if this machine has PostgreSQL's server binaries, else skip its cases.
+PG_ENV = "MCP_PLANNER_TEST_PG"
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A PostgreSQL server's URL: `$MCP_PLANNER_TEST_PG`, else one started for this test process."""
+    if url := os.environ.get(PG_ENV):
+        yield url
+        return
+    import pg_cluster
+
+    directory = tmp_path_factory.mktemp("pg")
+    try:
+        url = pg_cluster.start(directory)
+    except pg_cluster.ClusterError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must test PostgreSQL, which cannot start here: {exc}")
+        pytest.skip(f"PostgreSQL cannot start here ({exc}); set {PG_ENV} to a server's URL")
+    try:
+        yield url
+    finally:
+        pg_cluster.stop(directory)
+
+
+def _pg_admin(server: str, statement: str) -> None:
+    import psycopg
+
+    with psycopg.connect(server, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(statement)  # type: ignore[arg-type]  # a name made here, not user input
+
+
+@pytest.fixture
+def pg_db(pg_server: str) -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database, dropped after the test."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    _pg_admin(pg_server, f"CREATE DATABASE {name}")
+    try:
+        yield pg_server.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        _pg_admin(pg_server, f"DROP DATABASE {name} WITH (FORCE)")
+
+
+BACKENDS = ["sqlite", "postgres"]
+
+
+def new_database(request: pytest.FixtureRequest, backend: str) -> str:
+    """A new database on `backend` for the test of `request`: a SQLite file or a PostgreSQL URL (`pg_db`)."""
+    if backend == "sqlite":
+        return str(request.getfixturevalue("tmp_path") / "plans.db")
+    return str(request.getfixturevalue("pg_db"))
+
+
+@pytest.fixture(params=BACKENDS)
+def db(request: pytest.FixtureRequest) -> str:
+    """A new database on each backend (the test runs once per backend)."""
+    return new_database(request, request.param)

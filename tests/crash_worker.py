@@ -20,7 +20,8 @@ from typing import Any
 
 import anyio
 
-from mcp_planner import ExecutionPlan, Executor, PlanStore
+from mcp_planner import ExecutionPlan, Executor
+from mcp_planner.store import open_store
 
 STEPS = 50
 WIDTH = 5
@@ -86,7 +87,7 @@ def make_tool(log_path: str, hold_after: int | None = None) -> Any:
 
 
 async def main(mode: str, db: str, log_path: str, plan_id: str, hold_after: str = "") -> int:
-    async with PlanStore.open(db) as store:
+    async with open_store(db) as store:
         if mode == "run":
             executor = Executor({"work": make_tool(log_path, int(hold_after))}, store)
             summary = await executor.execute(build_plan(plan_id))

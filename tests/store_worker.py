@@ -19,13 +19,13 @@ import anyio
 
 from mcp_planner.errors import PlanConflictError, PlanStateError
 from mcp_planner.plan.model import StepResult, StepStatus
+from mcp_planner.store import open_store
 from mcp_planner.store.base import Event, RunKind, RunRequest, new_owner_id
-from mcp_planner.store.sqlite import PlanStore
 
 
 async def main(argv: list[str]) -> None:
     mode, db, plan_id = argv[:3]
-    async with PlanStore.open(db) as store:
+    async with open_store(db) as store:
         print("ready", flush=True)
         line = await anyio.to_thread.run_sync(sys.stdin.readline)
         assert line.strip() == "go", line

@@ -18,7 +18,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from mcp_planner import ExecutionPlan, PlanStatus, PlanStore, StepStatus
+from mcp_planner import ExecutionPlan, PlanStatus, StepStatus
+from mcp_planner.store import open_store
 
 WORKER = str(Path(__file__).with_name("crash_worker.py"))
 PLAN_ID = "crashplan"
@@ -34,9 +35,9 @@ def logged_calls(log: Path) -> list[str]:
     return [line for line in text.split("\n")[:-1]]  # a torn last line is not a call yet
 
 
-def load(db: Path, plan_id: str = PLAN_ID) -> ExecutionPlan:
+def load(db: str, plan_id: str = PLAN_ID) -> ExecutionPlan:
     async def read() -> ExecutionPlan:
-        async with PlanStore.open(db) as store:
+        async with open_store(db) as store:
             return await store.get_plan(plan_id)
 
     return anyio.run(read)
@@ -52,10 +53,12 @@ def completed_results(plan: ExecutionPlan) -> dict[str, object]:
 
 
 @pytest.mark.parametrize("kill_after", KILL_AFTER)
-def test_a_killed_run_resumes_without_rerunning_any_completed_step(tmp_path: Path, kill_after: int) -> None:
-    db, log = tmp_path / "plans.db", tmp_path / "calls.log"
+def test_a_killed_run_resumes_without_rerunning_any_completed_step(
+    tmp_path: Path, db: str, kill_after: int
+) -> None:
+    log = tmp_path / "calls.log"
     worker = subprocess.Popen(
-        [sys.executable, WORKER, "run", str(db), str(log), PLAN_ID, str(kill_after)],
+        [sys.executable, WORKER, "run", db, str(log), PLAN_ID, str(kill_after)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -80,7 +83,7 @@ def test_a_killed_run_resumes_without_rerunning_any_completed_step(tmp_path: Pat
         assert isinstance(value, dict) and value["id"] == step_id
 
     resumed = subprocess.run(
-        [sys.executable, WORKER, "resume", str(db), str(log), PLAN_ID],
+        [sys.executable, WORKER, "resume", db, str(log), PLAN_ID],
         capture_output=True,
         text=True,
         timeout=45,
@@ -104,13 +107,13 @@ def test_a_killed_run_resumes_without_rerunning_any_completed_step(tmp_path: Pat
 
 @pytest.mark.parametrize("kill_after", [1, 6, 17, 30])
 def test_a_killed_for_each_resumes_without_rerunning_any_completed_item(
-    tmp_path: Path, kill_after: int
+    tmp_path: Path, db: str, kill_after: int
 ) -> None:
     """Items are durable like steps: a completed item is never called again, and the results come back whole
     and in item order."""
-    db, log, plan_id = tmp_path / "plans.db", tmp_path / "calls.log", "items-plan"
+    log, plan_id = tmp_path / "calls.log", "items-plan"
     worker = subprocess.Popen(
-        [sys.executable, WORKER, "run", str(db), str(log), plan_id, str(kill_after)],
+        [sys.executable, WORKER, "run", db, str(log), plan_id, str(kill_after)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -134,7 +137,7 @@ def test_a_killed_for_each_resumes_without_rerunning_any_completed_item(
     done_at_kill = [f"i{i}" for i, item in enumerate(items) if item.status == StepStatus.COMPLETED]
 
     resumed = subprocess.run(
-        [sys.executable, WORKER, "resume", str(db), str(log), plan_id],
+        [sys.executable, WORKER, "resume", db, str(log), plan_id],
         capture_output=True,
         text=True,
         timeout=45,

@@ -17,14 +17,16 @@ from test_executor_support import Tools, new_plan, statuses
 from mcp_planner import ExecutionPlan, Executor, MemoryStore, PlanStatus, PlanStore, StepResult, StepStatus
 from mcp_planner.errors import PlanClaimedError, PlanStateError, PlanValidationError
 from mcp_planner.plan.model import utcnow
-from mcp_planner.store.base import new_owner_id
+from mcp_planner.store import open_store
+from mcp_planner.store.base import QueueStore, new_owner_id
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[PlanStore]:
-    async with PlanStore.open(tmp_path / "plans.db") as s:
+async def store(db: str) -> AsyncIterator[QueueStore]:
+    """A database store on each backend (`db`)."""
+    async with open_store(db) as s:
         yield s
 
 
@@ -169,7 +171,7 @@ async def test_a_plan_cannot_be_executed_twice_at_once() -> None:
 # -- cancellation -------------------------------------------------------------------------------------------
 
 
-async def test_cancel_stops_running_calls_and_skips_running_and_pending_steps(store: PlanStore) -> None:
+async def test_cancel_stops_running_calls_and_skips_running_and_pending_steps(store: QueueStore) -> None:
     tools = Tools()
     plan = new_plan(parallel=2)
     plan.add_step("hold", "", {"key": "a"}, step_id="a")
@@ -195,7 +197,7 @@ async def test_cancel_stops_running_calls_and_skips_running_and_pending_steps(st
 
 
 async def test_a_cancel_requested_through_the_store_stops_a_run_in_another_executor(
-    store: PlanStore, tmp_path: Path
+    store: QueueStore, db: str
 ) -> None:
     tools = Tools()
     plan = new_plan()
@@ -207,7 +209,7 @@ async def test_a_cancel_requested_through_the_store_stops_a_run_in_another_execu
         tg.start_soon(runner.execute, plan)
         with anyio.fail_after(5):
             await tools.started["a"].wait()
-            async with PlanStore.open(tmp_path / "plans.db") as cli_store:
+            async with open_store(db) as cli_store:
                 copy = await cli_store.get_plan(plan.id)
                 assert copy.status == PlanStatus.EXECUTING
                 await Executor(tools, cli_store).cancel(copy, "stopped from the CLI")
@@ -218,7 +220,7 @@ async def test_a_cancel_requested_through_the_store_stops_a_run_in_another_execu
     assert (await store.get_plan(plan.id)).status == PlanStatus.CANCELLED
 
 
-async def test_cancelling_a_plan_that_is_not_running_cancels_it_at_once(store: PlanStore) -> None:
+async def test_cancelling_a_plan_that_is_not_running_cancels_it_at_once(store: QueueStore) -> None:
     plan = approval_plan()
     plan.approve("alice")
     executor = Executor(Tools(), store)
@@ -246,7 +248,7 @@ async def test_cancel_called_from_a_hook_of_the_run_does_not_deadlock() -> None:
 
 
 async def test_a_run_cancelled_from_outside_ends_failed_and_resumable_never_executing(
-    store: PlanStore,
+    store: QueueStore,
 ) -> None:
     tools = Tools()
     plan = new_plan()
@@ -282,7 +284,7 @@ async def test_a_plan_claimed_by_a_live_process_cannot_be_executed() -> None:
         await Executor(Tools(), store).execute(plan)
 
 
-async def test_losing_the_claim_stops_the_run_without_writing_over_the_new_owner(store: PlanStore) -> None:
+async def test_losing_the_claim_stops_the_run_without_writing_over_the_new_owner(store: QueueStore) -> None:
     tools = Tools()
     plan = new_plan()
     plan.add_step("hold", "", {"key": "a"}, step_id="a")
@@ -301,7 +303,7 @@ async def test_losing_the_claim_stops_the_run_without_writing_over_the_new_owner
 # -- resume -------------------------------------------------------------------------------------------------
 
 
-async def test_resume_keeps_completed_steps_and_reruns_failed_and_skipped_ones(store: PlanStore) -> None:
+async def test_resume_keeps_completed_steps_and_reruns_failed_and_skipped_ones(store: QueueStore) -> None:
     tools = Tools()
     plan = new_plan()
     plan.add_step("ok", "", {"n": 1}, step_id="a")
@@ -337,7 +339,7 @@ async def test_resume_refuses_a_plan_that_has_not_run() -> None:
 
 
 async def crashed_plan(
-    store: PlanStore, owner: str, *, max_retries: int = 0, tool: str = "ok"
+    store: QueueStore, owner: str, *, max_retries: int = 0, tool: str = "ok"
 ) -> ExecutionPlan:
     """A plan as a process killed mid-step leaves it: `a` completed, `b` running, `c` pending."""
     plan = new_plan()
@@ -354,7 +356,9 @@ async def crashed_plan(
     return await store.get_plan(plan.id)
 
 
-async def test_an_interrupted_step_is_not_rerun_without_permission(store: PlanStore, dead_owner: str) -> None:
+async def test_an_interrupted_step_is_not_rerun_without_permission(
+    store: QueueStore, dead_owner: str
+) -> None:
     tools = Tools()
     plan = await crashed_plan(store, dead_owner)
     executor = Executor(tools, store)
@@ -377,7 +381,7 @@ async def test_an_interrupted_step_is_not_rerun_without_permission(store: PlanSt
 
 @pytest.mark.parametrize("safety", ["retries", "read_only_tool"])
 async def test_an_interrupted_step_that_is_safe_to_rerun_is_rerun(
-    store: PlanStore, dead_owner: str, safety: str
+    store: QueueStore, dead_owner: str, safety: str
 ) -> None:
     tools = Tools(safe={"flaky"})
     if safety == "retries":
@@ -391,7 +395,7 @@ async def test_an_interrupted_step_that_is_safe_to_rerun_is_rerun(
     assert len(tools.calls) == 2
 
 
-async def test_a_plan_executing_in_a_live_process_cannot_be_resumed(store: PlanStore) -> None:
+async def test_a_plan_executing_in_a_live_process_cannot_be_resumed(store: QueueStore) -> None:
     plan = await crashed_plan(store, new_owner_id())
     with pytest.raises(PlanClaimedError):
         await Executor(Tools(), store).resume(plan)
@@ -412,13 +416,13 @@ async def test_a_plan_edited_after_it_failed_cannot_be_resumed() -> None:
 
 
 async def test_a_step_is_stored_running_before_its_call_and_completed_before_dependents_start(
-    store: PlanStore, tmp_path: Path
+    store: QueueStore, db: str
 ) -> None:
     seen: dict[str, dict[str, tuple[str, Any]]] = {}
     plan = new_plan()
 
     async def probe(params: dict[str, Any]) -> dict[str, Any]:
-        async with PlanStore.open(tmp_path / "plans.db") as reader:  # a second connection sees commits only
+        async with open_store(db) as reader:  # a second connection sees commits only
             stored = await reader.get_plan(plan.id)
         seen[params["me"]] = {
             s.id: (s.status.value, s.result.value if s.result else None) for s in stored.steps
@@ -431,14 +435,14 @@ async def test_a_step_is_stored_running_before_its_call_and_completed_before_dep
     await executor.execute(plan)
     assert seen["a"] == {"a": ("running", None), "b": ("pending", None)}
     assert seen["b"] == {"a": ("completed", {"me": "a"}), "b": ("running", None)}
-    async with PlanStore.open(tmp_path / "plans.db") as reader:
+    async with open_store(db) as reader:
         stored = await reader.get_plan(plan.id)
         assert stored.model_dump() == plan.model_dump()
         assert await reader.get_claim(plan.id) is None
 
 
 async def test_an_interrupted_step_left_failed_does_not_hold_up_independent_steps_when_continuing(
-    store: PlanStore, dead_owner: str
+    store: QueueStore, dead_owner: str
 ) -> None:
     tools = Tools()
     plan = await crashed_plan(store, dead_owner)

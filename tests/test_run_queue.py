@@ -1,5 +1,5 @@
-"""The run queue of both stores: submit, claim, finish, cancel, orphans, runners, wake-up, catalogs; and the
-SQLite store's queue shared by real processes."""
+"""The run queue of every store (memory, SQLite, PostgreSQL): submit, claim, finish, cancel, orphans, runners,
+wake-up, catalogs; and each database's queue shared by real processes."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
 
 import anyio
 import pytest
+from conftest import BACKENDS, new_database
 from test_store import run_workers_together
 
 from mcp_planner.errors import PlanNotFoundError, PlanStateError, RunNotFoundError
 from mcp_planner.plan.model import ExecutionPlan, utcnow
+from mcp_planner.store import open_store
 from mcp_planner.store.base import (
     QueueStore,
     RunKind,
@@ -24,23 +25,23 @@ from mcp_planner.store.base import (
     new_owner_id,
 )
 from mcp_planner.store.memory import MemoryStore
-from mcp_planner.store.sqlite import PlanStore
 
 pytestmark = pytest.mark.anyio
 
 KEY = "/etc/servers.json#" + "ab" * 32
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", *BACKENDS])
 async def stores(
-    request: pytest.FixtureRequest, tmp_path: Path
+    request: pytest.FixtureRequest,
 ) -> AsyncIterator[tuple[QueueStore, QueueStore]]:
-    """Two handles on one store: for SQLite two connections to one file, for memory the same object."""
+    """Two handles on one store: for a database two stores opened on it, for memory the same object."""
     if request.param == "memory":
         store = MemoryStore()
         yield store, store
         return
-    async with PlanStore.open(tmp_path / "plans.db") as one, PlanStore.open(tmp_path / "plans.db") as other:
+    db = new_database(request, request.param)
+    async with open_store(db) as one, open_store(db) as other:
         yield one, other
 
 
@@ -308,9 +309,8 @@ async def test_a_catalog_is_cached_per_servers_key_and_replaced_by_the_next(stor
 # -- real processes on one SQLite file --------------------------------------------------------------------
 
 
-async def test_two_processes_claiming_twenty_runs_claim_each_exactly_once(tmp_path: Path) -> None:
-    db = str(tmp_path / "plans.db")
-    async with PlanStore.open(db) as store:
+async def test_two_processes_claiming_twenty_runs_claim_each_exactly_once(db: str) -> None:
+    async with open_store(db) as store:
         submitted = {(await store.submit_run(execute(await stored_plan(store), KEY))).id for _ in range(20)}
         await store.submit_run(execute(await stored_plan(store), None))  # not theirs to take
 
@@ -319,7 +319,7 @@ async def test_two_processes_claiming_twenty_runs_claim_each_exactly_once(tmp_pa
     (owner_a, *runs_a), (owner_b, *runs_b) = (o.split() for o in outcomes)
     assert not set(runs_a) & set(runs_b)
     assert sorted(runs_a + runs_b) == sorted(submitted)
-    async with PlanStore.open(db) as store:
+    async with open_store(db) as store:
         for run_id in runs_a + runs_b:
             run = await store.get_run(run_id)
             assert (run.state, run.runner) == (RunState.CLAIMED, owner_a if run_id in runs_a else owner_b)
@@ -327,16 +327,15 @@ async def test_two_processes_claiming_twenty_runs_claim_each_exactly_once(tmp_pa
 
 @pytest.mark.parametrize("round_", range(3))
 async def test_two_processes_submitting_for_one_plan_at_once_exactly_one_succeeds(
-    tmp_path: Path, round_: int
+    db: str, round_: int
 ) -> None:
-    db = str(tmp_path / "plans.db")
-    async with PlanStore.open(db) as store:
+    async with open_store(db) as store:
         plan_id = await stored_plan(store)
 
     outcomes = await run_workers_together([("submit", db, plan_id)] * 2)
 
     assert sorted(o.split()[0] for o in outcomes) == ["refused", "submitted"]
     [winner] = [o.split()[1] for o in outcomes if o.startswith("submitted")]
-    async with PlanStore.open(db) as store:
+    async with open_store(db) as store:
         active = await store.active_run(plan_id)
     assert active is not None and active.id == winner

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 from collections import Counter
@@ -27,8 +26,8 @@ import pytest
 from mcp_planner.plan.model import INTERRUPTED_ERROR, ExecutionPlan, PlanSpec, PlanStatus, StepStatus
 from mcp_planner.runner import servers_key
 from mcp_planner.stack import open_stack
-from mcp_planner.store.base import RunState
-from mcp_planner.store.sqlite import PlanStore
+from mcp_planner.store import open_store
+from mcp_planner.store.base import RunKind, RunState
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -83,10 +82,9 @@ def planner(*args: str | Path) -> list[str]:
 
 @asynccontextmanager
 async def runner_process(
-    tmp_path: Path, servers: Path, *, idle_exit: float = 30, name: str = "runner"
+    tmp_path: Path, db: str | Path, servers: Path, *, idle_exit: float = 30, name: str = "runner"
 ) -> AsyncIterator[anyio.abc.Process]:
-    """A `mcp-planner runner` started by the test, killed on the way out if it is still running."""
-    db = tmp_path / "plans.db"
+    """A `mcp-planner runner` on `db` started by the test, killed on the way out if it is still running."""
     with (tmp_path / f"{name}.out").open("ab") as log:
         process = await anyio.open_process(
             planner("runner", "--db", db, "--servers", servers, "--idle-exit", str(idle_exit)),
@@ -105,10 +103,10 @@ async def runner_process(
             await process.wait()
 
 
-async def wait_warm(db: Path, servers: Path, pid: int) -> str:
+async def wait_warm(db: str | Path, servers: Path, pid: int) -> str:
     """The id of the runner with `pid`, once it serves `servers` and has published their catalog."""
     key = servers_key(servers)
-    async with PlanStore.open(db) as store:
+    async with open_store(db) as store:
         with anyio.fail_after(READY_S):
             for _ in range(READY_S * 20):
                 mine = [r.id for r in await store.live_runners(key) if f":{pid}:" in r.id]
@@ -118,18 +116,18 @@ async def wait_warm(db: Path, servers: Path, pid: int) -> str:
     raise AssertionError(f"runner pid {pid} never became ready: see its .out file")
 
 
-async def events_of(db: Path, plan_id: str) -> list[tuple[str, str | None]]:
-    async with PlanStore.open(db) as store:
+async def events_of(db: str | Path, plan_id: str) -> list[tuple[str, str | None]]:
+    async with open_store(db) as store:
         return [(e.kind, e.step_id) for e in await store.events(plan_id)]
 
 
-async def starts_per_step(db: Path, plan_id: str) -> Counter[str | None]:
+async def starts_per_step(db: str | Path, plan_id: str) -> Counter[str | None]:
     return Counter(step for kind, step in await events_of(db, plan_id) if kind == "step_started")
 
 
-async def wait_for_events(db: Path, plan_id: str, *wanted: tuple[str, str | None]) -> None:
+async def wait_for_events(db: str | Path, plan_id: str, *wanted: tuple[str, str | None]) -> None:
     """Until every (kind, step) in `wanted` is in the plan's event log."""
-    async with PlanStore.open(db) as store:
+    async with open_store(db) as store:
         with anyio.fail_after(PLAN_S):
             for _ in range(PLAN_S * 100):
                 if set(wanted) <= {(e.kind, e.step_id) for e in await store.events(plan_id)}:
@@ -138,9 +136,9 @@ async def wait_for_events(db: Path, plan_id: str, *wanted: tuple[str, str | None
     raise AssertionError(f"plan {plan_id} never logged {wanted}")
 
 
-async def ended(db: Path, plan_id: str) -> ExecutionPlan:
+async def ended(db: str | Path, plan_id: str) -> ExecutionPlan:
     """The plan once it has ended (a runner process executes it)."""
-    async with PlanStore.open(db) as store:
+    async with open_store(db) as store:
         with anyio.fail_after(PLAN_S):
             for _ in range(PLAN_S * 20):
                 plan = await store.get_plan(plan_id)
@@ -164,7 +162,7 @@ def chain(*steps: dict[str, Any]) -> PlanSpec:
     )
 
 
-async def submit(db: Path, servers: Path, spec: PlanSpec) -> str:
+async def submit(db: str | Path, servers: Path, spec: PlanSpec) -> str:
     """Create and submit the plan through a service whose runs go to runner processes; return at once."""
     async with open_stack(db, servers, config_env(), tools="cached", runners=True) as stack:
         plan = await stack.service.create_plan(spec)
@@ -182,12 +180,12 @@ def nap(seconds: float, **options: Any) -> dict[str, Any]:
 
 @pytest.mark.parametrize("completed_before_kill", [1, 3, 5])
 async def test_a_runner_killed_mid_plan_is_replaced_by_the_next_runner_without_rerunning_completed_steps(
-    tmp_path: Path, completed_before_kill: int
+    tmp_path: Path, db: str, completed_before_kill: int
 ) -> None:
-    db, servers = tmp_path / "plans.db", ci_and_basic(tmp_path)
+    servers = ci_and_basic(tmp_path)
     # The step the kill lands in is the longest, so that it is still running when the kill arrives.
     spec = chain(*(nap(1.0 if n == completed_before_kill else 0.3) for n in range(6)))
-    async with runner_process(tmp_path, servers, name="first") as first:
+    async with runner_process(tmp_path, db, servers, name="first") as first:
         await wait_warm(db, servers, first.pid)
         plan_id = await submit(db, servers, spec)
         running = f"s{completed_before_kill + 1}"
@@ -196,12 +194,12 @@ async def test_a_runner_killed_mid_plan_is_replaced_by_the_next_runner_without_r
         )
         first.send_signal(signal.SIGKILL)
         await first.wait()
-    async with PlanStore.open(db) as store:
+    async with open_store(db) as store:
         at_kill = await store.get_plan(plan_id)
     assert at_kill.status == PlanStatus.EXECUTING
     assert at_kill.step(running).status == StepStatus.RUNNING
 
-    async with runner_process(tmp_path, servers, name="second"):
+    async with runner_process(tmp_path, db, servers, name="second"):
         plan = await ended(db, plan_id)
 
     assert plan.status == PlanStatus.COMPLETED, plan.error
@@ -214,11 +212,11 @@ async def test_a_runner_killed_mid_plan_is_replaced_by_the_next_runner_without_r
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 async def test_a_runner_stopped_mid_plan_leaves_the_plan_to_the_next_runner(
-    tmp_path: Path, stop: signal.Signals
+    tmp_path: Path, db: str, stop: signal.Signals
 ) -> None:
-    db, servers = tmp_path / "plans.db", ci_and_basic(tmp_path)
+    servers = ci_and_basic(tmp_path)
     spec = chain(nap(0.2), nap(2.0), nap(0.2))
-    async with runner_process(tmp_path, servers, name="first") as first:
+    async with runner_process(tmp_path, db, servers, name="first") as first:
         await wait_warm(db, servers, first.pid)
         plan_id = await submit(db, servers, spec)
         await wait_for_events(db, plan_id, ("step_started", "s2"))
@@ -226,11 +224,11 @@ async def test_a_runner_stopped_mid_plan_leaves_the_plan_to_the_next_runner(
         with anyio.fail_after(20):
             assert await first.wait() == 0  # an orderly stop, not a crash
 
-    async with PlanStore.open(db) as store:
+    async with open_store(db) as store:
         stopped = await store.get_plan(plan_id)
     assert stopped.status == PlanStatus.FAILED  # cut short, its interrupted step's outcome unknown
 
-    async with runner_process(tmp_path, servers, name="second"):
+    async with runner_process(tmp_path, db, servers, name="second"):
         # The run was not marked done by the runner that stopped: the next one resumes it by itself.
         await wait_for_events(db, plan_id, ("plan_resumed", None))
         plan = await ended(db, plan_id)
@@ -241,20 +239,20 @@ async def test_a_runner_stopped_mid_plan_leaves_the_plan_to_the_next_runner(
 
 @pytest.mark.parametrize(("max_retries", "safe"), [(1, True), (0, False)])
 async def test_an_interrupted_non_idempotent_step_is_rerun_by_the_next_runner_only_when_retries_allow(
-    tmp_path: Path, max_retries: int, safe: bool
+    tmp_path: Path, db: str, max_retries: int, safe: bool
 ) -> None:
-    db, servers = tmp_path / "plans.db", ci_and_basic(tmp_path)
+    servers = ci_and_basic(tmp_path)
     # basic.sleep has no annotations: only its max_retries can make sending it again safe.
     risky = {"tool_name": "basic.sleep", "parameters": {"seconds": 1.5}, "max_retries": max_retries}
     spec = chain(nap(0.2), risky, nap(0.2), nap(0.2))
-    async with runner_process(tmp_path, servers, name="first") as first:
+    async with runner_process(tmp_path, db, servers, name="first") as first:
         await wait_warm(db, servers, first.pid)
         plan_id = await submit(db, servers, spec)
         await wait_for_events(db, plan_id, ("step_started", "s2"))
         first.send_signal(signal.SIGKILL)
         await first.wait()
 
-    async with runner_process(tmp_path, servers, name="second"):
+    async with runner_process(tmp_path, db, servers, name="second"):
         plan = await ended(db, plan_id)
 
     starts = await starts_per_step(db, plan_id)
@@ -274,12 +272,14 @@ async def test_an_interrupted_non_idempotent_step_is_rerun_by_the_next_runner_on
 # -- many plans, two runners ---------------------------------------------------------------------------
 
 
-async def test_two_runners_execute_twenty_plans_submitted_at_once_each_exactly_once(tmp_path: Path) -> None:
-    db, servers = tmp_path / "plans.db", ci_and_basic(tmp_path)
+async def test_two_runners_execute_twenty_plans_submitted_at_once_each_exactly_once(
+    tmp_path: Path, db: str
+) -> None:
+    servers = ci_and_basic(tmp_path)
     specs = [chain(nap(0.05), {"tool_name": "ci.lint"}) for _ in range(20)]
     async with (
-        runner_process(tmp_path, servers, name="one") as one,
-        runner_process(tmp_path, servers, name="two") as two,
+        runner_process(tmp_path, db, servers, name="one") as one,
+        runner_process(tmp_path, db, servers, name="two") as two,
     ):
         await wait_warm(db, servers, one.pid)
         await wait_warm(db, servers, two.pid)
@@ -296,11 +296,11 @@ async def test_two_runners_execute_twenty_plans_submitted_at_once_each_exactly_o
         events = await events_of(db, plan_id)
         assert Counter(kind for kind, _ in events)["plan_started"] == 1
         assert await starts_per_step(db, plan_id) == {"s1": 1, "s2": 1}
-    with sqlite3.connect(db) as conn:
-        runs = conn.execute("SELECT plan_id, state, runner, error FROM runs").fetchall()
-    assert sorted(plan_id for plan_id, *_ in runs) == sorted(plan_ids)  # one run per plan, none requeued
-    assert {(state, error) for _, state, _, error in runs} == {(RunState.DONE.value, None)}
-    assert {runner for *_, runner, _ in runs} <= runner_ids
+    async with open_store(db) as store:
+        runs = [await store.last_run(plan_id) for plan_id in plan_ids]
+    # One run per plan, never requeued (a requeued run is a resume), done without error by these runners.
+    assert {(r.kind, r.state, r.error) for r in runs if r} == {(RunKind.EXECUTE, RunState.DONE, None)}
+    assert {r.runner for r in runs if r} <= runner_ids and None not in runs
 
 
 # -- cancel from another process ---------------------------------------------------------------------
@@ -308,15 +308,16 @@ async def test_two_runners_execute_twenty_plans_submitted_at_once_each_exactly_o
 
 async def test_a_cancel_from_another_connection_stops_a_plan_in_a_runner_within_a_second(
     tmp_path: Path,
+    db: str,
 ) -> None:
-    db, servers = tmp_path / "plans.db", ci_and_basic(tmp_path)
-    async with runner_process(tmp_path, servers) as runner:
+    servers = ci_and_basic(tmp_path)
+    async with runner_process(tmp_path, db, servers) as runner:
         await wait_warm(db, servers, runner.pid)
         plan_id = await submit(db, servers, chain(nap(20), nap(0.1)))
         await wait_for_events(db, plan_id, ("step_started", "s1"))
         async with (
             open_stack(db, servers, config_env(), tools="none", runners=True) as other,
-            PlanStore.open(db) as store,
+            open_store(db) as store,
             anyio.create_task_group() as tg,
         ):
             tg.start_soon(other.service.cancel_plan, plan_id, "changed my mind")
@@ -341,27 +342,29 @@ async def test_a_cancel_from_another_connection_stops_a_plan_in_a_runner_within_
 # -- idle exit and status -----------------------------------------------------------------------------
 
 
-def status_json(tmp_path: Path) -> list[dict[str, Any]]:
-    result = run_cli(tmp_path, "status", "--json")
+def status_json(tmp_path: Path, db: str) -> list[dict[str, Any]]:
+    result = run_cli(tmp_path, "status", "--json", db=db)
     assert result.returncode == 0, result.stderr
     runners: list[dict[str, Any]] = json.loads(result.stdout)
     return runners
 
 
-async def test_an_idle_runner_exits_by_itself_and_status_lists_only_live_runners(tmp_path: Path) -> None:
-    db, servers = tmp_path / "plans.db", ci_and_basic(tmp_path)
+async def test_an_idle_runner_exits_by_itself_and_status_lists_only_live_runners(
+    tmp_path: Path, db: str
+) -> None:
+    servers = ci_and_basic(tmp_path)
     async with (
-        runner_process(tmp_path, servers, name="live") as live,
-        runner_process(tmp_path, servers, idle_exit=1, name="idle") as idle,
+        runner_process(tmp_path, db, servers, name="live") as live,
+        runner_process(tmp_path, db, servers, idle_exit=1, name="idle") as idle,
     ):
         await wait_warm(db, servers, live.pid)
         with anyio.fail_after(READY_S):
             assert await idle.wait() == 0
 
-        listed = await anyio.to_thread.run_sync(status_json, tmp_path)
+        listed = await anyio.to_thread.run_sync(status_json, tmp_path, db)
         assert [f":{live.pid}:" in runner["id"] for runner in listed] == [True]
         assert listed[0]["servers"] == servers_key(servers)
-        shown = await anyio.to_thread.run_sync(lambda: run_cli(tmp_path, "status"))
+        shown = await anyio.to_thread.run_sync(lambda: run_cli(tmp_path, "status", db=db))
     text = shown.stdout
     assert f"runner pid {live.pid}" in text and str(servers.resolve()) in text
     assert f"pid {idle.pid}" not in text
@@ -385,9 +388,11 @@ def started(starts: Path) -> Counter[str]:
     return Counter(path.name.rpartition("-")[0] for path in starts.iterdir())
 
 
-def run_cli(tmp_path: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    tmp_path: Path, *args: str | Path, db: str | Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        planner(*args, "--db", tmp_path / "plans.db"),
+        planner(*args, "--db", db or tmp_path / "plans.db"),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -416,21 +421,24 @@ async def test_a_foreground_run_without_a_runner_starts_only_the_servers_the_pla
     assert started(starts) == {"ci": 1}
 
 
-async def test_a_foreground_run_goes_to_a_live_runner_and_starts_no_server_itself(tmp_path: Path) -> None:
-    db = tmp_path / "plans.db"
+async def test_a_foreground_run_goes_to_a_live_runner_and_starts_no_server_itself(
+    tmp_path: Path, db: str
+) -> None:
     servers, starts = recording_servers(tmp_path)
-    async with runner_process(tmp_path, servers) as runner:
+    async with runner_process(tmp_path, db, servers) as runner:
         runner_id = await wait_warm(db, servers, runner.pid)
         assert started(starts) == {"ci": 1, "other": 1}
 
         result = await anyio.to_thread.run_sync(
-            lambda: run_cli(tmp_path, "run", "--yes", "--servers", servers, lint_plan(tmp_path))
+            lambda: run_cli(tmp_path, "run", "--yes", "--servers", servers, lint_plan(tmp_path), db=db)
         )
 
         assert result.returncode == 0, result.stderr
         assert started(starts) == {"ci": 1, "other": 1}
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT runner, state FROM runs").fetchall() == [(runner_id, "done")]
+    async with open_store(db) as store:
+        [plan] = await store.recent_plans(1)
+        run = await store.last_run(plan.id)
+    assert run is not None and (run.runner, run.state) == (runner_id, RunState.DONE)
 
 
 # -- secrets --------------------------------------------------------------------------------------------
@@ -446,7 +454,7 @@ async def test_a_token_a_runner_expands_reaches_neither_the_database_nor_the_run
     servers = write_servers(
         tmp_path, {"ci": ci_entry(args=["--token=${TOKEN}"], env={"CI_TOKEN": "${TOKEN}"})}
     )
-    db = tmp_path / "plans.db"
+    db = tmp_path / "plans.db"  # SQLite: the test reads the database's files for the token
     spec = chain(
         nap(0.1), {"tool_name": "ci.lint"}, {"tool_name": "ci.build", "parameters": {"version": "1"}}
     )
@@ -467,7 +475,9 @@ async def test_a_token_a_runner_expands_reaches_neither_the_database_nor_the_run
 # -- run --detach -----------------------------------------------------------------------------------------
 
 
-async def test_run_detach_returns_with_the_plan_id_while_a_runner_completes_the_plan(tmp_path: Path) -> None:
+async def test_run_detach_returns_with_the_plan_id_while_a_runner_completes_the_plan(
+    tmp_path: Path, db: str
+) -> None:
     servers = ci_and_basic(tmp_path)
     plan_file = tmp_path / "plan.json"
     steps = [
@@ -477,7 +487,7 @@ async def test_run_detach_returns_with_the_plan_id_while_a_runner_completes_the_
     plan_file.write_text(json.dumps({"description": "nap, then lint", "steps": steps}), encoding="utf-8")
 
     result = await anyio.to_thread.run_sync(
-        lambda: run_cli(tmp_path, "run", "--detach", "--yes", "--servers", servers, plan_file)
+        lambda: run_cli(tmp_path, "run", "--detach", "--yes", "--servers", servers, plan_file, db=db)
     )
 
     assert result.returncode == 0, result.stderr
@@ -485,6 +495,6 @@ async def test_run_detach_returns_with_the_plan_id_while_a_runner_completes_the_
     assert submitted is not None, result.stdout
     plan_id = submitted[1]
     assert "executing now" in result.stdout  # it returned before the plan ended
-    plan = await ended(tmp_path / "plans.db", plan_id)
+    plan = await ended(db, plan_id)
     assert plan.status == PlanStatus.COMPLETED, plan.error
-    assert await starts_per_step(tmp_path / "plans.db", plan_id) == {"nap": 1, "lint": 1}
+    assert await starts_per_step(db, plan_id) == {"nap": 1, "lint": 1}

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -22,7 +21,7 @@ from mcp_types import CallToolResult, ElicitRequestParams, ElicitResult, TextCon
 from mcp_planner.engine.tools import LocalTools, ToolInfo
 from mcp_planner.server.app import build_server
 from mcp_planner.service import PlannerService
-from mcp_planner.store.sqlite import PlanStore
+from mcp_planner.store import open_store
 
 pytestmark = pytest.mark.anyio
 
@@ -57,9 +56,10 @@ def make_tools(gate: Gate | None = None) -> LocalTools:
 
 @asynccontextmanager
 async def planner(
-    tmp_path: Path, *, approval: str = "agent", tools: LocalTools | None = None, **client_kwargs: Any
+    db: str, *, approval: str = "agent", tools: LocalTools | None = None, **client_kwargs: Any
 ) -> AsyncIterator[tuple[Client, PlannerService]]:
-    async with PlanStore.open(tmp_path / "plans.db") as store:
+    """A real client on the planner's server, over a service on the database `db` (each backend: `db`)."""
+    async with open_store(db) as store:
         async with PlannerService(store, tools or make_tools(), approval=approval) as service:
             async with Client(build_server(service), **client_kwargs) as client:
                 yield client, service
@@ -91,8 +91,8 @@ async def create(client: Client, plan: dict[str, Any]) -> str:
     return str(result.structured_content["id"])
 
 
-async def test_create_approve_execute_returns_completed_summary(tmp_path: Path) -> None:
-    async with planner(tmp_path) as (client, _):
+async def test_create_approve_execute_returns_completed_summary(db: str) -> None:
+    async with planner(db) as (client, _):
         plan_id = await create(client, two_step_plan())
         approved = await client.call_tool("approve_plan", {"plan_id": plan_id})
         assert not approved.is_error, text(approved)
@@ -129,8 +129,8 @@ async def dismiss(context: ClientRequestContext, params: ElicitRequestParams) ->
     return ElicitResult(action="cancel")
 
 
-async def test_new_plan_waits_for_approval_and_execute_says_to_approve_first(tmp_path: Path) -> None:
-    async with planner(tmp_path) as (client, _):
+async def test_new_plan_waits_for_approval_and_execute_says_to_approve_first(db: str) -> None:
+    async with planner(db) as (client, _):
         plan_id = await create(client, two_step_plan())
         summary = await client.call_tool("get_summary", {"plan_id": plan_id})
         assert summary.structured_content is not None
@@ -141,8 +141,8 @@ async def test_new_plan_waits_for_approval_and_execute_says_to_approve_first(tmp
         assert text(refused) == f"plan {plan_id!r} is pending_approval: call approve_plan first"
 
 
-async def test_plan_without_required_approval_executes_at_once(tmp_path: Path) -> None:
-    async with planner(tmp_path) as (client, _):
+async def test_plan_without_required_approval_executes_at_once(db: str) -> None:
+    async with planner(db) as (client, _):
         plan_id = await create(client, two_step_plan(require_approval=False))
         result = await client.call_tool("execute_plan", {"plan_id": plan_id})
         assert result.structured_content is not None
@@ -150,9 +150,9 @@ async def test_plan_without_required_approval_executes_at_once(tmp_path: Path) -
 
 
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
-async def test_auto_policy_asks_the_person_and_records_the_approval(tmp_path: Path, mode: str) -> None:
+async def test_auto_policy_asks_the_person_and_records_the_approval(db: str, mode: str) -> None:
     callback = accept("looks good")
-    async with planner(tmp_path, approval="auto", elicitation_callback=callback, mode=mode) as (
+    async with planner(db, approval="auto", elicitation_callback=callback, mode=mode) as (
         client,
         service,
     ):
@@ -171,8 +171,8 @@ async def test_auto_policy_asks_the_person_and_records_the_approval(tmp_path: Pa
 
 
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
-async def test_person_declining_rejects_the_plan(tmp_path: Path, mode: str) -> None:
-    async with planner(tmp_path, approval="human", elicitation_callback=decline, mode=mode) as (client, _):
+async def test_person_declining_rejects_the_plan(db: str, mode: str) -> None:
+    async with planner(db, approval="human", elicitation_callback=decline, mode=mode) as (client, _):
         plan_id = await create(client, two_step_plan())
         result = await client.call_tool("approve_plan", {"plan_id": plan_id})
         assert result.is_error
@@ -184,8 +184,8 @@ async def test_person_declining_rejects_the_plan(tmp_path: Path, mode: str) -> N
         assert refused.is_error and "cancelled" in text(refused)
 
 
-async def test_person_dismissing_the_question_leaves_the_plan_pending(tmp_path: Path) -> None:
-    async with planner(tmp_path, approval="human", elicitation_callback=dismiss, mode="legacy") as (
+async def test_person_dismissing_the_question_leaves_the_plan_pending(db: str) -> None:
+    async with planner(db, approval="human", elicitation_callback=dismiss, mode="legacy") as (
         client,
         _,
     ):
@@ -197,8 +197,8 @@ async def test_person_dismissing_the_question_leaves_the_plan_pending(tmp_path: 
         assert summary.structured_content["status"] == "pending_approval"
 
 
-async def test_human_policy_without_elicitation_points_to_the_terminal(tmp_path: Path) -> None:
-    async with planner(tmp_path, approval="human") as (client, service):
+async def test_human_policy_without_elicitation_points_to_the_terminal(db: str) -> None:
+    async with planner(db, approval="human") as (client, service):
         plan_id = await create(client, two_step_plan())
         result = await client.call_tool("approve_plan", {"plan_id": plan_id})
         assert result.is_error
@@ -210,8 +210,8 @@ async def test_human_policy_without_elicitation_points_to_the_terminal(tmp_path:
         assert done.structured_content is not None and done.structured_content["status"] == "completed"
 
 
-async def test_auto_policy_without_elicitation_accepts_the_agents_call(tmp_path: Path) -> None:
-    async with planner(tmp_path, approval="auto") as (client, service):
+async def test_auto_policy_without_elicitation_accepts_the_agents_call(db: str) -> None:
+    async with planner(db, approval="auto") as (client, service):
         plan_id = await create(client, two_step_plan())
         result = await client.call_tool("approve_plan", {"plan_id": plan_id, "approved_by": "claude"})
         assert result.structured_content is not None
@@ -221,22 +221,22 @@ async def test_auto_policy_without_elicitation_accepts_the_agents_call(tmp_path:
         assert events[-1].data == {"by": "claude", "method": "agent"}
 
 
-async def test_agent_policy_never_asks_the_person(tmp_path: Path) -> None:
+async def test_agent_policy_never_asks_the_person(db: str) -> None:
     callback = accept()
-    async with planner(tmp_path, approval="agent", elicitation_callback=callback) as (client, _):
+    async with planner(db, approval="agent", elicitation_callback=callback) as (client, _):
         plan_id = await create(client, two_step_plan())
         result = await client.call_tool("approve_plan", {"plan_id": plan_id})
         assert not result.is_error
         assert callback.asked == []
 
 
-async def test_execute_sends_progress_per_step(tmp_path: Path) -> None:
+async def test_execute_sends_progress_per_step(db: str) -> None:
     seen: list[tuple[float, float | None, str | None]] = []
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         seen.append((progress, total, message))
 
-    async with planner(tmp_path) as (client, _):
+    async with planner(db) as (client, _):
         plan_id = await create(client, two_step_plan(require_approval=False))
         result = await client.call_tool("execute_plan", {"plan_id": plan_id}, progress_callback=on_progress)
         assert result.structured_content is not None and result.structured_content["status"] == "completed"
@@ -245,7 +245,7 @@ async def test_execute_sends_progress_per_step(tmp_path: Path) -> None:
     assert any(m and "'world'" in m for _, _, m in seen)
 
 
-async def test_failed_plan_reports_the_error_and_resume_completes_it(tmp_path: Path) -> None:
+async def test_failed_plan_reports_the_error_and_resume_completes_it(db: str) -> None:
     calls = {"n": 0}
 
     async def flaky(params: dict[str, Any]) -> str:
@@ -264,7 +264,7 @@ async def test_failed_plan_reports_the_error_and_resume_completes_it(tmp_path: P
         ],
         "options": {"require_approval": False},
     }
-    async with planner(tmp_path, tools=tools) as (client, _):
+    async with planner(db, tools=tools) as (client, _):
         plan_id = await create(client, plan)
         failed = await client.call_tool("execute_plan", {"plan_id": plan_id})
         assert not failed.is_error, text(failed)
@@ -282,7 +282,7 @@ async def test_failed_plan_reports_the_error_and_resume_completes_it(tmp_path: P
         assert noop.structured_content is not None and noop.structured_content["status"] == "completed"
 
 
-async def test_execute_returns_after_wait_seconds_and_cancel_stops_the_plan(tmp_path: Path) -> None:
+async def test_execute_returns_after_wait_seconds_and_cancel_stops_the_plan(db: str) -> None:
     gate = Gate()
     plan = {
         "description": "wait then echo",
@@ -292,7 +292,7 @@ async def test_execute_returns_after_wait_seconds_and_cancel_stops_the_plan(tmp_
         ],
         "options": {"require_approval": False},
     }
-    async with planner(tmp_path, tools=make_tools(gate)) as (client, _):
+    async with planner(db, tools=make_tools(gate)) as (client, _):
         plan_id = await create(client, plan)
         with anyio.fail_after(5):
             result = await client.call_tool("execute_plan", {"plan_id": plan_id, "wait_seconds": 0})
@@ -317,8 +317,8 @@ async def test_execute_returns_after_wait_seconds_and_cancel_stops_the_plan(tmp_
         assert resumed.is_error and "cancelled" in text(resumed)
 
 
-async def test_update_clears_the_approval(tmp_path: Path) -> None:
-    async with planner(tmp_path) as (client, service):
+async def test_update_clears_the_approval(db: str) -> None:
+    async with planner(db) as (client, service):
         plan_id = await create(client, two_step_plan())
         await client.call_tool("approve_plan", {"plan_id": plan_id})
         updated = await client.call_tool(
@@ -334,7 +334,7 @@ async def test_update_clears_the_approval(tmp_path: Path) -> None:
         assert kinds[-1] == "plan_updated"
 
 
-async def test_invalid_plan_lists_every_problem_and_stores_nothing(tmp_path: Path) -> None:
+async def test_invalid_plan_lists_every_problem_and_stores_nothing(db: str) -> None:
     plan = {
         "description": "",
         "steps": [
@@ -342,7 +342,7 @@ async def test_invalid_plan_lists_every_problem_and_stores_nothing(tmp_path: Pat
             {"id": "a", "tool_name": "echo", "depends_on": ["ghost"]},
         ],
     }
-    async with planner(tmp_path) as (client, _):
+    async with planner(db) as (client, _):
         result = await client.call_tool("create_plan", plan)
         assert result.is_error
         message = text(result)
@@ -354,7 +354,7 @@ async def test_invalid_plan_lists_every_problem_and_stores_nothing(tmp_path: Pat
         assert listed.structured_content == {"plans": []}
 
 
-async def test_unknown_plan_id_is_a_clear_error_for_every_plan_tool(tmp_path: Path) -> None:
+async def test_unknown_plan_id_is_a_clear_error_for_every_plan_tool(db: str) -> None:
     calls = {
         "get_summary": {},
         "get_plan": {},
@@ -365,15 +365,15 @@ async def test_unknown_plan_id_is_a_clear_error_for_every_plan_tool(tmp_path: Pa
         "cancel_plan": {},
         "update_plan": {"description": "x"},
     }
-    async with planner(tmp_path, approval="auto", elicitation_callback=accept()) as (client, _):
+    async with planner(db, approval="auto", elicitation_callback=accept()) as (client, _):
         for tool, extra in calls.items():
             result = await client.call_tool(tool, {"plan_id": "nope", **extra})
             assert result.is_error, tool
             assert text(result) == "no plan with id 'nope': call list_plans to see the plans that exist", tool
 
 
-async def test_malformed_arguments_get_a_clean_error(tmp_path: Path) -> None:
-    async with planner(tmp_path) as (client, _):
+async def test_malformed_arguments_get_a_clean_error(db: str) -> None:
+    async with planner(db) as (client, _):
         missing = await client.call_tool("get_summary", {})
         wrong = await client.call_tool("create_plan", {"description": 3, "steps": "nope"})
         bad_step = await client.call_tool("create_plan", {"description": "d", "steps": [{"parameters": []}]})
@@ -388,8 +388,8 @@ async def test_malformed_arguments_get_a_clean_error(tmp_path: Path) -> None:
         assert "list_plans" not in text(unknown) and "tools/list" in text(unknown)
 
 
-async def test_list_plans_filters_by_status_newest_first(tmp_path: Path) -> None:
-    async with planner(tmp_path) as (client, _):
+async def test_list_plans_filters_by_status_newest_first(db: str) -> None:
+    async with planner(db) as (client, _):
         first = await create(client, two_step_plan())
         second = await create(client, two_step_plan(require_approval=False))
         listed = await client.call_tool("list_plans", {})
@@ -402,8 +402,8 @@ async def test_list_plans_filters_by_status_newest_first(tmp_path: Path) -> None
         assert bad.is_error and "status" in text(bad)
 
 
-async def test_tools_are_annotated_truthfully(tmp_path: Path) -> None:
-    async with planner(tmp_path) as (client, _):
+async def test_tools_are_annotated_truthfully(db: str) -> None:
+    async with planner(db) as (client, _):
         tools = {t.name: t for t in (await client.list_tools()).tools}
     assert len(tools) == 12
     for name in ("list_tools", "get_summary", "get_plan", "list_plans"):
@@ -417,8 +417,8 @@ async def test_tools_are_annotated_truthfully(tmp_path: Path) -> None:
         assert tool.description and len(tool.description) > 80, tool.name
 
 
-async def test_list_tools_shows_the_catalog(tmp_path: Path) -> None:
-    async with planner(tmp_path) as (client, _):
+async def test_list_tools_shows_the_catalog(db: str) -> None:
+    async with planner(db) as (client, _):
         result = await client.call_tool("list_tools", {})
         assert result.structured_content is not None
         names = [t["name"] for t in result.structured_content["tools"]]
@@ -427,7 +427,7 @@ async def test_list_tools_shows_the_catalog(tmp_path: Path) -> None:
         assert unknown.is_error and "nowhere" in text(unknown)
 
 
-async def test_resources_give_plan_graph_and_whole_large_results(tmp_path: Path) -> None:
+async def test_resources_give_plan_graph_and_whole_large_results(db: str) -> None:
     big = "x" * (200 * 1024)
 
     async def large(params: dict[str, Any]) -> str:
@@ -439,7 +439,7 @@ async def test_resources_give_plan_graph_and_whole_large_results(tmp_path: Path)
         "steps": [{"id": "big", "tool_name": "large"}],
         "options": {"require_approval": False},
     }
-    async with planner(tmp_path, tools=tools) as (client, _):
+    async with planner(db, tools=tools) as (client, _):
         plan_id = await create(client, plan)
         await client.call_tool("execute_plan", {"plan_id": plan_id})
         view = await client.call_tool("get_plan", {"plan_id": plan_id})
@@ -462,27 +462,27 @@ async def test_resources_give_plan_graph_and_whole_large_results(tmp_path: Path)
         }
 
 
-async def test_plan_task_prompt_renders_the_planning_prompt(tmp_path: Path) -> None:
-    async with planner(tmp_path) as (client, _):
+async def test_plan_task_prompt_renders_the_planning_prompt(db: str) -> None:
+    async with planner(db) as (client, _):
         prompt = await client.get_prompt("plan_task", {"task": "greet the world"})
     body = prompt.messages[0].content.text  # type: ignore[union-attr]
     assert "greet the world" in body and "echo" in body and "create_plan" in body
 
 
-async def test_generate_plan_without_sampling_tells_the_agent_to_draft_it(tmp_path: Path) -> None:
-    async with planner(tmp_path) as (client, _):
+async def test_generate_plan_without_sampling_tells_the_agent_to_draft_it(db: str) -> None:
+    async with planner(db) as (client, _):
         result = await client.call_tool("generate_plan", {"task": "greet"})
     assert result.is_error
     assert "create_plan" in text(result) and "plan_task" in text(result)
 
 
-async def test_server_answers_tools_list_while_the_service_is_still_starting(tmp_path: Path) -> None:
+async def test_server_answers_tools_list_while_the_service_is_still_starting(db: str) -> None:
     proceed = anyio.Event()
 
     @asynccontextmanager
     async def slow_service() -> AsyncIterator[PlannerService]:
         await proceed.wait()
-        async with PlanStore.open(tmp_path / "plans.db") as store:
+        async with open_store(db) as store:
             async with PlannerService(store, make_tools()) as service:
                 yield service
 
@@ -496,8 +496,8 @@ async def test_server_answers_tools_list_while_the_service_is_still_starting(tmp
         assert listed.structured_content == {"plans": []}
 
 
-async def test_plan_not_approved_in_time_is_cancelled_and_cannot_be_approved(tmp_path: Path) -> None:
-    async with planner(tmp_path) as (client, service):
+async def test_plan_not_approved_in_time_is_cancelled_and_cannot_be_approved(db: str) -> None:
+    async with planner(db) as (client, service):
         plan_id = await create(client, two_step_plan(approval_timeout_ms=60_000))
         stored = await service.store.get_plan(plan_id)
         stored.pending_since = datetime.now(UTC) - timedelta(minutes=2)  # as if it had waited two minutes
@@ -510,8 +510,8 @@ async def test_plan_not_approved_in_time_is_cancelled_and_cannot_be_approved(tmp
         assert "approval_expired" in [e.kind for e in await service.events(plan_id)]
 
 
-async def test_every_approval_rejection_and_cancellation_is_an_event_with_who_and_how(tmp_path: Path) -> None:
-    async with planner(tmp_path) as (client, service):
+async def test_every_approval_rejection_and_cancellation_is_an_event_with_who_and_how(db: str) -> None:
+    async with planner(db) as (client, service):
         approved = await create(client, two_step_plan())
         await client.call_tool("approve_plan", {"plan_id": approved, "approved_by": "claude"})
         rejected = await create(client, two_step_plan())
@@ -539,14 +539,14 @@ async def test_every_approval_rejection_and_cancellation_is_an_event_with_who_an
         assert again.is_error and "nothing to cancel" in text(again)
 
 
-async def test_human_policy_does_not_let_a_plan_skip_approval(tmp_path: Path) -> None:
-    async with planner(tmp_path, approval="human") as (client, _):
+async def test_human_policy_does_not_let_a_plan_skip_approval(db: str) -> None:
+    async with planner(db, approval="human") as (client, _):
         plan_id = await create(client, two_step_plan(require_approval=False, auto_approve=True))
         refused = await client.call_tool("execute_plan", {"plan_id": plan_id})
         assert refused.is_error and "approve_plan first" in text(refused)
 
 
-async def test_a_service_that_fails_to_start_is_reported_by_every_tool(tmp_path: Path) -> None:
+async def test_a_service_that_fails_to_start_is_reported_by_every_tool() -> None:
     @asynccontextmanager
     async def broken() -> AsyncIterator[PlannerService]:
         raise OSError("database is read-only")
@@ -560,7 +560,7 @@ async def test_a_service_that_fails_to_start_is_reported_by_every_tool(tmp_path:
 
 
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
-async def test_plan_edited_while_the_person_decides_is_not_approved_unseen(tmp_path: Path, mode: str) -> None:
+async def test_plan_edited_while_the_person_decides_is_not_approved_unseen(db: str, mode: str) -> None:
     asked: list[str] = []
     holder: dict[str, Any] = {}
 
@@ -570,7 +570,7 @@ async def test_plan_edited_while_the_person_decides_is_not_approved_unseen(tmp_p
             await holder["service"].update_plan(holder["plan_id"], description="edited meanwhile")
         return ElicitResult(action="accept", content={})
 
-    async with planner(tmp_path, approval="human", elicitation_callback=edit_then_accept, mode=mode) as (
+    async with planner(db, approval="human", elicitation_callback=edit_then_accept, mode=mode) as (
         client,
         service,
     ):
@@ -587,8 +587,8 @@ async def test_plan_edited_while_the_person_decides_is_not_approved_unseen(tmp_p
             assert plan.status == "approved" and plan.description == "edited meanwhile"
 
 
-async def test_reading_a_resource_of_an_unknown_plan_or_step_says_which(tmp_path: Path) -> None:
-    async with planner(tmp_path) as (client, _):
+async def test_reading_a_resource_of_an_unknown_plan_or_step_says_which(db: str) -> None:
+    async with planner(db) as (client, _):
         plan_id = await create(client, two_step_plan())
         with pytest.raises(MCPError, match="no plan with id 'ghost'"):
             await client.read_resource("plan://ghost")
@@ -598,10 +598,10 @@ async def test_reading_a_resource_of_an_unknown_plan_or_step_says_which(tmp_path
             await client.read_resource(f"plan://{plan_id}/steps/hello/result")
 
 
-async def test_get_plan_pages_through_a_large_plan_and_its_summary_stays_short(tmp_path: Path) -> None:
+async def test_get_plan_pages_through_a_large_plan_and_its_summary_stays_short(db: str) -> None:
     steps = [{"id": f"s{i}", "tool_name": "echo", "parameters": {"text": str(i)}} for i in range(250)]
     plan = {"description": "many", "steps": steps, "options": {"require_approval": False}}
-    async with planner(tmp_path) as (client, _):
+    async with planner(db) as (client, _):
         plan_id = await create(client, plan)
         first = await client.call_tool("get_plan", {"plan_id": plan_id})
         page = first.structured_content
@@ -618,8 +618,8 @@ async def test_get_plan_pages_through_a_large_plan_and_its_summary_stays_short(t
         assert len(summary["steps"]) == 20 and summary["steps_omitted"] == 230
 
 
-async def test_resources_list_names_the_newest_plans_and_each_reads_as_the_plan(tmp_path: Path) -> None:
-    async with planner(tmp_path) as (client, _):
+async def test_resources_list_names_the_newest_plans_and_each_reads_as_the_plan(db: str) -> None:
+    async with planner(db) as (client, _):
         first = await create(client, two_step_plan())
         second = await create(client, {**two_step_plan(), "description": "the second plan"})
         listed = await client.list_resources()
@@ -631,14 +631,14 @@ async def test_resources_list_names_the_newest_plans_and_each_reads_as_the_plan(
         assert f'"id": "{second}"' in whole.contents[0].text  # type: ignore[union-attr]
 
 
-async def test_create_plan_warns_of_a_parameter_the_tools_schema_does_not_declare(tmp_path: Path) -> None:
+async def test_create_plan_warns_of_a_parameter_the_tools_schema_does_not_declare(db: str) -> None:
     class Declared(LocalTools):
         def catalog(self) -> dict[str, ToolInfo]:
             schema = {"type": "object", "properties": {"text": {"type": "string"}}}
             return {**super().catalog(), "echo": ToolInfo(name="echo", input_schema=schema)}
 
     plan = {"description": "typo", "steps": [{"id": "say", "tool_name": "echo", "parameters": {"txt": "hi"}}]}
-    async with planner(tmp_path, tools=Declared({"echo": echo})) as (client, _):
+    async with planner(db, tools=Declared({"echo": echo})) as (client, _):
         result = await client.call_tool("create_plan", plan)
         assert not result.is_error and result.structured_content is not None
         warnings = result.structured_content["warnings"]
@@ -646,7 +646,7 @@ async def test_create_plan_warns_of_a_parameter_the_tools_schema_does_not_declar
         assert "warning: step 'say', parameters.txt:" in text(result)
 
 
-async def test_list_tools_shows_signatures_and_a_query_ranks_the_best_matches(tmp_path: Path) -> None:
+async def test_list_tools_shows_signatures_and_a_query_ranks_the_best_matches(db: str) -> None:
     schemas = {
         "fs.read_file": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]},
         "fs.write_file": {
@@ -669,7 +669,7 @@ async def test_list_tools_shows_signatures_and_a_query_ranks_the_best_matches(tm
                 for name in schemas
             }
 
-    async with planner(tmp_path, tools=Described({name: echo for name in schemas})) as (client, _):
+    async with planner(db, tools=Described({name: echo for name in schemas})) as (client, _):
         everything = await client.call_tool("list_tools", {})
         assert "fs.write_file(path: string, content: string)" in text(everything)
         assert "git.log(max_count?: integer)" in text(everything)
@@ -680,8 +680,8 @@ async def test_list_tools_shows_signatures_and_a_query_ranks_the_best_matches(tm
         assert none.structured_content is not None and none.structured_content["tools"] == []
 
 
-async def test_get_plan_text_alone_shows_each_steps_outcome(tmp_path: Path) -> None:
-    async with planner(tmp_path) as (client, _):
+async def test_get_plan_text_alone_shows_each_steps_outcome(db: str) -> None:
+    async with planner(db) as (client, _):
         plan_id = await create(client, two_step_plan(require_approval=False))
         await client.call_tool("execute_plan", {"plan_id": plan_id, "wait_seconds": 30})
         shown = text(await client.call_tool("get_plan", {"plan_id": plan_id}))

@@ -73,7 +73,8 @@ app = typer.Typer(
 @dataclass
 class Settings:
     servers: Path | None = None
-    db: Path | None = None
+    #: A SQLite file or a `postgresql://` URL.
+    db: str | None = None
     verbose: int = 0
 
 
@@ -86,11 +87,12 @@ ServersOpt = Annotated[
     ),
 ]
 DbOpt = Annotated[
-    Path | None,
+    str | None,
     typer.Option(
         "--db",
-        help="Plan database. Default: $MCP_PLANNER_DB, else ~/.local/share/mcp-planner/plans.db.",
-        dir_okay=False,
+        help="Plan database: a SQLite file or a postgresql:// URL. Default: $MCP_PLANNER_DB, else "
+        "~/.local/share/mcp-planner/plans.db.",
+        show_default=False,
     ),
 ]
 VerboseOpt = Annotated[
@@ -160,7 +162,7 @@ ApprovalOpt = Annotated[
 ]
 
 
-def _settings(ctx: typer.Context, servers: Path | None, db: Path | None, verbose: int) -> Settings:
+def _settings(ctx: typer.Context, servers: Path | None, db: str | None, verbose: int) -> Settings:
     root: Settings = ctx.obj if isinstance(ctx.obj, Settings) else Settings()
     merged = Settings(servers=servers or root.servers, db=db or root.db, verbose=verbose + root.verbose)
     _configure_logging(merged.verbose)
@@ -233,15 +235,16 @@ def _servers_path(settings: Settings) -> Path | None:
     return Path(env) if env else None
 
 
-def _db_path(settings: Settings) -> Path:
-    if settings.db is not None:
+def _db_path(settings: Settings) -> str:
+    """The database: --db, else $MCP_PLANNER_DB, else the default SQLite file."""
+    if settings.db:
         return settings.db
     env = os.environ.get("MCP_PLANNER_DB")
     if env:
-        return Path(env)
-    from mcp_planner.store.sqlite import PlanStore
+        return env
+    from mcp_planner.store import default_location
 
-    return Path(PlanStore.default_path())
+    return str(default_location())
 
 
 def _config_env() -> dict[str, str]:

@@ -280,7 +280,7 @@ def service_factory(
     """Opens the production stack (`stack.open_stack`) for the server.
 
     Args:
-        db_path: the SQLite file (default `PlanStore.default_path()`).
+        db_path: the SQLite file or `postgresql://` URL (default `store.default_location()`).
         servers_file: the downstream servers, or None for none; `${VAR}` values expand from `env`.
         approval: the approval policy.
         runners: runs execute in runner processes started on demand, so they outlive this server (the
@@ -292,9 +292,9 @@ def service_factory(
         # Import the heavy modules off the event loop, so initialize and tools/list are answered meanwhile.
         await anyio.to_thread.run_sync(_import_stack, servers_file is not None)
         from mcp_planner.stack import open_stack
-        from mcp_planner.store.sqlite import PlanStore
+        from mcp_planner.store import default_location
 
-        db = Path(db_path) if db_path is not None else PlanStore.default_path()
+        db = db_path if db_path is not None else default_location()
         servers = Path(servers_file) if servers_file is not None else None
         async with open_stack(db, servers, env or {}, approval=approval, runners=runners) as stack:
             yield stack.service
@@ -327,7 +327,7 @@ async def serve(
         transport: `stdio` (what agent configs launch) or `http` (streamable HTTP at /mcp).
         host: HTTP bind address.
         port: HTTP port.
-        db_path: the SQLite file (default `PlanStore.default_path()`).
+        db_path: the SQLite file or `postgresql://` URL (default `store.default_location()`).
         servers_file: the servers file, loaded with `env` for `${VAR}` expansion.
         env: the environment for `servers_file`.
         approval: `auto`, `agent` or `human`.
