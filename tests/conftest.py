@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 
@@ -12,6 +13,8 @@ import pytest
 #: of the production default of 5 minutes. Subprocess environments built by tests carry this too.
 RUNNER_IDLE_EXIT = {"MCP_PLANNER_RUNNER_IDLE_EXIT": "3"}
 os.environ.update(RUNNER_IDLE_EXIT)
+#: The user's data directory (the default database; runner logs of PostgreSQL databases) is a temporary one.
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="mcp-planner-test-data-")
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ from mcp_planner.engine.tools import LocalTools
 from mcp_planner.errors import PlanClaimedError, PlanStateError, PlanValidationError
 from mcp_planner.plan.model import PlanSpec, PlanStatus, StepSpec, StepStatus
 from mcp_planner.service import PlannerService
+from mcp_planner.store import open_store
 from mcp_planner.store.base import PlanProgress
-from mcp_planner.store.sqlite import PlanStore
 
 pytestmark = pytest.mark.anyio
 
@@ -26,8 +26,8 @@ async def echo(params: dict[str, Any]) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def service(tmp_path: Path, **kwargs: Any) -> AsyncIterator[PlannerService]:
-    async with PlanStore.open(tmp_path / "plans.db") as store:
+async def service(db: Path, **kwargs: Any) -> AsyncIterator[PlannerService]:
+    async with open_store(db) as store:
         async with PlannerService(store, LocalTools({"echo": echo}), **kwargs) as svc:
             yield svc
 
@@ -53,15 +53,13 @@ def dead_pid() -> int:
     return pid
 
 
-async def test_execute_without_wait_limit_runs_to_the_end_and_calls_plain_progress_callbacks(
-    tmp_path: Path,
-) -> None:
+async def test_execute_without_wait_limit_runs_to_the_end_and_calls_plain_progress_callbacks(db: str) -> None:
     seen: list[PlanProgress] = []
 
     def on_progress(progress: PlanProgress) -> None:
         seen.append(progress)
 
-    async with service(tmp_path) as svc:
+    async with service(db) as svc:
         plan = await svc.create_plan(spec())
         assert plan.status == PlanStatus.APPROVED and plan.approved_by == "auto"
         summary = await svc.execute_plan(plan.id, wait_seconds=None, on_progress=on_progress)
@@ -78,9 +76,9 @@ async def test_execute_without_wait_limit_runs_to_the_end_and_calls_plain_progre
     assert [e.kind for e in events if e.step_id == "b"] == ["step_started", "step_completed"]
 
 
-async def test_create_refuses_an_invalid_plan_with_every_problem_and_stores_nothing(tmp_path: Path) -> None:
+async def test_create_refuses_an_invalid_plan_with_every_problem_and_stores_nothing(db: str) -> None:
     bad = PlanSpec(description="", steps=[StepSpec(id="x", tool_name="nope", depends_on=["y"])])
-    async with service(tmp_path) as svc:
+    async with service(db) as svc:
         with pytest.raises(PlanValidationError) as caught:
             await svc.create_plan(bad)
         fields = {(p.step_id, p.field) for p in caught.value.problems}
@@ -90,10 +88,8 @@ async def test_create_refuses_an_invalid_plan_with_every_problem_and_stores_noth
         assert await svc.list_plans() == []
 
 
-async def test_a_plan_left_executing_by_a_dead_process_is_refused_by_execute_and_resumed(
-    tmp_path: Path,
-) -> None:
-    async with service(tmp_path) as svc:
+async def test_a_plan_left_executing_by_a_dead_process_is_refused_by_execute_and_resumed(db: str) -> None:
+    async with service(db) as svc:
         plan = await svc.create_plan(spec())
         plan.status = PlanStatus.EXECUTING
         plan.steps[0].status = StepStatus.RUNNING
@@ -108,10 +104,8 @@ async def test_a_plan_left_executing_by_a_dead_process_is_refused_by_execute_and
         assert done.status == PlanStatus.COMPLETED
 
 
-async def test_a_plan_executing_in_another_live_process_is_cancelled_through_the_store(
-    tmp_path: Path,
-) -> None:
-    async with service(tmp_path) as svc:
+async def test_a_plan_executing_in_another_live_process_is_cancelled_through_the_store(db: str) -> None:
+    async with service(db) as svc:
         plan = await svc.create_plan(spec())
         plan.status = PlanStatus.EXECUTING
         await svc.store.save_plan(plan)
@@ -128,21 +122,21 @@ async def test_a_plan_executing_in_another_live_process_is_cancelled_through_the
         assert requested[-1].data["by"] == "alice" and requested[-1].data["owner"] == other
 
 
-async def test_update_is_refused_once_a_plan_has_run(tmp_path: Path) -> None:
-    async with service(tmp_path) as svc:
+async def test_update_is_refused_once_a_plan_has_run(db: str) -> None:
+    async with service(db) as svc:
         plan = await svc.create_plan(spec())
         await svc.execute_plan(plan.id, wait_seconds=None)
         with pytest.raises(PlanStateError, match="has not started"):
             await svc.update_plan(plan.id, description="too late")
 
 
-async def test_unknown_approval_policy_is_refused(tmp_path: Path) -> None:
-    async with PlanStore.open(tmp_path / "plans.db") as store:
+async def test_unknown_approval_policy_is_refused(db: str) -> None:
+    async with open_store(db) as store:
         with pytest.raises(ValueError, match="approval policy"):
             PlannerService(store, LocalTools({}), approval="sometimes")
 
 
-async def test_the_step_limit_is_the_deployments_not_the_plans(tmp_path: Path) -> None:
+async def test_the_step_limit_is_the_deployments_not_the_plans(db: str) -> None:
     from mcp_planner.errors import ConfigError
     from mcp_planner.stack import max_steps
 
@@ -151,7 +145,7 @@ async def test_the_step_limit_is_the_deployments_not_the_plans(tmp_path: Path) -
     for bad in ("0", "-5", "lots"):
         with pytest.raises(ConfigError, match="MCP_PLANNER_MAX_STEPS"):
             max_steps({"MCP_PLANNER_MAX_STEPS": bad})
-    async with PlanStore.open(tmp_path / "plans.db") as store:
+    async with open_store(db) as store:
         async with PlannerService(store, LocalTools({"echo": echo}), max_steps=2) as svc:
             steps = [StepSpec(id=f"s{i}", tool_name="echo") for i in range(3)]
             with pytest.raises(PlanValidationError, match="invalid") as caught:

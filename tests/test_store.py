@@ -19,7 +19,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from mcp_planner.errors import PlanNotFoundError
 from mcp_planner.plan.model import ExecutionPlan, PlanStatus, StepResult, StepStatus
-from mcp_planner.store import open_store
+from mcp_planner.store import default_location, open_store
 from mcp_planner.store.base import Event, QueueStore, Store, new_owner_id
 from mcp_planner.store.memory import MemoryStore
 from mcp_planner.store.sqlite import PlanStore, StoreError
@@ -274,13 +274,13 @@ async def test_database_file_and_new_directory_are_private(tmp_path: Path) -> No
 
 def test_default_path_is_in_the_user_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
-    assert PlanStore.default_path() == tmp_path / "xdg" / "mcp-planner" / "plans.db"
+    assert default_location() == tmp_path / "xdg" / "mcp-planner" / "plans.db"
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     fallback = tmp_path / "home" / ".local" / "share" / "mcp-planner" / "plans.db"
     monkeypatch.setenv("XDG_DATA_HOME", "relative/dir")  # the XDG spec says to ignore relative paths
-    assert PlanStore.default_path() == fallback
+    assert default_location() == fallback
     monkeypatch.delenv("XDG_DATA_HOME")
-    assert PlanStore.default_path() == fallback
+    assert default_location() == fallback
 
 
 async def test_reopening_applies_no_migration_twice_and_keeps_data(tmp_path: Path) -> None:

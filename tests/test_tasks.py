@@ -37,8 +37,8 @@ from mcp_planner.engine.tools import LocalTools
 from mcp_planner.server.app import build_server
 from mcp_planner.server.tasks import TASKS_EXTENSION
 from mcp_planner.service import PlannerService
+from mcp_planner.store import open_store
 from mcp_planner.store.base import RunState
-from mcp_planner.store.sqlite import PlanStore
 
 pytestmark = pytest.mark.anyio
 
@@ -161,9 +161,9 @@ def tools(gate: Gate | None = None) -> LocalTools:
 
 @asynccontextmanager
 async def planner(
-    tmp_path: Path, gate: Gate | None = None, **client_kwargs: Any
+    db: str, gate: Gate | None = None, **client_kwargs: Any
 ) -> AsyncIterator[tuple[Client, PlannerService]]:
-    async with PlanStore.open(tmp_path / "plans.db") as store:
+    async with open_store(db) as store:
         async with PlannerService(store, tools(gate), approval="agent") as service:
             async with Client(build_server(service), **client_kwargs) as client:
                 yield client, service
@@ -193,10 +193,8 @@ async def create(client: Client, spec: dict[str, Any]) -> str:
 # -- 2026-07-28: the Tasks extension ----------------------------------------------------------------------
 
 
-async def test_a_task_handle_arrives_while_a_3_s_plan_runs_and_the_run_is_already_stored(
-    tmp_path: Path,
-) -> None:
-    async with planner(tmp_path, extensions=[Tasks()]) as (client, _):
+async def test_a_task_handle_arrives_while_a_3_s_plan_runs_and_the_run_is_already_stored(db: str) -> None:
+    async with planner(db, extensions=[Tasks()]) as (client, _):
         plan_id = await create(client, plan(NAP, {**HELLO, "depends_on": ["nap"]}))
         with anyio.fail_after(5):
             handle = await call_as_task(client, "execute_plan", {"plan_id": plan_id})
@@ -205,7 +203,7 @@ async def test_a_task_handle_arrives_while_a_3_s_plan_runs_and_the_run_is_alread
         assert handle.created_at.endswith("Z") and handle.ttl_ms is None
         assert client.server_capabilities.extensions == {TASKS_EXTENSION: {}}
         # The handle names a committed run: another connection to the database reads it.
-        async with PlanStore.open(tmp_path / "plans.db") as other:
+        async with open_store(db) as other:
             run = await other.get_run(handle.task_id)
         assert run.plan_id == plan_id
         assert run.state != RunState.DONE
@@ -213,8 +211,8 @@ async def test_a_task_handle_arrives_while_a_3_s_plan_runs_and_the_run_is_alread
         assert task.status == "working" and task.result is None
 
 
-async def test_tasks_get_is_polled_to_the_end_and_returns_what_execute_plan_returns(tmp_path: Path) -> None:
-    async with planner(tmp_path, extensions=[Tasks()]) as (client, service):
+async def test_tasks_get_is_polled_to_the_end_and_returns_what_execute_plan_returns(db: str) -> None:
+    async with planner(db, extensions=[Tasks()]) as (client, service):
         plan_id = await create(client, plan(HELLO, {**HELLO, "id": "again", "depends_on": ["hello"]}))
         handle = await call_as_task(client, "execute_plan", {"plan_id": plan_id})
         task = await wait_for(client, handle.task_id, ("completed", "failed", "cancelled"))
@@ -232,18 +230,16 @@ async def test_tasks_get_is_polled_to_the_end_and_returns_what_execute_plan_retu
         assert text(direct) == text(result)
 
 
-async def test_call_tool_of_a_client_with_the_extension_resolves_the_task_to_the_result(
-    tmp_path: Path,
-) -> None:
-    async with planner(tmp_path, extensions=[Tasks()]) as (client, _):
+async def test_call_tool_of_a_client_with_the_extension_resolves_the_task_to_the_result(db: str) -> None:
+    async with planner(db, extensions=[Tasks()]) as (client, _):
         plan_id = await create(client, plan(HELLO))
         result = await client.call_tool("execute_plan", {"plan_id": plan_id})
         assert result.structured_content is not None, text(result)
         assert result.structured_content["status"] == "completed"
 
 
-async def test_a_failed_plan_is_a_completed_task_whose_summary_says_failed(tmp_path: Path) -> None:
-    async with planner(tmp_path, extensions=[Tasks()]) as (client, _):
+async def test_a_failed_plan_is_a_completed_task_whose_summary_says_failed(db: str) -> None:
+    async with planner(db, extensions=[Tasks()]) as (client, _):
         plan_id = await create(client, plan({**BOOM, "max_retries": 0}))
         handle = await call_as_task(client, "execute_plan", {"plan_id": plan_id})
         task = await wait_for(client, handle.task_id, ("completed", "failed", "cancelled"))
@@ -256,9 +252,9 @@ async def test_a_failed_plan_is_a_completed_task_whose_summary_says_failed(tmp_p
         assert again.result is not None and again.result["structuredContent"]["status"] == "failed"
 
 
-async def test_tasks_cancel_cancels_the_plan(tmp_path: Path) -> None:
+async def test_tasks_cancel_cancels_the_plan(db: str) -> None:
     gate = Gate()
-    async with planner(tmp_path, gate, extensions=[Tasks()]) as (client, service):
+    async with planner(db, gate, extensions=[Tasks()]) as (client, service):
         plan_id = await create(client, plan(WAIT, {**HELLO, "depends_on": ["wait"]}))
         handle = await call_as_task(client, "execute_plan", {"plan_id": plan_id})
         with anyio.fail_after(5):
@@ -271,8 +267,8 @@ async def test_tasks_cancel_cancels_the_plan(tmp_path: Path) -> None:
         await cancel_task(client, handle.task_id)  # a task that ended: acknowledged, nothing changes
 
 
-async def test_a_plan_that_cannot_run_is_answered_at_once_not_as_a_task(tmp_path: Path) -> None:
-    async with planner(tmp_path, extensions=[Tasks()]) as (client, _):
+async def test_a_plan_that_cannot_run_is_answered_at_once_not_as_a_task(db: str) -> None:
+    async with planner(db, extensions=[Tasks()]) as (client, _):
         spec = plan(HELLO)
         spec["options"] = {"require_approval": True}
         plan_id = await create(client, spec)
@@ -284,23 +280,23 @@ async def test_a_plan_that_cannot_run_is_answered_at_once_not_as_a_task(tmp_path
         assert "invalid arguments for execute_plan" in text(invalid)
 
 
-async def test_a_client_without_tasks_still_waits_wait_seconds(tmp_path: Path) -> None:
+async def test_a_client_without_tasks_still_waits_wait_seconds(db: str) -> None:
     for mode in ("auto", "legacy"):
-        async with planner(tmp_path / mode, mode=mode) as (client, _):
+        async with planner(db / mode, mode=mode) as (client, _):
             plan_id = await create(client, plan(HELLO))
             result = await client.call_tool("execute_plan", {"plan_id": plan_id, "wait_seconds": 30})
             assert result.structured_content is not None, text(result)
             assert result.structured_content["status"] == "completed"
 
 
-async def test_unknown_task_ids_and_undeclared_clients_get_clear_json_rpc_errors(tmp_path: Path) -> None:
-    async with planner(tmp_path, extensions=[Tasks()]) as (client, _):
+async def test_unknown_task_ids_and_undeclared_clients_get_clear_json_rpc_errors(db: str) -> None:
+    async with planner(db, extensions=[Tasks()]) as (client, _):
         for call in (get_task, cancel_task):
             with pytest.raises(MCPError) as raised:
                 await call(client, "no-such-task")
             assert raised.value.error.code == INVALID_PARAMS
             assert raised.value.error.message.startswith("Failed to retrieve task: no task 'no-such-task'")
-    async with planner(tmp_path) as (plain, _):
+    async with planner(db) as (plain, _):
         with pytest.raises(MCPError) as raised:
             await get_task(plain, "no-such-task")
         assert raised.value.error.code == MISSING_REQUIRED_CLIENT_CAPABILITY
@@ -328,12 +324,10 @@ async def _ignore(dctx: Any, method: str, params: Mapping[str, Any] | None) -> N
 
 
 @asynccontextmanager
-async def legacy_wire(
-    tmp_path: Path, gate: Gate | None = None
-) -> AsyncIterator[tuple[LegacyWire, dict[str, Any]]]:
+async def legacy_wire(db: str, gate: Gate | None = None) -> AsyncIterator[tuple[LegacyWire, dict[str, Any]]]:
     from mcp.client._memory import InMemoryTransport  # the transport Client(server, mode="legacy") uses
 
-    async with PlanStore.open(tmp_path / "plans.db") as store:
+    async with open_store(db) as store:
         async with PlannerService(store, tools(gate), approval="agent") as service:
             async with InMemoryTransport(build_server(service)) as (read, write):
                 dispatcher: JSONRPCDispatcher[Any] = JSONRPCDispatcher(read, write)
@@ -359,10 +353,8 @@ async def legacy_create(wire: LegacyWire, spec: dict[str, Any]) -> str:
     return str(created["structuredContent"]["id"])
 
 
-async def test_legacy_task_augmented_call_is_a_task_polled_and_fetched_with_tasks_result(
-    tmp_path: Path,
-) -> None:
-    async with legacy_wire(tmp_path) as (wire, init):
+async def test_legacy_task_augmented_call_is_a_task_polled_and_fetched_with_tasks_result(db: str) -> None:
+    async with legacy_wire(db) as (wire, init):
         assert init["capabilities"]["tasks"] == {"cancel": {}, "requests": {"tools": {"call": {}}}}
         listed = await wire.request("tools/list")
         support = {tool["name"]: tool.get("execution") for tool in listed["tools"]}
@@ -386,9 +378,9 @@ async def test_legacy_task_augmented_call_is_a_task_polled_and_fetched_with_task
         assert result["content"] == summary["content"]
 
 
-async def test_legacy_tasks_cancel_answers_the_cancelled_task(tmp_path: Path) -> None:
+async def test_legacy_tasks_cancel_answers_the_cancelled_task(db: str) -> None:
     gate = Gate()
-    async with legacy_wire(tmp_path, gate) as (wire, _):
+    async with legacy_wire(db, gate) as (wire, _):
         plan_id = await legacy_create(wire, plan(WAIT))
         created = await wire.request(
             "tools/call", {"name": "execute_plan", "arguments": {"plan_id": plan_id}, "task": {}}
@@ -406,8 +398,8 @@ async def test_legacy_tasks_cancel_answers_the_cancelled_task(tmp_path: Path) ->
         assert unknown.value.error.code == INVALID_PARAMS
 
 
-async def test_a_legacy_call_without_task_still_waits(tmp_path: Path) -> None:
-    async with legacy_wire(tmp_path) as (wire, _):
+async def test_a_legacy_call_without_task_still_waits(db: str) -> None:
+    async with legacy_wire(db) as (wire, _):
         plan_id = await legacy_create(wire, plan(HELLO))
         result = await wire.request("tools/call", {"name": "execute_plan", "arguments": {"plan_id": plan_id}})
         assert "task" not in result
@@ -417,25 +409,25 @@ async def test_a_legacy_call_without_task_still_waits(tmp_path: Path) -> None:
 # -- planner processes ------------------------------------------------------------------------------------
 
 
-def serve_params(tmp_path: Path) -> StdioServerParameters:
+def serve_params(tmp_path: Path, db: str) -> StdioServerParameters:
     env = {**os.environ, "CI_STATE_DIR": str(tmp_path / "ci-state"), "CI_DELAY": "0"}
     args = ["-m", "mcp_planner", "serve", "--servers", str(ROOT / "examples" / "servers.json")]
-    args += ["--db", str(tmp_path / "plans.db")]
+    args += ["--db", db]
     return StdioServerParameters(command=sys.executable, args=args, env=env, cwd=str(tmp_path))
 
 
 @pytest.mark.e2e
-async def test_a_second_planner_process_answers_for_the_first_ones_task(tmp_path: Path) -> None:
+async def test_a_second_planner_process_answers_for_the_first_ones_task(tmp_path: Path, db: str) -> None:
     spec = plan(
         {"id": "nap", "tool_name": "ci.sleep", "parameters": {"seconds": 3}},
         {"id": "lint", "tool_name": "ci.lint", "depends_on": ["nap"]},
     )
-    async with Client(serve_params(tmp_path), extensions=[Tasks()]) as first:
+    async with Client(serve_params(tmp_path, db), extensions=[Tasks()]) as first:
         plan_id = await create(first, spec)
         with anyio.fail_after(5):
             handle = await call_as_task(first, "execute_plan", {"plan_id": plan_id})
         assert handle.status == "working"
-        async with Client(serve_params(tmp_path), extensions=[Tasks()]) as second:
+        async with Client(serve_params(tmp_path, db), extensions=[Tasks()]) as second:
             task = await get_task(second, handle.task_id)
             assert task.status == "working"
             done = await wait_for(second, handle.task_id, ("completed", "failed", "cancelled"), seconds=30)
@@ -450,7 +442,7 @@ async def test_a_second_planner_process_answers_for_the_first_ones_task(tmp_path
         )
         long = await call_as_task(first, "execute_plan", {"plan_id": long_id})
         await wait_for_executing(first, long_id)
-        async with Client(serve_params(tmp_path), extensions=[Tasks()]) as second:
+        async with Client(serve_params(tmp_path, db), extensions=[Tasks()]) as second:
             await cancel_task(second, long.task_id)
         cancelled = await wait_for(first, long.task_id, ("completed", "failed", "cancelled"), seconds=15)
         assert cancelled.status == "cancelled", cancelled
@@ -467,11 +459,11 @@ async def wait_for_executing(client: Client, plan_id: str) -> None:
 
 
 @pytest.mark.e2e
-async def test_tasks_over_streamable_http(tmp_path: Path) -> None:
+async def test_tasks_over_streamable_http(tmp_path: Path, db: str) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = serve_params(tmp_path)
+    server = serve_params(tmp_path, db)
     args = [*server.args, "--transport", "http", "--port", str(port)]
     process = await anyio.open_process([server.command, *args], env=server.env, cwd=server.cwd)
     try:

@@ -448,13 +448,6 @@ class PlanStore(SqliteRunQueue):
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
-    @staticmethod
-    def default_path() -> Path:
-        """`$XDG_DATA_HOME/mcp-planner/plans.db`, by default `~/.local/share/mcp-planner/plans.db`."""
-        xdg = os.environ.get("XDG_DATA_HOME", "")
-        base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "share"  # XDG: ignore relative
-        return base / "mcp-planner" / "plans.db"
-
     @classmethod
     async def connect(
         cls, path: str | os.PathLike[str], *, busy_timeout_ms: int = BUSY_TIMEOUT_MS
