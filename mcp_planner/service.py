@@ -625,14 +625,32 @@ class PlannerService:
             await self._wait_for_change(min(poll, max(deadline - now, 0.0) or poll))
 
     async def _check_runner_started(self, run: RunRecord) -> None:
-        """Refuse to wait on a queued run whose runner, started here, died before taking it."""
+        """Refuse to wait on a queued run whose runner, started here, died before taking it: the run is
+        withdrawn (done, with the reason as its error)."""
         assert self._launcher is not None
         if self._launcher.started_runner_died() and not await self.store.live_runners(run.servers):
-            await self.store.cancel_queued_run(run.plan_id, "no runner could start")
-            raise PlanStateError(
+            reason = (
                 f"the runner started to execute plan {run.plan_id!r} exited before it could: see "
                 f"{str(self._launcher.log_path)!r}; the plan was not run"
             )
+            await self.store.cancel_queued_run(run.plan_id, reason)
+            raise PlanStateError(reason)
+
+    async def tend_queued_run(self, run: RunRecord) -> None:
+        """For someone polling a queued run (a task): withdraw it if the runner started here died before
+        taking it, and start a runner if none is live for it and this process can start one for its
+        servers file (the process that submitted it may be gone)."""
+        if self._launcher is None or run.state != RunState.QUEUED:
+            return
+        try:
+            await self._check_runner_started(run)
+        except PlanStateError:
+            return
+        if run.servers == await self._servers_key():
+            try:
+                await self._launcher.ensure(self.store, run.servers)
+            except OSError as exc:
+                log.error("could not start a runner: %s", exc)
 
     async def _wait_for_change(self, seconds: float) -> None:
         if self._runner is not None:

@@ -34,6 +34,7 @@ from mcp_types import (
 from mcp_types.jsonrpc import INVALID_PARAMS, MISSING_REQUIRED_CLIENT_CAPABILITY
 
 from mcp_planner.engine.tools import LocalTools
+from mcp_planner.runner import DetachedRunners
 from mcp_planner.server.app import build_server
 from mcp_planner.server.tasks import TASKS_EXTENSION
 from mcp_planner.service import PlannerService
@@ -404,6 +405,25 @@ async def test_a_legacy_call_without_task_still_waits(db: str) -> None:
         result = await wire.request("tools/call", {"name": "execute_plan", "arguments": {"plan_id": plan_id}})
         assert "task" not in result
         assert result["structuredContent"]["status"] == "completed"
+
+
+@pytest.mark.e2e
+async def test_a_task_whose_runner_dies_before_taking_it_ends_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = str(tmp_path / "plans.db")
+    async with open_store(db) as store:
+        launcher = DetachedRunners(db, None)
+        async with PlannerService(store, tools(), approval="agent", launcher=launcher) as service:
+            async with Client(build_server(service), extensions=[Tasks()]) as client:
+                plan_id = await create(client, plan(HELLO))
+                monkeypatch.setenv("MCP_PLANNER_MAX_STEPS", "lots")  # the runner it starts exits at once
+                handle = await call_as_task(client, "execute_plan", {"plan_id": plan_id})
+                done = await wait_for(client, handle.task_id, ("completed", "failed", "cancelled"), 30)
+                summary = await client.call_tool("get_summary", {"plan_id": plan_id})
+    assert done.status == "completed" and done.result is not None and done.result["isError"], done
+    assert "exited before it could" in done.result["content"][0]["text"]
+    assert summary.structured_content is not None and summary.structured_content["status"] == "approved"
 
 
 # -- planner processes ------------------------------------------------------------------------------------

@@ -235,6 +235,9 @@ class PlannerTasks(Extension):
         service = await self._service()
         try:
             run = await service.store.get_run(task_id)
+            if run.state == RunState.QUEUED:
+                await service.tend_queued_run(run)  # a runner that never came up must not leave it waiting
+                run = await service.store.get_run(task_id)
             return await task_state(service, run)
         except (RunNotFoundError, PlanNotFoundError):
             raise MCPError(
