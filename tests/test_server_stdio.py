@@ -20,7 +20,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.session import ClientRequestContext
 from mcp_types import CallToolResult, ElicitRequestParams, ElicitResult, TextContent
 
-from mcp_planner.store.sqlite import PlanStore
+from mcp_planner.store import open_store
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -32,7 +32,7 @@ def text(result: CallToolResult) -> str:
     return "\n".join(block.text for block in result.content if isinstance(block, TextContent))
 
 
-def params(tmp_path: Path, *extra: str) -> StdioServerParameters:
+def params(tmp_path: Path, *extra: str, db: str | None = None) -> StdioServerParameters:
     env = {
         **os.environ,
         "CI_STATE_DIR": str(tmp_path / "ci-state"),
@@ -47,16 +47,18 @@ def params(tmp_path: Path, *extra: str) -> StdioServerParameters:
         "--servers",
         str(SERVERS),
         "--db",
-        str(tmp_path / "plans.db"),
+        db or str(tmp_path / "plans.db"),
         *extra,
     ]
     return StdioServerParameters(command=sys.executable, args=args, env=env, cwd=str(tmp_path))
 
 
 @asynccontextmanager
-async def serve(tmp_path: Path, *extra: str, **client_kwargs: Any) -> AsyncIterator[Client]:
+async def serve(
+    tmp_path: Path, *extra: str, db: str | None = None, **client_kwargs: Any
+) -> AsyncIterator[Client]:
     client_kwargs.setdefault("mode", "legacy")  # the 2025-11-25 handshake agent apps speak today
-    async with Client(params(tmp_path, *extra), **client_kwargs) as client:
+    async with Client(params(tmp_path, *extra, db=db), **client_kwargs) as client:
         yield client
 
 
@@ -216,14 +218,14 @@ async def test_cancel_stops_an_executing_plan(tmp_path: Path) -> None:
         assert [s["status"] for s in cancelled.structured_content["steps"]] == ["skipped", "skipped"]
 
 
-async def test_two_server_processes_cannot_both_execute_one_plan(tmp_path: Path) -> None:
+async def test_two_server_processes_cannot_both_execute_one_plan(tmp_path: Path, db: str) -> None:
     started = anyio.Event()
 
     async def on_progress(value: float, total: float | None, message: str | None) -> None:
         if message and "running" in message:
             started.set()
 
-    async with serve(tmp_path) as first, serve(tmp_path) as second:
+    async with serve(tmp_path, db=db) as first, serve(tmp_path, db=db) as second:
         plan_id = await create(first, sleeper(60))
         outcome: dict[str, CallToolResult] = {}
 
@@ -277,37 +279,39 @@ async def finished(client: Client, plan_id: str) -> dict[str, Any]:
     raise AssertionError("the plan never ended")
 
 
-async def starts_per_step(tmp_path: Path, plan_id: str) -> dict[str | None, int]:
-    async with PlanStore.open(tmp_path / "plans.db") as store:
+async def starts_per_step(db: str, plan_id: str) -> dict[str | None, int]:
+    async with open_store(db) as store:
         events = await store.events(plan_id)
     return dict(Counter(e.step_id for e in events if e.kind == "step_started"))
 
 
-async def test_a_plan_submitted_by_a_client_that_exits_at_once_completes_in_a_runner(tmp_path: Path) -> None:
-    async with serve(tmp_path) as first:
+async def test_a_plan_submitted_by_a_client_that_exits_at_once_completes_in_a_runner(
+    tmp_path: Path, db: str
+) -> None:
+    async with serve(tmp_path, db=db) as first:
         plan_id = await create(first, sleeper(1.0))
         submitted = await first.call_tool("execute_plan", {"plan_id": plan_id, "wait_seconds": 0})
         assert not submitted.is_error, text(submitted)
         assert "runner" in text(submitted)
     # The client and its server are gone; the runner they started goes on.
-    async with serve(tmp_path) as second:
+    async with serve(tmp_path, db=db) as second:
         summary = await finished(second, plan_id)
     assert summary["status"] == "completed", summary
-    assert await starts_per_step(tmp_path, plan_id) == {"nap": 1, "lint": 1}
+    assert await starts_per_step(db, plan_id) == {"nap": 1, "lint": 1}
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the server's pid in /proc")
-async def test_a_plan_whose_server_is_killed_mid_run_completes_in_its_runner(tmp_path: Path) -> None:
-    async with serve(tmp_path) as first:
+async def test_a_plan_whose_server_is_killed_mid_run_completes_in_its_runner(tmp_path: Path, db: str) -> None:
+    async with serve(tmp_path, db=db) as first:
         plan_id = await create(first, sleeper(1.5))
         started = await first.call_tool("execute_plan", {"plan_id": plan_id, "wait_seconds": 0.5})
         assert started.structured_content is not None and started.structured_content["status"] == "executing"
-        [server_pid] = processes_running("serve", str(tmp_path / "plans.db"))
+        [server_pid] = processes_running("serve", db)
         os.kill(server_pid, signal.SIGKILL)
-    async with serve(tmp_path) as second:
+    async with serve(tmp_path, db=db) as second:
         summary = await finished(second, plan_id)
     assert summary["status"] == "completed", summary
-    assert await starts_per_step(tmp_path, plan_id) == {"nap": 1, "lint": 1}
+    assert await starts_per_step(db, plan_id) == {"nap": 1, "lint": 1}
 
 
 async def test_serves_streamable_http(tmp_path: Path) -> None:

@@ -283,7 +283,7 @@ async def test_a_plan_that_cannot_run_is_answered_at_once_not_as_a_task(db: str)
 
 async def test_a_client_without_tasks_still_waits_wait_seconds(db: str) -> None:
     for mode in ("auto", "legacy"):
-        async with planner(db / mode, mode=mode) as (client, _):
+        async with planner(db, mode=mode) as (client, _):
             plan_id = await create(client, plan(HELLO))
             result = await client.call_tool("execute_plan", {"plan_id": plan_id, "wait_seconds": 30})
             assert result.structured_content is not None, text(result)

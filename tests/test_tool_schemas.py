@@ -20,7 +20,7 @@ WITH_OUTPUT_SCHEMAS_TOKENS = 8000
 
 
 async def test_tools_list_stays_within_its_token_budget(tmp_path: Path) -> None:
-    async with planner(tmp_path) as (client, _):
+    async with planner(str(tmp_path / "plans.db")) as (client, _):
         tools = (await client.list_tools()).tools
     model_view = with_outputs = 0
     for tool in tools:
@@ -35,7 +35,7 @@ async def test_tools_list_stays_within_its_token_budget(tmp_path: Path) -> None:
 async def test_structured_results_satisfy_the_listed_output_schemas_and_shared_definitions_are_named(
     tmp_path: Path,
 ) -> None:
-    async with planner(tmp_path) as (client, _):
+    async with planner(str(tmp_path / "plans.db")) as (client, _):
         tools = {t.name: t for t in (await client.list_tools()).tools}
         created = await client.call_tool("create_plan", two_step_plan())
         summary = await client.call_tool("get_summary", {"plan_id": created.structured_content["id"]})  # type: ignore[index]
@@ -74,7 +74,7 @@ def test_compacting_an_input_schema_keeps_every_property_constraint_and_default(
 
 async def test_get_summary_of_a_twenty_step_plan_stays_within_600_tokens(tmp_path: Path) -> None:
     steps = [{"id": f"step-{i}", "tool_name": "echo", "parameters": {"i": i}} for i in range(20)]
-    async with planner(tmp_path) as (client, _):
+    async with planner(str(tmp_path / "plans.db")) as (client, _):
         created = await client.call_tool(
             "create_plan",
             {"description": "twenty echoes", "steps": steps, "options": {"require_approval": False}},
