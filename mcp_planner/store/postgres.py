@@ -208,13 +208,18 @@ INSERT INTO steps (plan_id, step_id, idx, status, data)
 SELECT %s, s.step_id, s.idx, s.status, s.data
 FROM unnest(%s::text[], %s::integer[], %s::text[], %s::text[]) AS s (step_id, idx, status, data)
 """
-_UPDATE_STEPS = f"""
+#: One step of a transition, a statement per step: on the hot path (a step or a few) this plans and runs in
+#: half the time of one `unnest` statement for them all.
+_UPDATE_STEP = f"""
 WITH written AS (
-    UPDATE steps SET status = s.status, data = s.data
-    FROM unnest(%s::text[], %s::integer[], %s::text[], %s::text[]) AS s (step_id, idx, status, data)
-    WHERE steps.plan_id = %s AND steps.step_id = s.step_id AND steps.idx = s.idx RETURNING 1
+    UPDATE steps SET status = %(status)s, data = %(data)s
+    WHERE plan_id = %(plan_id)s AND step_id = %(step_id)s AND idx = %(idx)s RETURNING 1
 )
-SELECT planner_check((SELECT count(*) FROM written) = %s, '{_NOT_STORED}', %s)
+SELECT planner_check(EXISTS (SELECT FROM written), '{_NOT_STORED}', %(plan_id)s)
+"""
+_UPSERT_ITEM = """
+INSERT INTO step_items (plan_id, step_id, item, data) VALUES (%s, %s, %s, %s)
+ON CONFLICT (plan_id, step_id, item) DO UPDATE SET data = excluded.data
 """
 _UPSERT_ITEMS = """
 INSERT INTO step_items (plan_id, step_id, item, data)
@@ -226,15 +231,11 @@ _RECOUNT = """
 INSERT INTO step_counts (plan_id, status, n)
 SELECT plan_id, status, count(*) FROM steps WHERE plan_id = %s GROUP BY plan_id, status
 """
-#: Each plan's events numbered on from its newest (the caller holds the plans' advisory locks).
-_INSERT_EVENTS = """
+#: An event numbered on from its plan's newest (the caller holds the plan's advisory lock).
+_INSERT_EVENT = """
 INSERT INTO events (plan_id, seq, at, kind, step_id, data)
-SELECT e.plan_id,
-    COALESCE((SELECT max(seq) FROM events WHERE plan_id = e.plan_id), 0)
-        + row_number() OVER (PARTITION BY e.plan_id ORDER BY e.o),
-    e.at, e.kind, e.step_id, e.data
-FROM unnest(%s::text[], %s::timestamptz[], %s::text[], %s::text[], %s::text[])
-    WITH ORDINALITY AS e (plan_id, at, kind, step_id, data, o)
+VALUES (%(plan_id)s, (SELECT COALESCE(max(seq), 0) + 1 FROM events WHERE plan_id = %(plan_id)s),
+        %(at)s, %(kind)s, %(step_id)s, %(data)s)
 """
 _CLAIM_COLUMNS = "owner, heartbeat_at, cancel_reason"
 #: The claim, and whether its heartbeat is fresh by the database's clock.
@@ -321,14 +322,30 @@ def _all_items(steps: Sequence[Step]) -> list[tuple[Step, int]]:
     return [(s, i) for s in steps if s.items for i in range(len(s.items))]
 
 
-def _event_arrays(events: Sequence[Event]) -> tuple[list[Any], ...]:
-    return (
-        [e.plan_id for e in events],
-        [e.at for e in events],
-        [e.kind for e in events],
-        [e.step_id for e in events],
-        [_encode_json(e.data) for e in events],
-    )
+def _step_rows(plan_id: str, steps: Sequence[Step]) -> list[dict[str, Any]]:
+    return [
+        {
+            "plan_id": plan_id,
+            "step_id": s.id,
+            "idx": s.index,
+            "status": str(s.status),
+            "data": s.model_dump_json(),
+        }
+        for s in steps
+    ]
+
+
+def _event_rows(events: Sequence[Event]) -> list[dict[str, Any]]:
+    return [
+        {
+            "plan_id": e.plan_id,
+            "at": e.at,
+            "kind": e.kind,
+            "step_id": e.step_id,
+            "data": _encode_json(e.data),
+        }
+        for e in events
+    ]
 
 
 # -- statements run in a caller's transaction -------------------------------------------------------------
@@ -360,9 +377,9 @@ async def _write_plan(conn: Conn, plan: dict[str, Any], steps: Sequence[Step]) -
     await conn.execute(_RECOUNT, (plan_id,))
 
 
-async def _write_events(conn: Conn, events: Sequence[Event]) -> None:
+async def _write_events(conn: Conn, events: list[dict[str, Any]]) -> None:
     if events:
-        await conn.execute(_INSERT_EVENTS, _event_arrays(events))
+        await conn.cursor().executemany(_INSERT_EVENT, events)
 
 
 async def _claim(conn: Conn, plan_id: str, owner: str, stale_after: float) -> Claim | None:
@@ -616,13 +633,13 @@ class PostgresStore(PostgresRunQueue):
         """
         params = _plan_params(plan)
         steps = list(plan.steps)
-        events = list(events)
+        event_rows = _event_rows(events)
 
         async def body(conn: Conn) -> None:
             async with transaction(conn):
-                await _lock_plans(conn, [plan.id, *(e.plan_id for e in events)])
+                await _lock_plans(conn, [plan.id, *(e["plan_id"] for e in event_rows)])
                 await _write_plan(conn, params, steps)
-                await _write_events(conn, events)
+                await _write_events(conn, event_rows)
 
         await self._run(body)
         plan.__dict__["revision"] = params["revision"] + 1  # no validate_assignment round on the hot path
@@ -648,26 +665,23 @@ class PostgresStore(PostgresRunQueue):
         """
         params = _plan_params(plan)
         revision = plan.revision
-        # A step given twice is written once, as it is last (one UPDATE cannot change a row twice).
-        step_arrays = _step_arrays(list({s.id: s for s in steps}.values())) if revision else None
-        item_arrays = _item_arrays(items) if revision and items else None
+        step_rows = _step_rows(plan.id, steps) if revision else []
+        item_rows = [(plan.id, *row) for row in zip(*_item_arrays(items), strict=True)] if revision else []
         whole = list(plan.steps) if not revision else []
-        events = list(events)
+        event_rows = _event_rows(events)
 
         async def body(conn: Conn) -> None:
             async with transaction(conn):
-                await _lock_plans(conn, [plan.id, *(e.plan_id for e in events)])
-                if step_arrays is None:
+                await _lock_plans(conn, [plan.id, *(e["plan_id"] for e in event_rows)])
+                if not revision:
                     await _write_plan(conn, params, whole)
                 else:
                     await _write_header(conn, params)
-                    if step_arrays[0]:
-                        await conn.execute(
-                            _UPDATE_STEPS, (*step_arrays, plan.id, len(step_arrays[0]), plan.id)
-                        )
-                    if item_arrays is not None:
-                        await conn.execute(_UPSERT_ITEMS, (plan.id, *item_arrays))
-                await _write_events(conn, events)
+                    if step_rows:
+                        await conn.cursor().executemany(_UPDATE_STEP, step_rows)
+                    if item_rows:
+                        await conn.cursor().executemany(_UPSERT_ITEM, item_rows)
+                await _write_events(conn, event_rows)
                 if release is not None:
                     await conn.execute(_RELEASE, (plan.id, release))
 
@@ -778,10 +792,12 @@ class PostgresStore(PostgresRunQueue):
         ]
 
     async def append_event(self, event: Event) -> None:
+        rows = _event_rows([event])
+
         async def body(conn: Conn) -> None:
             async with transaction(conn):
                 await _lock_plans(conn, [event.plan_id])
-                await _write_events(conn, [event])
+                await _write_events(conn, rows)
 
         await self._run(body)
 
@@ -866,15 +882,15 @@ class PostgresStore(PostgresRunQueue):
         """
         params = _plan_params(plan)
         steps = list(plan.steps)
-        events = list(events)
+        event_rows = _event_rows(events)
 
         async def body(conn: Conn) -> Claim | None:
             async with transaction(conn):
-                await _lock_plans(conn, [plan.id, *(e.plan_id for e in events)])
+                await _lock_plans(conn, [plan.id, *(e["plan_id"] for e in event_rows)])
                 holder = await _claim(conn, plan.id, owner, stale_after)
                 if holder is None:
                     await _write_plan(conn, params, steps)
-                    await _write_events(conn, events)
+                    await _write_events(conn, event_rows)
                 return holder
 
         holder = await self._run(body)
