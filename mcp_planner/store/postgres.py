@@ -97,6 +97,8 @@ _ITEMS = TypeAdapter(list[StepItem])
 #: The SQLSTATEs `planner_check` raises: a lost compare-and-set, a transition naming an unknown step.
 _CONFLICT = "MPC01"
 _NOT_STORED = "MPS01"
+#: How long opening waits for the pool's first connections (the server answered the listener already).
+POOL_OPEN_TIMEOUT = 30.0
 #: Serialises migrations of one database across processes (any constant unlikely to collide).
 _MIGRATION_LOCK = 0x6D63_705F_706C_616E  # "mcp_plan"
 
@@ -519,23 +521,25 @@ class PostgresStore(PostgresRunQueue):
             conn = await listener.open()
         except psycopg.Error as exc:
             raise StoreError(f"cannot open the plan database {path!r}: {exc}") from exc
+        pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            kwargs={"autocommit": True},
+            configure=_configure,
+            name="mcp-planner",
+            open=False,
+        )
         try:
             try:
                 await _migrate(conn)
-                pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
-                    url,
-                    min_size=min_size,
-                    max_size=max_size,
-                    kwargs={"autocommit": True},
-                    configure=_configure,
-                    name="mcp-planner",
-                    open=False,
-                )
-                await pool.open(wait=True, timeout=30)
+                await pool.open(wait=True, timeout=POOL_OPEN_TIMEOUT)
             except psycopg.Error as exc:
                 raise StoreError(f"cannot open the plan database {path!r}: {exc}") from exc
         except BaseException:
-            await listener.close()
+            with anyio.CancelScope(shield=True):
+                await pool.close()
+                await listener.close()
             raise
         return cls(pool, listener, path)
 

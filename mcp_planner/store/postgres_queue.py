@@ -308,6 +308,8 @@ class Listener:
                 async for _ in notifies:
                     self.notices += 1
         except (psycopg.Error, OSError) as exc:
+            if self.closed:  # closed under this wait: the caller finds the store closed
+                return True
             self._broken(exc)
             with anyio.CancelScope(shield=True):
                 await conn.close()
