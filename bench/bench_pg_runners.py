@@ -5,10 +5,11 @@ plans, and a runner SIGKILLed mid-way loses no run and executes none twice.
 
 Without --db it starts a throwaway PostgreSQL server (tests/pg_cluster.py: the distribution's binaries, a
 temporary directory) and makes a fresh database per case. Each plan is two steps on the example `ci` server:
-`ci.sleep 0.1 s`, then `ci.lint` (CI_DELAY=0), so a plan is mostly waiting, as real plans are; every runner
-executes up to `--max-runs` (8) plans at once. The plans are submitted through the planner's service (as
-`execute_plan` does) as fast as it goes; throughput is plans completed per second from the first submit to
-the last completion. Then, with 2 runners, one is SIGKILLed once a third of the plans are done, and every
+`ci.sleep 0.2 s`, then `ci.lint` (CI_DELAY=0), so a plan is mostly waiting, as real plans are; every runner
+executes up to `--max-runs` (8) plans at once. The plans are created first (through the planner's service);
+then, with the runners warm, their runs are queued in one burst by 8 concurrent submitters (the run queue's
+`submit_run`, which `execute_plan` calls); throughput is plans completed per second from the first submit
+to the last completion. Then, with 2 runners, one is SIGKILLed once a third of the plans are done, and every
 plan's event log is checked: each completed, each step completed exactly once and never started again after
 it completed, each plan's run done, none lost. Prints the ratios; nothing is asserted but the checks.
 """
@@ -40,14 +41,15 @@ from mcp_planner.plan.model import PlanSpec, PlanStatus  # noqa: E402
 from mcp_planner.runner import servers_key  # noqa: E402
 from mcp_planner.stack import open_stack  # noqa: E402
 from mcp_planner.store import open_store  # noqa: E402
-from mcp_planner.store.base import QueueStore, RunState  # noqa: E402
+from mcp_planner.store.base import QueueStore, RunKind, RunRequest, RunState  # noqa: E402
 
+NAP_S = 0.2
 ENDED = {PlanStatus.COMPLETED, PlanStatus.FAILED, PlanStatus.CANCELLED}
 SPEC = PlanSpec.model_validate(
     {
         "description": "nap, then lint",
         "steps": [
-            {"id": "nap", "tool_name": "ci.sleep", "parameters": {"seconds": 0.1}},
+            {"id": "nap", "tool_name": "ci.sleep", "parameters": {"seconds": NAP_S}},
             {"id": "lint", "tool_name": "ci.lint", "depends_on": ["nap"]},
         ],
         "options": {"require_approval": False},
@@ -104,6 +106,22 @@ async def stop(runners: list[anyio.abc.Process]) -> None:
             await runner.wait()
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of this machine so far (Linux /proc/stat; zeros elsewhere)."""
+    try:
+        fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+async def submit(store: QueueStore, plan_ids: list[str], key: str | None) -> None:
+    """Queue a run of each plan, as `execute_plan` does (the runners are live, so none is started)."""
+    for plan_id in plan_ids:
+        await store.submit_run(RunRequest(plan_id=plan_id, kind=RunKind.EXECUTE, servers=key))
+
+
 async def count_ended(store: QueueStore, plans: int) -> int:
     return sum(h.status in ENDED for h in await store.recent_plans(plans + 10))
 
@@ -115,12 +133,12 @@ async def run_case(
     procs = await start_runners(db, runners, max_runs, env, logs)
     try:
         async with open_stack(db, SERVERS, env, tools="cached", runners=True) as stack:
-            start = time.perf_counter()
-            ids = []
-            for _ in range(plans):
-                plan = await stack.service.create_plan(SPEC)
-                await stack.service.execute_plan(plan.id, wait_seconds=0)
-                ids.append(plan.id)
+            ids = [(await stack.service.create_plan(SPEC)).id for _ in range(plans)]
+            key = servers_key(SERVERS)
+            start, ticks = time.perf_counter(), cpu_ticks()
+            async with anyio.create_task_group() as tg:  # a burst of submits, as many agents would make
+                for chunk in range(8):
+                    tg.start_soon(submit, stack.store, ids[chunk::8], key)
             killed = False
             with anyio.fail_after(300):
                 while (done := await count_ended(stack.store, plans)) < plans:
@@ -129,6 +147,9 @@ async def run_case(
                         killed = True
                     await anyio.sleep(0.02)
             elapsed = time.perf_counter() - start
+            busy, total = (now - then for now, then in zip(cpu_ticks(), ticks, strict=True))
+            if total:
+                print(f"    (CPUs {busy / total:.0%} busy)", end="")
             requeued = 0
             for plan_id in ids:
                 run = await stack.store.last_run(plan_id)
@@ -170,7 +191,10 @@ async def main(plans: int, max_runs: int, server: str | None) -> None:
         env.update(CI_DELAY="0", CI_STATE_DIR=str(tmp_path / "ci"), XDG_DATA_HOME=str(tmp_path / "data"))
         os.environ.update(CI_DELAY="0", CI_STATE_DIR=str(tmp_path / "ci"))
         try:
-            print(f"{plans} plans of 2 steps (ci.sleep 0.1 s, ci.lint), up to {max_runs} runs per runner")
+            print(
+                f"{plans} plans of 2 steps (ci.sleep {NAP_S} s, ci.lint), up to {max_runs} runs per runner, "
+                f"{os.cpu_count()} CPUs for PostgreSQL, the runners and their servers"
+            )
             rates = {}
             for runners in (1, 2, 4):
                 db = new_database(server)
