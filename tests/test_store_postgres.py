@@ -121,6 +121,36 @@ async def until_listener_reads(store: PostgresStore) -> None:
             await anyio.lowlevel.checkpoint()
 
 
+async def test_a_runs_end_between_a_followers_read_and_its_wait_is_not_missed_though_another_task_read_it(
+    pg_db: str,
+) -> None:
+    async with PostgresStore.open(pg_db) as following, PostgresStore.open(pg_db) as running:
+        plan_id = await stored_plan(running)
+        run = await running.submit_run(execute(plan_id))
+        runner = new_owner_id()
+        await running.claim_run(runner, None)
+        with anyio.fail_after(10):
+            await following.wait_for_work(60)  # reads the submit's notification: none is pending now
+
+        has_read, may_wait = anyio.Event(), anyio.Event()
+
+        async def follower() -> None:
+            assert (await following.get_run(run.id)).state == RunState.CLAIMED
+            has_read.set()
+            await may_wait.wait()
+            await following.wait_for_work(60)  # returns at once: the run ended after the read above
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(follower)
+                await has_read.wait()
+                async with anyio.create_task_group() as others:  # another task reads the notification
+                    others.start_soon(following.wait_for_work, 60)
+                    await until_listener_reads(following)
+                    await running.finish_run(run.id, runner)
+                may_wait.set()
+
+
 async def test_notifications_come_for_runs_cancels_and_plan_status_but_not_step_transitions(
     pg_db: str,
 ) -> None:

@@ -820,6 +820,7 @@ class PostgresStore(PostgresRunQueue):
         Raises:
             PlanNotFoundError: no plan has this id.
         """
+        self._note_read()  # a follower reads progress, then waits (`wait_for_work`)
 
         async def body(conn: Conn) -> PlanProgress | None:
             async with transaction(conn, read_only()):

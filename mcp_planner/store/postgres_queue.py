@@ -363,7 +363,7 @@ async def connect(conninfo: str) -> Conn:
 
 class PostgresRunQueue:
     """`base.RunQueue` on the store's pool: a mixin for `postgres.PostgresStore`, which provides `_run`,
-    `_listener` and `_mark` (per task: `Listener.notices` as of its last `claim_run`)."""
+    `_listener` and `_mark` (per task: `Listener.notices` as of its first read since its last wait)."""
 
     _listener: Listener
     _mark: contextvars.ContextVar[int | None]
@@ -409,6 +409,13 @@ class PostgresRunQueue:
             self._local_work = anyio.Event()
         self._local_work.set()
 
+    def _note_read(self) -> None:
+        """Mark, for this task's next `wait_for_work`, what the listener had heard before this read: a
+        notification read meanwhile (by any task) ends that wait at once, so none falls between a read that
+        found nothing new and the wait."""
+        if self._mark.get() is None:
+            self._mark.set(self._listener.notices)
+
     def _take_local_work(self) -> bool:
         """Whether a run was queued through this store since the last call."""
         if self._local_work is None or not self._local_work.is_set():
@@ -422,7 +429,7 @@ class PostgresRunQueue:
         It also marks, for this task's next `wait_for_work`, what the listener had heard before it looked.
         """
         self._take_local_work()
-        self._mark.set(self._listener.notices)
+        self._note_read()
 
         async def body(conn: Conn) -> RunRecord | None:
             row = await (await conn.execute(_CLAIM_RUN, (runner, servers))).fetchone()
@@ -458,6 +465,7 @@ class PostgresRunQueue:
 
     async def get_run(self, run_id: str) -> RunRecord:
         """Raises: RunNotFoundError."""
+        self._note_read()  # a follower reads its run, then waits
 
         async def body(conn: Conn) -> tuple[Any, ...] | None:
             return await (
@@ -561,8 +569,9 @@ class PostgresRunQueue:
     ) -> None:
         """Return soon after a run is queued, requeued or finished, a cancel is requested or a plan's status
         changes (a NOTIFY from any process), or after `timeout` seconds. A notification read since this
-        task's last `claim_run` counts, so a submit between a claim that found nothing and this wait is not
-        missed. `local_only`: only runs queued through this store count.
+        task's first `claim_run`, `get_run` or `progress` since its last wait counts, so a submit (or a run's
+        end) between a read that found nothing and this wait is not missed. `local_only`: only runs queued
+        through this store count.
 
         While the listening connection is broken, it returns after `POLL_FALLBACK` seconds (callers re-check)
         and the next call reconnects; it never raises for that.
