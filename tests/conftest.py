@@ -6,6 +6,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -30,14 +31,15 @@ PG_ENV = "MCP_PLANNER_TEST_PG"
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_server() -> Iterator[str]:
     """A PostgreSQL server's URL: `$MCP_PLANNER_TEST_PG`, else one started for this test process."""
     if url := os.environ.get(PG_ENV):
         yield url
         return
     import pg_cluster
 
-    directory = tmp_path_factory.mktemp("pg")
+    # Not under pytest's temporary directory: as root the server runs as `postgres`, which cannot enter it.
+    directory = Path(tempfile.mkdtemp(prefix="mcp-planner-pg-"))
     try:
         url = pg_cluster.start(directory)
     except pg_cluster.ClusterError as exc:
