@@ -4,9 +4,10 @@ runners, cached catalogs, LISTEN/NOTIFY) is `postgres_queue.PostgresRunQueue`, w
 inherits and serves through the same pool. An optional extra: `pip install 'mcp-planner[postgres]'`.
 
 What SQLite gets from its single write lock, this store does explicitly:
-- every transaction that appends events or takes or changes a claim first takes the plan's advisory lock
-  (`pg_advisory_xact_lock(hashtextextended(plan_id, 0))`), so event `seq`s (MAX + 1 per plan) never
-  collide and of two owners claiming at once one wins;
+- every transaction that writes a plan, appends events, or takes, releases or cancels a claim first takes
+  the plan's advisory lock (`pg_advisory_xact_lock(hashtextextended(plan_id, 0))`), so event `seq`s
+  (MAX + 1 per plan) never collide and of two owners claiming at once one wins (a heartbeat is one
+  statement on the claim's row and needs none);
 - a plan write is a compare-and-set on the plan's `revision` (`UPDATE ... WHERE revision = %s`; a new plan:
   `INSERT ... ON CONFLICT DO NOTHING`), which READ COMMITTED makes atomic: the loser waits on the row, then
   matches nothing. The revision is the fencing token: `start_run` claims and writes the plan in one
@@ -75,11 +76,11 @@ except ImportError as exc:  # the base install has no psycopg
 from mcp_planner.store.postgres_queue import (  # noqa: E402 (after the check that psycopg is there)
     NOTIFY_MIGRATION,
     QUEUE_MIGRATION,
+    READ_ONLY,
     Conn,
     Listener,
     PostgresRunQueue,
     T,
-    read_only,
     transaction,
 )
 
@@ -441,7 +442,7 @@ def _parse_plan(header: str, revision: int, steps: list[str], items: dict[str, l
 async def _load_plans(conn: Conn, which: str, params: dict[str, Any]) -> list[ExecutionPlan | StoreError]:
     """The plans whose ids `which` (a query with `params`) selects, in its order, from one snapshot and in
     one round trip."""
-    async with transaction(conn, read_only()):
+    async with transaction(conn, READ_ONLY):
         heads = await conn.execute(
             f"SELECT p.id, p.header, p.revision FROM ({which}) AS w JOIN plans AS p ON p.id = w.id "
             "ORDER BY p.created_at DESC, p.n DESC",
@@ -475,7 +476,7 @@ async def _migrate(conn: Conn) -> int:
             )
         for version in range(current + 1, len(MIGRATIONS) + 1):
             for statement in MIGRATIONS[version - 1]:
-                await conn.execute(statement)  # type: ignore[arg-type]  # our constants
+                await conn.execute(statement)
             await conn.execute(
                 "INSERT INTO schema_version (version, applied_at) VALUES (%s, now())", (version,)
             )
@@ -743,7 +744,7 @@ class PostgresStore(PostgresRunQueue):
         """
 
         async def body(conn: Conn) -> PlanSummary | None:
-            async with transaction(conn, read_only()):
+            async with transaction(conn, READ_ONLY):
                 head_cur = await conn.execute(_SUMMARY_HEAD, (plan_id,))
                 counts_cur = await conn.execute(_COUNTS, (plan_id,))
                 steps_cur = await conn.execute(_SUMMARY_STEPS, (plan_id, max(limit, 0)))
@@ -823,7 +824,7 @@ class PostgresStore(PostgresRunQueue):
         self._note_read()  # a follower reads progress, then waits (`wait_for_work`)
 
         async def body(conn: Conn) -> PlanProgress | None:
-            async with transaction(conn, read_only()):
+            async with transaction(conn, READ_ONLY):
                 head_cur = await conn.execute(
                     "SELECT status, header::json ->> 'error', "
                     "(SELECT COALESCE(max(seq), 0) FROM events WHERE plan_id = %s) FROM plans WHERE id = %s",

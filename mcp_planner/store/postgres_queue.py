@@ -172,18 +172,22 @@ WHERE id = ANY(%s::text[]) OR (id = ANY(%s::text[]) AND now() - heartbeat_at >= 
 """
 
 
+#: The BEGIN of a transaction reading one snapshot across its statements.
+READ_ONLY = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+
+
 @asynccontextmanager
 async def transaction(conn: Conn, begin: str = "BEGIN") -> AsyncIterator[None]:
     """One transaction on an autocommit connection, pipelined: its statements go out together and their
     results come back on the first fetch or at the end, so a transaction whose statements do not wait on
-    each other's results is one round trip. An error rolls it back (`PostgresStore._run` does, on the
-    connection, if this could not).
+    each other's results is one round trip. A transaction an error left open is rolled back by
+    `PostgresStore._run`, which owns the connection.
     """
     failed: psycopg.Error | None = None
     try:
         async with conn.pipeline():
             try:
-                await conn.execute(begin)  # type: ignore[arg-type]  # our constants
+                await conn.execute(begin)
                 yield
                 await conn.execute("COMMIT")
             except psycopg.Error as exc:
@@ -195,11 +199,6 @@ async def transaction(conn: Conn, begin: str = "BEGIN") -> AsyncIterator[None]:
             raise
     if failed is not None:
         raise failed
-
-
-def read_only() -> str:
-    """A transaction reading one snapshot across its statements."""
-    return "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 
 
 def _run_from_row(row: tuple[Any, ...]) -> RunRecord:
