@@ -17,6 +17,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from conftest import new_database
 
 from mcp_planner import ExecutionPlan, PlanStatus, StepStatus
 from mcp_planner.store import open_store
@@ -25,6 +26,12 @@ WORKER = str(Path(__file__).with_name("crash_worker.py"))
 PLAN_ID = "crashplan"
 STEPS = 50
 KILL_AFTER = [1, 3, 8, 14, 21, 27, 33, 39, 44]
+ITEM_KILL_AFTER = [1, 6, 17, 30]
+
+
+def kill_points(points: list[int]) -> list[tuple[str, int]]:
+    """Every kill point on SQLite; a spread of them on PostgreSQL (the store differs, the executor not)."""
+    return [("sqlite", k) for k in points] + [("postgres", k) for k in points[::3]]
 
 
 def logged_calls(log: Path) -> list[str]:
@@ -52,10 +59,11 @@ def completed_results(plan: ExecutionPlan) -> dict[str, object]:
     return done
 
 
-@pytest.mark.parametrize("kill_after", KILL_AFTER)
+@pytest.mark.parametrize(("backend", "kill_after"), kill_points(KILL_AFTER))
 def test_a_killed_run_resumes_without_rerunning_any_completed_step(
-    tmp_path: Path, db: str, kill_after: int
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str, kill_after: int
 ) -> None:
+    db = new_database(request, backend)
     log = tmp_path / "calls.log"
     worker = subprocess.Popen(
         [sys.executable, WORKER, "run", db, str(log), PLAN_ID, str(kill_after)],
@@ -105,12 +113,13 @@ def test_a_killed_run_resumes_without_rerunning_any_completed_step(
         assert calls[step_id] == 1, f"step {step_id} was completed before the kill and ran again"
 
 
-@pytest.mark.parametrize("kill_after", [1, 6, 17, 30])
+@pytest.mark.parametrize(("backend", "kill_after"), kill_points(ITEM_KILL_AFTER))
 def test_a_killed_for_each_resumes_without_rerunning_any_completed_item(
-    tmp_path: Path, db: str, kill_after: int
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str, kill_after: int
 ) -> None:
     """Items are durable like steps: a completed item is never called again, and the results come back whole
     and in item order."""
+    db = new_database(request, backend)
     log, plan_id = tmp_path / "calls.log", "items-plan"
     worker = subprocess.Popen(
         [sys.executable, WORKER, "run", db, str(log), plan_id, str(kill_after)],
