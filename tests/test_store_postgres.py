@@ -151,6 +151,23 @@ async def test_a_runs_end_between_a_followers_read_and_its_wait_is_not_missed_th
                 may_wait.set()
 
 
+async def test_a_task_started_by_one_that_read_waits_for_what_comes_next_not_for_what_its_parent_missed(
+    pg_db: str,
+) -> None:
+    async with PostgresStore.open(pg_db) as waiting, PostgresStore.open(pg_db) as submitter:
+        first, second = await stored_plan(submitter), await stored_plan(submitter)
+        assert await waiting.claim_run(new_owner_id(), None) is None  # this task has read...
+        await submitter.submit_run(execute(first))
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:  # ...and another task hears the submit
+                tg.start_soon(waiting.wait_for_work, 60)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(waiting.wait_for_work, 60)  # a new task: it waits, though its parent would not
+                await until_listener_reads(waiting)
+                await submitter.submit_run(execute(second))
+
+
 async def test_notifications_come_for_runs_cancels_and_plan_status_but_not_step_transitions(
     pg_db: str,
 ) -> None:

@@ -501,7 +501,7 @@ class PostgresStore(PostgresRunQueue):
         #: The URL with any password masked: what messages name.
         self.path = path
         self._closed = False
-        self._mark: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+        self._mark: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
             f"mcp_planner_pg_mark_{id(self)}", default=None
         )
 

@@ -362,10 +362,11 @@ async def connect(conninfo: str) -> Conn:
 
 class PostgresRunQueue:
     """`base.RunQueue` on the store's pool: a mixin for `postgres.PostgresStore`, which provides `_run`,
-    `_listener` and `_mark` (per task: `Listener.notices` as of its first read since its last wait)."""
+    `_listener` and `_mark` (a task's id and `Listener.notices` as of its first read since its last wait:
+    a context variable, and tagged with the task, as a new task inherits its parent's context)."""
 
     _listener: Listener
-    _mark: contextvars.ContextVar[int | None]
+    _mark: contextvars.ContextVar[tuple[int, int] | None]
     #: Set when a run is queued through this store: `local_only` waits need no notification.
     _local_work: anyio.Event | None = None
 
@@ -412,8 +413,9 @@ class PostgresRunQueue:
         """Mark, for this task's next `wait_for_work`, what the listener had heard before this read: a
         notification read meanwhile (by any task) ends that wait at once, so none falls between a read that
         found nothing new and the wait."""
-        if self._mark.get() is None:
-            self._mark.set(self._listener.notices)
+        task, mark = anyio.get_current_task().id, self._mark.get()
+        if mark is None or mark[0] != task:
+            self._mark.set((task, self._listener.notices))
 
     def _take_local_work(self) -> bool:
         """Whether a run was queued through this store since the last call."""
@@ -580,6 +582,8 @@ class PostgresRunQueue:
         """
         mark = self._mark.get()
         self._mark.set(None)
+        if mark is not None and mark[0] != anyio.get_current_task().id:
+            mark = None  # its parent's, inherited with its context
         with anyio.move_on_after(timeout):
             if local_only:
                 while not self._take_local_work():
@@ -587,7 +591,7 @@ class PostgresRunQueue:
                         self._local_work = anyio.Event()
                     await self._local_work.wait()
                 return
-            seen = self._listener.notices if mark is None else mark
+            seen = self._listener.notices if mark is None else mark[1]
             while not self._take_local_work():
                 if self._listener.notices != seen or not await self._listener.wait():
                     return
