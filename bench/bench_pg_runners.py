@@ -128,8 +128,9 @@ async def count_ended(store: QueueStore, plans: int) -> int:
 
 async def run_case(
     db: str, runners: int, plans: int, max_runs: int, env: dict[str, str], logs: Path, *, kill: bool = False
-) -> tuple[float, list[str], int]:
-    """Execute `plans` plans with `runners` runners; returns (seconds, plan ids, runs requeued)."""
+) -> tuple[float, list[str], int, float]:
+    """Execute `plans` plans with `runners` runners; returns (seconds, plan ids, runs requeued, how busy the
+    CPUs were meanwhile: 0-1)."""
     procs = await start_runners(db, runners, max_runs, env, logs)
     try:
         async with open_stack(db, SERVERS, env, tools="cached", runners=True) as stack:
@@ -148,13 +149,11 @@ async def run_case(
                     await anyio.sleep(0.02)
             elapsed = time.perf_counter() - start
             busy, total = (now - then for now, then in zip(cpu_ticks(), ticks, strict=True))
-            if total:
-                print(f"    (CPUs {busy / total:.0%} busy)", end="")
             requeued = 0
             for plan_id in ids:
                 run = await stack.store.last_run(plan_id)
                 requeued += run is not None and run.kind == "resume"
-            return elapsed, ids, requeued
+            return elapsed, ids, requeued, busy / total if total else 0.0
     finally:
         await stop(procs)
 
@@ -184,7 +183,8 @@ async def check(db: str, ids: list[str]) -> list[str]:
 async def main(plans: int, max_runs: int, server: str | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        cluster = tmp_path / "pg"
+        # Its own directory: as root the server runs as `postgres`, which cannot enter `tmp` (mode 0700).
+        cluster = Path(tempfile.mkdtemp(prefix="mcp-planner-pg-"))
         if server is None:
             server = pg_cluster.start(cluster)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MCP_PLANNER_")}
@@ -199,17 +199,17 @@ async def main(plans: int, max_runs: int, server: str | None) -> None:
             for runners in (1, 2, 4):
                 db = new_database(server)
                 try:
-                    seconds, ids, _ = await run_case(db, runners, plans, max_runs, env, tmp_path)
+                    seconds, ids, _, cpus = await run_case(db, runners, plans, max_runs, env, tmp_path)
                     problems = await check(db, ids)
                 finally:
                     drop_database(server, db)
                 rates[runners] = plans / seconds
                 ok = "all completed once" if not problems else f"{len(problems)} PROBLEMS: {problems[:3]}"
-                print(f"  {runners} runner(s): {seconds:6.2f} s  {rates[runners]:6.1f} plans/s  "
-                      f"x{rates[runners] / rates[1]:.2f} of 1 runner  ({ok})")  # fmt: skip
+                rate = f"{rates[runners]:6.1f} plans/s  x{rates[runners] / rates[1]:.2f} of 1 runner"
+                print(f"  {runners} runner(s): {seconds:6.2f} s  {rate}  CPUs {cpus:4.0%} busy  ({ok})")
             db = new_database(server)
             try:
-                seconds, ids, requeued = await run_case(db, 2, plans, max_runs, env, tmp_path, kill=True)
+                seconds, ids, requeued, _ = await run_case(db, 2, plans, max_runs, env, tmp_path, kill=True)
                 problems = await check(db, ids)
             finally:
                 drop_database(server, db)
@@ -221,8 +221,7 @@ async def main(plans: int, max_runs: int, server: str | None) -> None:
             for problem in problems[:10]:
                 print(f"    {problem}")
         finally:
-            if cluster.exists():
-                pg_cluster.stop(cluster)
+            pg_cluster.stop(cluster)  # (only deletes the directory when it started nothing)
 
 
 if __name__ == "__main__":
