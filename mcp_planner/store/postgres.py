@@ -81,6 +81,7 @@ from mcp_planner.store.postgres_queue import (  # noqa: E402 (after the check th
     Listener,
     PostgresRunQueue,
     T,
+    libpq_defaults,
     transaction,
 )
 
@@ -526,7 +527,7 @@ class PostgresStore(PostgresRunQueue):
             url,
             min_size=min_size,
             max_size=max_size,
-            kwargs={"autocommit": True},
+            kwargs={"autocommit": True, **libpq_defaults(url)},
             configure=_configure,
             name="mcp-planner",
             open=False,

@@ -349,15 +349,26 @@ class Listener:
             return True
 
 
+def libpq_defaults(conninfo: str) -> dict[str, Any]:
+    """The connection settings the store uses unless the URL sets them: a connect timeout, and TCP keepalives,
+    so a server or network that vanished is noticed within about a minute, not after the kernel's hours."""
+    defaults = {
+        "connect_timeout": CONNECT_TIMEOUT,
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+    }
+    return {name: value for name, value in defaults.items() if name not in conninfo}
+
+
 async def connect(conninfo: str) -> Conn:
-    """A new autocommit connection (a `connect_timeout` unless the URL sets one).
+    """A new autocommit connection, with `libpq_defaults`.
 
     Raises:
         psycopg.Error: bad URL, unreachable server, refused login.
     """
-    if "connect_timeout" in conninfo:
-        return await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
-    return await psycopg.AsyncConnection.connect(conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT)
+    return await psycopg.AsyncConnection.connect(conninfo, autocommit=True, **libpq_defaults(conninfo))
 
 
 class PostgresRunQueue:
