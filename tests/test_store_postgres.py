@@ -16,8 +16,9 @@ import pytest
 from test_run_queue import execute, stored_plan
 from test_store import make_plan, run_workers_together
 
+from mcp_planner import Executor
 from mcp_planner.errors import PlanConflictError
-from mcp_planner.plan.model import PlanStatus, StepStatus
+from mcp_planner.plan.model import ExecutionPlan, PlanStatus, StepStatus
 from mcp_planner.store.base import Event, RunState, StoreError, new_owner_id
 
 psycopg = pytest.importorskip("psycopg", reason="the postgres extra is not installed")
@@ -310,21 +311,57 @@ def test_without_psycopg_the_import_says_which_extra_to_install() -> None:
     assert "pip install 'mcp-planner[postgres]'" in done.stdout
 
 
-async def test_a_server_that_drops_the_stores_connections_gives_store_error_then_works_again(
-    pg_db: str,
-) -> None:
-    async with PostgresStore.open(pg_db) as store, admin(pg_db) as conn:
+async def drop_connections(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+    """What a server restart does to a client's idle connections: the server says goodbye and hangs up (once
+    the backends have exited: `pg_terminate_backend` only signals them)."""
+    cur = await conn.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    pids = [row[0] for row in await cur.fetchall()]
+    await conn.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,))
+    with anyio.fail_after(10):
+        while await scalar(conn, "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", pids):  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+
+
+async def test_a_server_that_drops_the_stores_idle_connections_costs_no_call(pg_db: str) -> None:
+    async with PostgresStore.open(pg_db, min_size=4) as store, admin(pg_db) as conn:
         plan = make_plan()
         await store.save_plan(plan)
-        await conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        )
+        await drop_connections(conn)
 
-        with pytest.raises(StoreError, match="plan database"):
-            await store.get_plan(plan.id)
         with anyio.fail_after(20):
-            assert await store.get_plan(plan.id) == plan
+            assert await store.get_plan(plan.id) == plan  # a new connection, not an error
+            plan.steps[0].status = StepStatus.COMPLETED
+            await store.save_transition(plan, [plan.steps[0]])
+        assert (await store.get_plan(plan.id)).steps[0].status == StepStatus.COMPLETED
+
+
+async def test_a_plan_runs_to_its_end_through_dropped_connections(pg_db: str) -> None:
+    entered, release = anyio.Event(), anyio.Event()
+
+    async def hold(params: dict[str, object]) -> dict[str, object]:
+        entered.set()
+        await release.wait()
+        return params
+
+    async def echo(params: dict[str, object]) -> dict[str, object]:
+        return params
+
+    async with PostgresStore.open(pg_db) as store, admin(pg_db) as conn:
+        plan = ExecutionPlan.new("through a restart")
+        plan.options.require_approval = False
+        plan.add_step("hold", "", {"i": 0}, step_id="s0")
+        plan.add_step("echo", "", {"prev": "{{ steps.s0.result.i }}"}, step_id="after")
+        executor = Executor({"hold": hold, "echo": echo}, store)
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(executor.execute, plan)
+                await entered.wait()
+                await drop_connections(conn)  # mid-run, as a restart of the server would
+                release.set()
+        assert plan.status == PlanStatus.COMPLETED, plan.error
+        assert (await store.get_plan(plan.id)).status == PlanStatus.COMPLETED
 
 
 # -- fencing and clocks -----------------------------------------------------------------------------------

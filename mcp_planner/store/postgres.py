@@ -28,6 +28,7 @@ import contextvars
 import json
 import logging
 import re
+import select
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -484,6 +485,13 @@ async def _migrate(conn: Conn) -> int:
     return len(MIGRATIONS)
 
 
+def _hung_up(conn: Conn) -> bool:
+    """Whether the server has said goodbye on an idle connection (a FATAL at a restart or from
+    `pg_terminate_backend`, then end of file): it has nothing else to say unasked. No round trip."""
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    return bool(readable)
+
+
 async def _configure(conn: Conn) -> None:
     """Each pool connection reads timestamps in UTC (as the rest of the planner has them)."""
     await conn.execute("SET TIME ZONE 'UTC'")
@@ -595,7 +603,7 @@ class PostgresStore(PostgresRunQueue):
         if self._closed:
             raise StoreError(f"plan database {self.path!r} is closed: open the store again")
         try:
-            conn = await self._pool.getconn()
+            conn = await self._connection()
             with anyio.CancelScope(shield=True):
                 try:
                     result = await fn(conn)
@@ -610,6 +618,18 @@ class PostgresStore(PostgresRunQueue):
                 ) from None
             raise StoreError(f"plan database {self.path!r}: {exc}") from exc
         return result
+
+    async def _connection(self) -> Conn:
+        """A pool connection the server has not hung up on. After a server restart every idle connection
+        is dead: the first one found makes the pool replace them all (waiting while the server comes back),
+        so the restart costs no call an error."""
+        conn = await self._pool.getconn()
+        while _hung_up(conn):
+            await conn.close()
+            await self._pool.putconn(conn)  # a closed connection leaves the pool
+            await self._pool.check()
+            conn = await self._pool.getconn()
+        return conn
 
     async def _put_back(self, conn: Conn) -> None:
         """Return the connection idle: a transaction an error left open is rolled back here.
