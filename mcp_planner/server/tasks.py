@@ -51,8 +51,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mcp_planner.errors import PlannerError, PlanNotFoundError, PlanStateError, RunNotFoundError
 from mcp_planner.plan.model import PlanStatus
-from mcp_planner.server.tools import PlanId, ServiceState, WaitSeconds
-from mcp_planner.server.tools import _summary_result as summary_result
+from mcp_planner.server.tools import PlanId, ServiceState, WaitSeconds, summary_result
 from mcp_planner.service import PlannerService
 from mcp_planner.store.base import RunKind, RunRecord, RunState
 

@@ -103,7 +103,7 @@ def _result(model: BaseModel, text: str) -> CallToolResult:
     )
 
 
-def _summary_result(summary: PlanSummary, lead: str | None = None) -> CallToolResult:
+def summary_result(summary: PlanSummary, lead: str | None = None) -> CallToolResult:
     view = views.summary_view(summary)
     text = views.summary_text(summary) + f"\nnext: {view.next_action}"
     structured = view.model_dump(mode="json")
@@ -455,7 +455,7 @@ async def execute_plan(
 ) -> Annotated[CallToolResult, views.SummaryView]:
     service = await state.get()
     summary = await service.execute_plan(plan_id, wait_seconds=wait_seconds, on_progress=_progress(ctx))
-    return _summary_result(summary)
+    return summary_result(summary)
 
 
 @_tool(
@@ -482,7 +482,7 @@ async def resume_plan(
         wait_seconds=wait_seconds,
         on_progress=_progress(ctx),
     )
-    return _summary_result(summary)
+    return summary_result(summary)
 
 
 @_tool(
@@ -503,7 +503,7 @@ async def cancel_plan(
     lead = None
     if summary.status == PlanStatus.EXECUTING:
         lead = "cancellation requested: the process executing the plan stops it within seconds"
-    return _summary_result(summary, lead)
+    return summary_result(summary, lead)
 
 
 @_tool(
@@ -514,7 +514,7 @@ async def cancel_plan(
 )
 async def get_summary(state: ServiceState, plan_id: PlanId) -> Annotated[CallToolResult, views.SummaryView]:
     service = await state.get()
-    return _summary_result(await service.get_summary(plan_id))
+    return summary_result(await service.get_summary(plan_id))
 
 
 @_tool(
