@@ -7,19 +7,32 @@ the caller's objects, so a plan read back is what was committed and nothing else
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from enum import StrEnum
+from itertools import islice
 from types import EllipsisType
 from typing import Any, Protocol
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter
 
 from mcp_planner.errors import PlannerError, PlanStateError
-from mcp_planner.plan.model import ExecutionPlan, PlanStatus, PlanSummary, Step, StepStatus, utcnow
+from mcp_planner.plan.model import (
+    ExecutionPlan,
+    PlanStatus,
+    PlanSummary,
+    Step,
+    StepItem,
+    StepStatus,
+    StepSummary,
+    gc_paused,
+    make_summary,
+    utcnow,
+)
 
 
 class StoreError(PlannerError):
@@ -80,6 +93,67 @@ def step_counts(statuses: Iterable[tuple[str, int]]) -> dict[StepStatus, int]:
     for status, n in statuses:
         counts[StepStatus(status)] += n
     return counts
+
+
+# -- what the databases store: JSON text ------------------------------------------------------------------
+
+#: `json.dumps(data, default=str)` without building an encoder per call (the same output).
+encode_json = json.JSONEncoder(default=str).encode
+#: Steps parsed at once when a plan is read.
+LOAD_CHUNK = 1000
+_STEPS = TypeAdapter(list[Step])
+_ITEMS = TypeAdapter(list[StepItem])
+
+
+def plan_from_json(
+    plan_id: str, header: str, revision: int, steps: Iterable[str], items: Mapping[str, Sequence[str]]
+) -> ExecutionPlan:
+    """A stored plan from its texts: the header (the plan without its steps), the revision, the steps' texts
+    in plan order (parsed `LOAD_CHUNK` at a time: one parse of many steps is much faster than one per step,
+    and there is never one document of every step) and the items' texts of `for_each` steps by step id.
+
+    Raises:
+        StoreError: the texts do not parse (an incompatible version wrote them, or they are damaged).
+    """
+    rows = iter(steps)
+    try:
+        with gc_paused():
+            plan = ExecutionPlan.model_validate_json(f'{header[:-1]},"revision":{int(revision)}}}')
+            while chunk := list(islice(rows, LOAD_CHUNK)):
+                plan.steps.extend(_STEPS.validate_json(f"[{','.join(chunk)}]"))
+            for step in plan.steps:
+                if step.id in items:
+                    step.items = _ITEMS.validate_json(f"[{','.join(items[step.id])}]")
+    except ValueError as exc:
+        raise StoreError(
+            f"plan {plan_id!r} is stored but cannot be read ({exc.__class__.__name__}): it was written by "
+            "an incompatible version or damaged; the other plans are unaffected"
+        ) from exc
+    return plan
+
+
+def summary_from_rows(
+    plan_id: str, head: Sequence[Any], counts: Iterable[tuple[str, int]], steps: Iterable[tuple[Any, ...]]
+) -> PlanSummary:
+    """A plan's short summary from what a database's summary queries read: `head` (status, description,
+    error, duration in ms, outputs and output errors as JSON text or None), (status, count) pairs, and the
+    listed steps' rows (position, id, status, tool, duration in ms, error, retries) in any order."""
+    status, description, error, duration_ms, outputs, output_errors = head
+    listed = [
+        StepSummary(id=step_id, tool_name=tool, status=s, duration_ms=ms, error=e, retry_count=retries)
+        for _, step_id, s, tool, ms, e, retries in sorted(steps)
+    ]
+    return make_summary(
+        plan_id,
+        description,
+        status,
+        error,
+        duration_ms,
+        step_counts(counts),
+        listed,
+        json.loads(outputs) if outputs else None,
+        json.loads(output_errors) if output_errors else None,
+    )
 
 
 class PlanHead(BaseModel):

@@ -34,7 +34,6 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from pydantic import TypeAdapter
 
 from mcp_planner.errors import PlanConflictError, PlanNotFoundError
 from mcp_planner.plan.model import (
@@ -43,10 +42,6 @@ from mcp_planner.plan.model import (
     PlanStatus,
     PlanSummary,
     Step,
-    StepItem,
-    StepSummary,
-    gc_paused,
-    make_summary,
 )
 from mcp_planner.store.base import (
     DEFAULT_STALE_AFTER,
@@ -56,8 +51,11 @@ from mcp_planner.store.base import (
     PlanHead,
     PlanProgress,
     StoreError,
+    encode_json,
     owner_is_dead,
+    plan_from_json,
     step_counts,
+    summary_from_rows,
 )
 
 
@@ -91,12 +89,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("mcp_planner.store.postgres")
 
-#: `json.dumps(data, default=str)` without building an encoder per call (the text SQLite stores too).
-_encode_json = json.JSONEncoder(default=str).encode
-#: Steps parsed at once when a plan is read.
-_LOAD_CHUNK = 1000
-_STEPS = TypeAdapter(list[Step])
-_ITEMS = TypeAdapter(list[StepItem])
 #: The SQLSTATEs `planner_check` raises: a lost compare-and-set, a transition naming an unknown step.
 _CONFLICT = "MPC01"
 _NOT_STORED = "MPS01"
@@ -347,7 +339,7 @@ def _event_rows(events: Sequence[Event]) -> list[dict[str, Any]]:
             "at": e.at,
             "kind": e.kind,
             "step_id": e.step_id,
-            "data": _encode_json(e.data),
+            "data": encode_json(e.data),
         }
         for e in events
     ]
@@ -417,28 +409,14 @@ def _plans_from_rows(
     plans: list[ExecutionPlan | StoreError] = []
     for plan_id, header, revision in heads:
         try:
-            plans.append(_parse_plan(header, revision, steps_of.get(plan_id, []), items_of.get(plan_id, {})))
-        except ValueError as exc:
             plans.append(
-                StoreError(
-                    f"plan {plan_id!r} is stored but cannot be read ({exc.__class__.__name__}): it was "
-                    "written by an incompatible version or damaged; the other plans are unaffected"
+                plan_from_json(
+                    plan_id, header, revision, steps_of.get(plan_id, []), items_of.get(plan_id, {})
                 )
             )
+        except StoreError as exc:
+            plans.append(exc)
     return plans
-
-
-def _parse_plan(header: str, revision: int, steps: list[str], items: dict[str, list[str]]) -> ExecutionPlan:
-    """One plan, its steps parsed `_LOAD_CHUNK` at a time: never one document of every step."""
-    with gc_paused():
-        plan = ExecutionPlan.model_validate_json(f'{header[:-1]},"revision":{int(revision)}}}')
-        for start in range(0, len(steps), _LOAD_CHUNK):
-            # One parse of many steps is much faster than one parse per step.
-            plan.steps.extend(_STEPS.validate_json(f"[{','.join(steps[start : start + _LOAD_CHUNK])}]"))
-        for step in plan.steps:
-            if step.id in items:
-                step.items = _ITEMS.validate_json(f"[{','.join(items[step.id])}]")
-    return plan
 
 
 async def _load_plans(conn: Conn, which: str, params: dict[str, Any]) -> list[ExecutionPlan | StoreError]:
@@ -772,29 +750,7 @@ class PostgresStore(PostgresRunQueue):
             head = await head_cur.fetchone()
             if head is None:
                 return None
-            steps = [
-                StepSummary(
-                    id=step_id,
-                    tool_name=tool,
-                    status=status,
-                    duration_ms=ms,
-                    error=error,
-                    retry_count=retries,
-                )
-                for _, step_id, status, tool, ms, error, retries in sorted(await steps_cur.fetchall())
-            ]
-            status, description, error, duration_ms, outputs, output_errors = head
-            return make_summary(
-                plan_id,
-                description,
-                status,
-                error,
-                duration_ms,
-                step_counts(await counts_cur.fetchall()),
-                steps,
-                _json(outputs),
-                _json(output_errors),
-            )
+            return summary_from_rows(plan_id, head, await counts_cur.fetchall(), await steps_cur.fetchall())
 
         summary = await self._run(body)
         if summary is None:

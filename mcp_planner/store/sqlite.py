@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 import aiosqlite
 import anyio
-from pydantic import TypeAdapter
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from mcp_planner.errors import PlanConflictError, PlanNotFoundError
@@ -45,10 +44,6 @@ from mcp_planner.plan.model import (
     PlanStatus,
     PlanSummary,
     Step,
-    StepItem,
-    StepSummary,
-    gc_paused,
-    make_summary,
     utcnow,
 )
 from mcp_planner.store.base import (
@@ -60,9 +55,12 @@ from mcp_planner.store.base import (
     PlanProgress,
     StoreError,
     claim_is_live,
+    encode_json,
+    plan_from_json,
     step_counts,
+    summary_from_rows,
 )
-from mcp_planner.store.sqlite_common import T, encode_json, in_read, in_write, parse_timestamp, timestamp
+from mcp_planner.store.sqlite_common import T, in_read, in_write, parse_timestamp, timestamp
 from mcp_planner.store.sqlite_queue import QUEUE_MIGRATION, SqliteRunQueue
 
 if TYPE_CHECKING:
@@ -73,10 +71,6 @@ logger = logging.getLogger("mcp_planner.store.sqlite")
 #: How long SQLite itself waits for another process's write lock before answering `busy`.
 BUSY_TIMEOUT_MS = 5000
 _WRITE_ATTEMPTS = 5
-#: Steps parsed at once when a plan is read.
-_LOAD_CHUNK = 1000
-_STEPS = TypeAdapter(list[Step])
-_ITEMS = TypeAdapter(list[StepItem])
 #: The largest write (bytes of rows) that may run on the event loop's thread.
 INLINE_MAX_BYTES = 64 * 1024
 #: Calls between two WAL checkpoints (SQLite's own default is about every 1000 pages written).
@@ -246,39 +240,17 @@ def _event_rows(events: Sequence[Event]) -> list[dict[str, Any]]:
 
 
 def _load_plan(conn: sqlite3.Connection, plan_id: str) -> ExecutionPlan | None:
-    """The stored plan, its steps parsed `_LOAD_CHUNK` at a time: never one document of every step."""
+    """The stored plan (`plan_from_json`), its steps read from the cursor as they are parsed."""
     row = conn.execute("SELECT header, revision FROM plans WHERE id = ?", (plan_id,)).fetchone()
     if row is None:
         return None
-    header: str = row[0]
-    rows = conn.execute("SELECT data FROM steps WHERE plan_id = ? ORDER BY idx", (plan_id,))
-    try:
-        with gc_paused():
-            plan = ExecutionPlan.model_validate_json(f'{header[:-1]},"revision":{int(row[1])}}}')
-            while chunk := rows.fetchmany(_LOAD_CHUNK):
-                # One parse of many steps is much faster than one parse per step.
-                plan.steps.extend(_STEPS.validate_json(f"[{','.join(r[0] for r in chunk)}]"))
-            _attach_items(conn, plan)
-    except ValueError as exc:
-        raise StoreError(
-            f"plan {plan_id!r} is stored but cannot be read ({exc.__class__.__name__}): it was written by "
-            "an incompatible version or damaged; the other plans are unaffected"
-        ) from exc
-    return plan
-
-
-def _attach_items(conn: sqlite3.Connection, plan: ExecutionPlan) -> None:
-    rows = conn.execute(
-        "SELECT step_id, data FROM step_items WHERE plan_id = ? ORDER BY step_id, item", (plan.id,)
-    ).fetchall()
-    if not rows:
-        return
-    by_step: dict[str, list[str]] = {}
-    for step_id, data in rows:
-        by_step.setdefault(step_id, []).append(data)
-    for step in plan.steps:
-        if step.id in by_step:
-            step.items = _ITEMS.validate_json(f"[{','.join(by_step[step.id])}]")
+    items: dict[str, list[str]] = {}
+    for step_id, data in conn.execute(
+        "SELECT step_id, data FROM step_items WHERE plan_id = ? ORDER BY step_id, item", (plan_id,)
+    ):
+        items.setdefault(step_id, []).append(data)
+    steps = conn.execute("SELECT data FROM steps WHERE plan_id = ? ORDER BY idx", (plan_id,))
+    return plan_from_json(plan_id, row[0], row[1], (data for (data,) in steps), items)
 
 
 def _write_plan(
@@ -714,33 +686,8 @@ class PlanStore(SqliteRunQueue):
             head = conn.execute(_SUMMARY_HEAD, (plan_id,)).fetchone()
             if head is None:
                 return None
-            counts = step_counts(
-                conn.execute("SELECT status, n FROM step_counts WHERE plan_id = ?", (plan_id,))
-            )
-            rows = conn.execute(_SUMMARY_STEPS, (plan_id, limit)).fetchall()
-            steps = [
-                StepSummary(
-                    id=step_id,
-                    tool_name=tool,
-                    status=status,
-                    duration_ms=ms,
-                    error=error,
-                    retry_count=retries,
-                )
-                for _, step_id, status, tool, ms, error, retries in sorted(rows)
-            ]
-            status, description, error, duration_ms, outputs, output_errors = head
-            return make_summary(
-                plan_id,
-                description,
-                status,
-                error,
-                duration_ms,
-                counts,
-                steps,
-                json.loads(outputs) if outputs else None,
-                json.loads(output_errors) if output_errors else None,
-            )
+            counts = conn.execute(_COUNTS, (plan_id,))
+            return summary_from_rows(plan_id, head, counts, conn.execute(_SUMMARY_STEPS, (plan_id, limit)))
 
         summary = await self._run(lambda c: in_read(c, body))
         if summary is None:

@@ -3,16 +3,12 @@ connection's thread, fixed-width timestamps and JSON text."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TypeVar
 
 T = TypeVar("T")
-
-#: `json.dumps(data, default=str)` without building an encoder per call (the same output).
-encode_json = json.JSONEncoder(default=str).encode
 
 
 def timestamp(value: datetime) -> str:

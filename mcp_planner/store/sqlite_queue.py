@@ -27,11 +27,12 @@ from mcp_planner.store.base import (
     RunRecord,
     RunRequest,
     RunState,
+    encode_json,
     queued_run,
     run_in_progress,
     runner_is_live,
 )
-from mcp_planner.store.sqlite_common import T, encode_json, in_write, parse_timestamp, timestamp
+from mcp_planner.store.sqlite_common import T, in_write, parse_timestamp, timestamp
 
 #: The queue's schema, the store's migration 3 (`sqlite.MIGRATIONS`). Append a new migration, never edit.
 QUEUE_MIGRATION: tuple[str, ...] = (
