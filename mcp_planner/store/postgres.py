@@ -465,9 +465,13 @@ async def _migrate(conn: Conn) -> int:
 
 def _hung_up(conn: Conn) -> bool:
     """Whether the server has said goodbye on an idle connection (a FATAL at a restart or from
-    `pg_terminate_backend`, then end of file): it has nothing else to say unasked. No round trip."""
-    readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    return bool(readable)
+    `pg_terminate_backend`, then end of file): it has nothing else to say unasked. No round trip. (`poll`
+    where there is one: `select` refuses descriptors past 1023, which a busy process reaches.)"""
+    if not hasattr(select, "poll"):
+        return bool(select.select([conn.fileno()], [], [], 0)[0])
+    waiting = select.poll()
+    waiting.register(conn.fileno(), select.POLLIN)
+    return bool(waiting.poll(0))
 
 
 async def _configure(conn: Conn) -> None:
