@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -35,7 +34,6 @@ SERVERS = ROOT / "examples" / "servers.json"
 sys.path.insert(0, str(ROOT / "tests"))
 
 import pg_cluster  # noqa: E402  (tests/pg_cluster.py: a throwaway server)
-import psycopg  # noqa: E402
 
 from mcp_planner.plan.model import PlanSpec, PlanStatus  # noqa: E402
 from mcp_planner.runner import servers_key  # noqa: E402
@@ -55,18 +53,6 @@ SPEC = PlanSpec.model_validate(
         "options": {"require_approval": False},
     }
 )
-
-
-def new_database(server: str) -> str:
-    name = f"bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")  # type: ignore[arg-type]  # a name made here
-    return server.rsplit("/", 1)[0] + f"/{name}"
-
-
-def drop_database(server: str, url: str) -> None:
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE {url.rsplit('/', 1)[1]} WITH (FORCE)")  # type: ignore[arg-type]
 
 
 async def start_runners(
@@ -197,22 +183,22 @@ async def main(plans: int, max_runs: int, server: str | None) -> None:
             )
             rates = {}
             for runners in (1, 2, 4):
-                db = new_database(server)
+                db = pg_cluster.create_database(server, "bench")
                 try:
                     seconds, ids, _, cpus = await run_case(db, runners, plans, max_runs, env, tmp_path)
                     problems = await check(db, ids)
                 finally:
-                    drop_database(server, db)
+                    pg_cluster.drop_database(server, db)
                 rates[runners] = plans / seconds
                 ok = "all completed once" if not problems else f"{len(problems)} PROBLEMS: {problems[:3]}"
                 rate = f"{rates[runners]:6.1f} plans/s  x{rates[runners] / rates[1]:.2f} of 1 runner"
                 print(f"  {runners} runner(s): {seconds:6.2f} s  {rate}  CPUs {cpus:4.0%} busy  ({ok})")
-            db = new_database(server)
+            db = pg_cluster.create_database(server, "bench")
             try:
                 seconds, ids, requeued, _ = await run_case(db, 2, plans, max_runs, env, tmp_path, kill=True)
                 problems = await check(db, ids)
             finally:
-                drop_database(server, db)
+                pg_cluster.drop_database(server, db)
             print(
                 f"  2 runners, one SIGKILLed after a third: {seconds:6.2f} s; {requeued} runs requeued to "
                 f"the other runner; {len(ids) - len(problems)}/{len(ids)} plans completed with every step "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,22 +51,16 @@ def pg_server() -> Iterator[str]:
         pg_cluster.stop(directory)
 
 
-def _pg_admin(server: str, statement: str) -> None:
-    import psycopg
-
-    with psycopg.connect(server, autocommit=True, connect_timeout=10) as conn:
-        conn.execute(statement)  # type: ignore[arg-type]  # a name made here, not user input
-
-
 @pytest.fixture
 def pg_db(pg_server: str) -> Iterator[str]:
     """The URL of a new, empty PostgreSQL database, dropped after the test."""
-    name = f"t_{uuid.uuid4().hex[:16]}"
-    _pg_admin(pg_server, f"CREATE DATABASE {name}")
+    import pg_cluster
+
+    url = pg_cluster.create_database(pg_server)
     try:
-        yield pg_server.rsplit("/", 1)[0] + f"/{name}"
+        yield url
     finally:
-        _pg_admin(pg_server, f"DROP DATABASE {name} WITH (FORCE)")
+        pg_cluster.drop_database(pg_server, url)
 
 
 BACKENDS = ["sqlite", "postgres"]

@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 
@@ -78,6 +79,25 @@ def start(directory: Path) -> str:
           "start"])  # fmt: skip
     (directory / "url").write_text(url := f"postgresql://postgres@127.0.0.1:{port}/postgres")
     return url
+
+
+def create_database(server: str, prefix: str = "t") -> str:
+    """A new, empty database on the server at URL `server`; its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:16]}"
+    _admin(server, f"CREATE DATABASE {name}")
+    return server.rsplit("/", 1)[0] + f"/{name}"
+
+
+def drop_database(server: str, url: str) -> None:
+    """Drop the database at `url` (made by `create_database`), ending whatever still uses it."""
+    _admin(server, f"DROP DATABASE {url.rsplit('/', 1)[1]} WITH (FORCE)")
+
+
+def _admin(server: str, statement: str) -> None:
+    import psycopg  # the postgres extra: only what makes databases needs it
+
+    with psycopg.connect(server, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(statement)  # type: ignore[arg-type]  # a name made here, not user input
 
 
 def stop(directory: Path) -> None:

@@ -35,6 +35,7 @@ from mcp_planner.store.base import (
     RunRequest,
     RunState,
     StoreError,
+    encode_json,
     owner_is_dead,
     queued_run,
     run_in_progress,
@@ -611,7 +612,7 @@ class PostgresRunQueue:
 
     async def save_catalog(self, servers: str | None, tools: list[dict[str, Any]]) -> None:
         """Cache the tool catalog of a servers config, replacing the previous one."""
-        data = json.dumps(tools, default=str)
+        data = encode_json(tools)
 
         async def body(conn: Conn) -> None:
             async with transaction(conn):
